@@ -1,0 +1,3 @@
+"""gymrl: an RL environment harness for language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,103 @@
+"""The ``gymrl`` command: train, bench, envs."""
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from gymrl.config import ConfigError, describe_fields, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="gymrl: RL environment harness for language models.")
+envs_app = typer.Typer(no_args_is_help=True, help="Environment plugins.")
+app.add_typer(envs_app, name="envs")
+console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
+
+# Errors a user can fix from the message alone: shown as one line, without a traceback.
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got '{pair}'")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _print_config_help() -> None:
+    table = Table("key", "default", "description", title="gymrl run config")
+    for key, default, desc in describe_fields():
+        table.add_row(key, default, desc)
+    Console().print(table)
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Argument(None, help="YAML run config, e.g. configs/demo.yaml."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.steps=10 (repeatable)."),
+    help_config: bool = typer.Option(False, "--help-config", help="List every config key with its default."),
+) -> None:
+    """Run GRPO on the configured environment and model."""
+    if help_config:
+        _print_config_help()
+        return
+    if config is None:
+        _fail(ConfigError("give a config file, e.g. gymrl train configs/demo.yaml"))
+    try:
+        cfg = load_config(config, _overrides(set_))
+    except USER_ERRORS as err:
+        _fail(err)
+    from gymrl.session import start_session
+    from gymrl.train.loop import train as run_training
+    from gymrl.train.progress import TrainProgress
+
+    try:
+        with console.status("starting: environment, model, Ray and vLLM engine(s)..."):
+            session = start_session(cfg)
+        with TrainProgress(cfg.train.steps, console) as progress:
+            summary = run_training(session, progress.update)
+    except USER_ERRORS as err:
+        _fail(err)
+    console.print_json(json.dumps(summary))
+    console.print(f"run directory: {cfg.run_dir} (metrics.jsonl, reward_curve.png, checkpoint/)")
+
+
+@app.command()
+def bench(
+    config: Path = typer.Argument(Path("configs/demo.yaml"), help="Config whose model and engine are measured."),
+    out: Path = typer.Option(Path("bench_results"), help="Folder for results.json and results.md."),
+    repeats: int = typer.Option(3, help="Repetitions of each timed measurement."),
+) -> None:
+    """Measure raw vLLM vs harness rollout tokens/s, weight-push time and trainer step time."""
+    try:
+        cfg = load_config(config)
+    except USER_ERRORS as err:
+        _fail(err)
+    from gymrl.bench import run_bench
+
+    table = run_bench(cfg, out, repeats)
+    Console().print(table)
+
+
+@envs_app.command("list")
+def envs_list() -> None:
+    """List the environment plugins found under environments/."""
+    from gymrl.envs.registry import available
+
+    for name in available():
+        print(name)
+
+
+if __name__ == "__main__":
+    app()

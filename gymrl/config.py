@@ -1,0 +1,159 @@
+"""Run configuration: YAML validated by pydantic.
+
+Every field carries its default and a description (``gymrl train --help-config`` prints them). Unknown
+keys are errors, and a bad value is reported with its dotted key path and the file it came from.
+"""
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gymrl.models.tiny import TinyModelSpec
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    path: Path = Field(description="HF checkpoint folder (config.json + safetensors + tokenizer) of the policy.")
+    build_tiny: TinyModelSpec | None = Field(
+        default=None,
+        description="When set, build this tiny model offline (cached) instead of loading `path`; "
+        "it is written under `cache_dir`.",
+    )
+    cache_dir: Path = Field(default=Path(".cache/models"), description="Where built tiny models are cached.")
+
+
+class EnvConfig(Section):
+    name: str = Field(default="arithmetic", description="Environment plugin: a package under environments/.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the environment.")
+
+
+class EngineConfig(Section):
+    num_engines: int = Field(default=1, ge=1, description="vLLM engine actors (one Ray actor each).")
+    cpus_per_engine: float = Field(default=1.0, gt=0, description="Ray CPUs reserved by each engine actor.")
+    max_model_len: int = Field(default=256, ge=16, description="Context length of the engine (prompt + completion).")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        default="float32", description="Engine dtype; float32 keeps engine and trainer logprobs comparable on CPU."
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.2, gt=0, le=1, description="vLLM memory fraction (on CPU a NUMA node is ~7 GiB; 0.2 fits)."
+    )
+    kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for the CPU build, in GiB.")
+    enforce_eager: bool = Field(default=True, description="Skip CUDA graphs / compilation (faster start-up).")
+    extra_args: dict[str, Any] = Field(
+        default_factory=dict, description="Passed to vllm.LLM as they are (e.g. speculative_config)."
+    )
+
+
+class SamplingConfig(Section):
+    """Defaults follow Nemotron-3's recommendation for reasoning: temperature 1.0, top_p 1.0."""
+
+    temperature: float = Field(default=1.0, ge=0, description="Sampling temperature for rollouts.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling for rollouts.")
+    max_tokens: int = Field(default=32, ge=1, description="Most tokens generated per completion.")
+
+
+class TrainConfig(Section):
+    steps: int = Field(default=100, ge=1, description="Optimizer steps (one rollout batch each).")
+    prompts_per_step: int = Field(default=16, ge=1, description="Distinct tasks per step.")
+    group_size: int = Field(default=8, ge=2, description="Samples per task (G); advantages are relative to the group.")
+    learning_rate: float = Field(default=1e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        default="dapo", description="Loss aggregation: grpo (per-sequence mean), bnpo, dr_grpo (constant), dapo (token mean)."
+    )
+    scale_rewards: bool = Field(default=True, description="Divide advantages by the group's std (GRPO); off = Dr.GRPO.")
+    epsilon_low: float = Field(default=0.2, ge=0, description="Lower clip range of the importance ratio.")
+    epsilon_high: float = Field(default=0.2, ge=0, description="Upper clip range (DAPO's clip-higher uses 0.28).")
+    beta: float = Field(default=0.0, ge=0, description="KL coefficient to the initial policy (0 = no reference model).")
+    micro_batch_size: int = Field(default=64, ge=1, description="Sequences per forward/backward pass.")
+
+
+class EvalConfig(Section):
+    every: int = Field(default=10, ge=1, description="Evaluate on the held-out split every this many steps.")
+    max_tasks: int | None = Field(default=None, ge=1, description="Cap on held-out tasks (None = all).")
+
+
+class RunConfig(Section):
+    run_dir: Path = Field(default=Path("runs/demo"), description="Where metrics, plots and checkpoints go.")
+    seed: int = Field(default=0, description="Seeds task sampling, vLLM sampling and the trainer.")
+    model: ModelConfig
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray_address: str | None = Field(default=None, description="Ray cluster address; None starts Ray locally.")
+    ray_num_cpus: int | None = Field(default=None, ge=1, description="CPUs of the local Ray (None = all).")
+
+    @model_validator(mode="after")
+    def _fits_context(self) -> "RunConfig":
+        if self.sampling.max_tokens >= self.engine.max_model_len:
+            raise ValueError(
+                f"sampling.max_tokens ({self.sampling.max_tokens}) must be smaller than "
+                f"engine.max_model_len ({self.engine.max_model_len})"
+            )
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the bad key."""
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        elif e["type"] == "missing":
+            lines.append(f"{source}: missing key '{key}'")
+        else:
+            lines.append(f"{source}: bad value for '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config; ``overrides`` maps dotted keys (``train.steps``) to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_config(data, str(path))
+
+
+def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every field, for ``--help-config`` and the docs."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe_fields(ann, key + "."))
+            continue
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        rows.append((key, default, field.description or ""))
+    return rows

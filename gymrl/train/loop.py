@@ -1,0 +1,165 @@
+"""Synchronous GRPO: sample a batch of tasks, roll out G completions each on the engines, score them,
+take one optimizer step on the policy, push the new weights into the live engines, repeat.
+
+The behaviour logprobs recorded by vLLM serve as the old policy in the clipped ratio; in this sync loop
+they come from the current weights, so the ratio starts at 1 up to engine/trainer numerics (the
+``logprob_gap`` metric tracks that difference).
+"""
+
+import copy
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gymrl.config import RunConfig, SamplingConfig
+from gymrl.envs.base import Task
+from gymrl.models.checkpoint import save_policy
+from gymrl.rollout.runner import RolloutBatch
+from gymrl.rollout.weight_sync import pack_state_dict
+from gymrl.session import Session
+from gymrl.train.grpo import GRPOLossConfig, group_advantages, grpo_loss
+from gymrl.train.metrics import MetricsLog, plot_rewards
+from gymrl.train.policy import pad_batch, token_logprobs
+
+GREEDY = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=1)  # max_tokens replaced per run
+
+
+@dataclass
+class StepResult:
+    loss: float
+    clip_fraction: float
+    logprob_gap: float
+    train_seconds: float
+
+
+class GRPOTrainer:
+    def __init__(self, session: Session):
+        self.s = session
+        cfg = session.cfg
+        self.cfg = cfg
+        self.policy = session.policy
+        self.policy.train()
+        self.optimizer = torch.optim.AdamW(
+            self.policy.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
+        )
+        self.reference = None
+        if cfg.train.beta > 0:
+            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        self.loss_cfg = GRPOLossConfig(
+            loss_type=cfg.train.loss_type,
+            epsilon_low=cfg.train.epsilon_low,
+            epsilon_high=cfg.train.epsilon_high,
+            beta=cfg.train.beta,
+            max_completion_length=cfg.sampling.max_tokens,
+        )
+        self.version = 0
+
+    def evaluate(self, tasks: list[Task]) -> float:
+        """Mean reward of greedy answers on held-out tasks."""
+        greedy = GREEDY.model_copy(update={"max_tokens": self.cfg.sampling.max_tokens})
+        batch = self.s.runner.run(tasks, 1, greedy, self.version)
+        return statistics.fmean(r.reward for r in batch.rollouts)
+
+    def step(self, batch: RolloutBatch) -> StepResult:
+        started = time.perf_counter()
+        rollouts = batch.rollouts
+        rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
+        advantages = group_advantages(rewards, batch.group_size, scale_by_std=self.cfg.train.scale_rewards)
+        pad_id = self.s.tokenizer.pad_token_id
+        total_tokens = max(1, batch.num_tokens)
+        mb = self.cfg.train.micro_batch_size
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = clip_sum = gap_sum = 0.0
+        for start in range(0, len(rollouts), mb):
+            part = rollouts[start : start + mb]
+            ids, attn, mask = pad_batch([r.prompt_ids for r in part], [r.completion_ids for r in part], pad_id)
+            old = torch.zeros_like(mask)
+            for i, r in enumerate(part):
+                begin = len(r.prompt_ids) - 1
+                old[i, begin : begin + len(r.logprobs)] = torch.tensor(r.logprobs)
+            logps = token_logprobs(self.policy, ids, attn, self.cfg.sampling.temperature)
+            ref = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref = token_logprobs(self.reference, ids, attn, self.cfg.sampling.temperature)
+            loss, stats = grpo_loss(logps, old, advantages[start : start + mb], mask, self.loss_cfg, ref_logps=ref)
+            # Weight each micro-batch so the accumulated gradient equals the full-batch loss's.
+            tokens = float(mask.sum())
+            per_token = self.loss_cfg.loss_type in ("bnpo", "dapo")
+            weight = tokens / total_tokens if per_token else len(part) / len(rollouts)
+            (loss * weight).backward()
+            loss_sum += float(loss.detach()) * weight
+            clip_sum += stats["clip_fraction"] * weight
+            gap_sum += float(((logps.detach() - old).abs() * mask).sum())
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.version += 1
+        return StepResult(loss_sum, clip_sum, gap_sum / total_tokens, time.perf_counter() - started)
+
+    def push_weights(self) -> float:
+        """Pack the trainer's weights and load them into every live engine."""
+        return self.s.pool.push_weights(pack_state_dict(self.policy.state_dict()), self.version)
+
+
+def train(session: Session, progress=None) -> dict:
+    """Run the configured number of steps; returns the run summary (also written to the run dir)."""
+    cfg = session.cfg
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    train_tasks = session.env.tasks("train")
+    eval_tasks = session.env.tasks("eval")[: cfg.eval.max_tasks]
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    trainer = GRPOTrainer(session)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    started = time.perf_counter()
+    initial_eval = trainer.evaluate(eval_tasks)
+    log.write({"step": 0, "eval_reward": initial_eval, "policy_version": 0})
+    eval_reward = initial_eval
+    for step in range(1, cfg.train.steps + 1):
+        tasks = rng.sample(train_tasks, min(cfg.train.prompts_per_step, len(train_tasks)))
+        batch = session.runner.run(tasks, cfg.train.group_size, cfg.sampling, trainer.version)
+        result = trainer.step(batch)
+        push_seconds = trainer.push_weights()
+        rewards = [r.reward for r in batch.rollouts]
+        record = {
+            "step": step,
+            "policy_version": trainer.version,
+            "reward_mean": statistics.fmean(rewards),
+            "reward_std": statistics.pstdev(rewards),
+            "loss": result.loss,
+            "clip_fraction": result.clip_fraction,
+            "logprob_gap": result.logprob_gap,
+            "completion_tokens": batch.num_tokens,
+            "mean_completion_length": batch.num_tokens / len(rewards),
+            "generate_seconds": batch.generate_seconds,
+            "verify_seconds": batch.verify_seconds,
+            "train_seconds": result.train_seconds,
+            "push_seconds": push_seconds,
+            "tokens_per_second": batch.num_tokens / max(batch.generate_seconds, 1e-9),
+        }
+        if step % cfg.eval.every == 0 or step == cfg.train.steps:
+            eval_reward = trainer.evaluate(eval_tasks)
+            record["eval_reward"] = eval_reward
+        log.write(record)
+        if progress is not None:
+            progress(step, record, eval_reward)
+    save_policy(trainer.policy, session.tokenizer, run_dir / "checkpoint")
+    summary = {
+        "steps": cfg.train.steps,
+        "initial_eval_reward": initial_eval,
+        "final_eval_reward": eval_reward,
+        "eval_reward_gain": eval_reward - initial_eval,
+        "eval_tasks": len(eval_tasks),
+        "wall_seconds": time.perf_counter() - started,
+        "policy_version": trainer.version,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_rewards(log.path, run_dir / "reward_curve.png")
+    return summary

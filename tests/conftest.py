@@ -1,0 +1,42 @@
+"""Shared fixtures. The expensive one, a real vLLM engine on a real Ray actor with the demo's tiny
+model, is started once per test session and reset to the initial weights by ``fresh_session``."""
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="session")
+def demo_cfg(tmp_path_factory):
+    from gymrl.config import load_config
+
+    return load_config(
+        DEMO_CONFIG,
+        {"run_dir": str(tmp_path_factory.mktemp("run")), "model.cache_dir": str(ROOT / ".cache" / "models")},
+    )
+
+
+@pytest.fixture(scope="session")
+def session(demo_cfg):
+    import ray
+
+    from gymrl.session import start_session
+
+    s = start_session(demo_cfg)
+    initial = {k: v.detach().clone() for k, v in s.policy.state_dict().items()}
+    s.initial_state = initial
+    yield s
+    ray.shutdown()
+
+
+@pytest.fixture
+def fresh_session(session):
+    """The shared session with trainer and engines back on the initial weights (policy version 0)."""
+    from gymrl.rollout.weight_sync import pack_state_dict
+
+    session.policy.load_state_dict(session.initial_state)
+    session.pool.push_weights(pack_state_dict(session.policy.state_dict()), 0)
+    return session
