@@ -13,8 +13,7 @@ from pathlib import Path
 import ray
 from rich.table import Table
 
-from gymrl.config import RunConfig
-from gymrl.session import start_session
+from gymrl.session import Session
 from gymrl.train.loop import GRPOTrainer
 
 
@@ -22,11 +21,11 @@ def _summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def run_bench(cfg: RunConfig, out: Path, repeats: int = 3) -> Table:
+def run_bench(session: Session, out: Path, repeats: int = 3) -> Table:
     import torch
     import vllm
 
-    session = start_session(cfg)
+    cfg = session.cfg
     trainer = GRPOTrainer(session)
     tasks = session.env.tasks("train")[: cfg.train.prompts_per_step]
     prompts = [session.runner.prompt_ids(t) for t in tasks]

@@ -85,9 +85,15 @@ def bench(
     except USER_ERRORS as err:
         _fail(err)
     from gymrl.bench import run_bench
+    from gymrl.session import start_session
 
-    table = run_bench(cfg, out, repeats)
-    Console().print(table)
+    try:
+        with console.status("starting: environment, model, Ray and vLLM engine(s)..."):
+            session = start_session(cfg)
+    except USER_ERRORS as err:
+        _fail(err)
+    Console().print(run_bench(session, out, repeats))
+    console.print(f"results: {out / 'results.json'}, {out / 'results.md'}")
 
 
 @envs_app.command("list")

@@ -32,11 +32,20 @@ def session(demo_cfg):
     ray.shutdown()
 
 
-@pytest.fixture
-def fresh_session(session):
-    """The shared session with trainer and engines back on the initial weights (policy version 0)."""
+@pytest.fixture(scope="session")
+def reset_session(session):
+    """A function that puts the trainer and the engines back on the initial weights (version 0)."""
     from gymrl.rollout.weight_sync import pack_state_dict
 
-    session.policy.load_state_dict(session.initial_state)
-    session.pool.push_weights(pack_state_dict(session.policy.state_dict()), 0)
-    return session
+    def reset():
+        session.policy.load_state_dict(session.initial_state)
+        session.pool.push_weights(pack_state_dict(session.policy.state_dict()), 0)
+        return session
+
+    return reset
+
+
+@pytest.fixture
+def fresh_session(reset_session):
+    """The shared session, reset to the initial weights."""
+    return reset_session()
