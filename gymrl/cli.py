@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gymrl.config import ConfigError, describe_fields, load_config
+from gymrl.envs.client import EnvServerError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="gymrl: RL environment harness for language models.")
 envs_app = typer.Typer(no_args_is_help=True, help="Environment plugins.")
@@ -65,9 +66,12 @@ def train(
     try:
         with console.status("starting: environment, model, Ray and vLLM engine(s)..."):
             session = start_session(cfg)
-        with TrainProgress(cfg.train.steps, console) as progress:
-            summary = run_training(session, progress.update)
-    except USER_ERRORS as err:
+        try:
+            with TrainProgress(cfg.train.steps, console) as progress:
+                summary = run_training(session, progress.update)
+        finally:
+            session.close()
+    except USER_ERRORS + (EnvServerError,) as err:
         _fail(err)
     console.print_json(json.dumps(summary))
     console.print(f"run directory: {cfg.run_dir} (metrics.jsonl, reward_curve.png, checkpoint/)")
@@ -90,19 +94,74 @@ def bench(
     try:
         with console.status("starting: environment, model, Ray and vLLM engine(s)..."):
             session = start_session(cfg)
-    except USER_ERRORS as err:
+    except USER_ERRORS + (EnvServerError,) as err:
         _fail(err)
-    Console().print(run_bench(session, out, repeats))
+    try:
+        Console().print(run_bench(session, out, repeats))
+    finally:
+        session.close()
     console.print(f"results: {out / 'results.json'}, {out / 'results.md'}")
 
 
 @envs_app.command("list")
 def envs_list() -> None:
     """List the environment plugins found under environments/."""
+    from gymrl.envs.registry import available, load_environment
+
+    table = Table("name", "train tasks", "eval tasks", "options")
+    for name in available():
+        env = load_environment(name)
+        table.add_row(name, str(len(env.tasks("train"))), str(len(env.tasks("eval"))), json.dumps(env.config))
+    Console().print(table)
+
+
+@envs_app.command("new")
+def envs_new(name: str = typer.Argument(..., help="Name of the new environment (a Python identifier).")) -> None:
+    """Scaffold environments/NAME: task rows, a NeMo Gym server, a config and a README, ready to test."""
+    from gymrl.envs.authoring import scaffold
+
+    try:
+        path = scaffold(name)
+    except (ValueError, FileExistsError) as err:
+        _fail(err)
+    console.print(f"created {path}; check it with: gymrl envs test {name}")
+
+
+@envs_app.command("test")
+def envs_test(
+    name: str = typer.Argument(..., help="Environment to check."),
+    max_tasks: int = typer.Option(20, help="Tasks checked per split."),
+) -> None:
+    """Start the environment's server; gold answers must score 1 and known-bad answers 0."""
+    from gymrl.envs.authoring import check_environment
+
+    try:
+        report = check_environment(name, max_tasks)
+    except (ValueError, EnvServerError) as err:
+        _fail(err)
+    for failure in report.failures[:20]:
+        console.print(f"  [red]x[/] {failure}", highlight=False)
+    console.print(report.summary(), highlight=False)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@envs_app.command("serve")
+def envs_serve(
+    name: str = typer.Argument(..., help="Environment to serve."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (loopback by default)."),
+    port: int = typer.Option(8000, help="Port."),
+) -> None:
+    """Serve the environment's NeMo Gym resources server in the foreground (Ctrl-C stops it)."""
+    import os
+
+    from gymrl.envs.launcher import DEFAULT_GYM_PYTHON, REPO_ROOT
     from gymrl.envs.registry import available
 
-    for name in available():
-        print(name)
+    if name not in available():
+        _fail(ValueError(f"unknown environment '{name}'; available: {', '.join(available())}"))
+    os.environ["PYTHONPATH"] = str(REPO_ROOT)
+    os.execv(str(DEFAULT_GYM_PYTHON), [str(DEFAULT_GYM_PYTHON), "-m", "gymrl.envs.serve", "--env", name,
+                                       "--host", host, "--port", str(port)])
 
 
 if __name__ == "__main__":

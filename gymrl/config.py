@@ -5,7 +5,7 @@ keys are errors, and a bad value is reported with its dotted key path and the fi
 """
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -28,8 +28,21 @@ class ModelConfig(Section):
 
 
 class EnvConfig(Section):
-    name: str = Field(default="arithmetic", description="Environment plugin: a package under environments/.")
-    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the environment.")
+    name: str = Field(description="Environment plugin: a package under environments/ (`gymrl envs list`).")
+    weight: float = Field(default=1.0, gt=0, description="Share of each step's prompts drawn from this environment.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Options of the environment's Tasks class.")
+    url: str | None = Field(
+        default=None, description="An already running NeMo Gym resources server to use instead of starting one."
+    )
+
+
+class EnvServersConfig(Section):
+    gym_python: Path = Field(
+        default=Path(".venv-gym/bin/python"), description="Python of the NeMo Gym venv that runs environment servers."
+    )
+    start_timeout_s: float = Field(default=60.0, gt=0, description="Seconds a server may take to answer its health check.")
+    request_timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one HTTP call to a server.")
+    retries: int = Field(default=3, ge=0, description="Retries of a failed call (connection error, timeout, 5xx).")
 
 
 class EngineConfig(Section):
@@ -83,7 +96,12 @@ class RunConfig(Section):
     run_dir: Path = Field(default=Path("runs/demo"), description="Where metrics, plots and checkpoints go.")
     seed: int = Field(default=0, description="Seeds task sampling, vLLM sampling and the trainer.")
     model: ModelConfig
-    env: EnvConfig = Field(default_factory=EnvConfig)
+    envs: list[EnvConfig] = Field(
+        default_factory=lambda: [EnvConfig(name="arithmetic")],
+        min_length=1,
+        description="Environments to train on, mixed by weight (NeMo Gym multi-environment style).",
+    )
+    env_servers: EnvServersConfig = Field(default_factory=EnvServersConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -92,7 +110,10 @@ class RunConfig(Section):
     ray_num_cpus: int | None = Field(default=None, ge=1, description="CPUs of the local Ray (None = all).")
 
     @model_validator(mode="after")
-    def _fits_context(self) -> "RunConfig":
+    def _consistent(self) -> "RunConfig":
+        names = [e.name for e in self.envs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"envs: each environment may appear once, got {names}")
         if self.sampling.max_tokens >= self.engine.max_model_len:
             raise ValueError(
                 f"sampling.max_tokens ({self.sampling.max_tokens}) must be smaller than "
@@ -153,6 +174,11 @@ def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> lis
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.extend(describe_fields(ann, key + "."))
+            continue
+        (item,) = get_args(ann) if get_origin(ann) is list else (None,)
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            rows.append((key, repr(field.get_default(call_default_factory=True)), field.description or ""))
+            rows.extend(describe_fields(item, key + "[]."))
             continue
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
         rows.append((key, default, field.description or ""))

@@ -1,18 +1,22 @@
-"""Everything a run needs, started once: the environment, the policy, Ray and the engine pool.
+"""Everything a run needs, started once: environments and their servers, the policy, Ray, the engines.
 
 ``gymrl train``, ``gymrl bench`` and the test suite all start through :func:`start_session`, so the
-expensive part (Ray plus one vLLM engine per actor) is built in one place and shared.
+expensive part (Ray plus one vLLM engine per actor, one NeMo Gym server per environment) is built in
+one place, shared, and stopped by :meth:`Session.close`.
 """
 
 import logging
 import os
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 
 from gymrl.config import ModelConfig, RunConfig
 from gymrl.envs.base import Environment
+from gymrl.envs.client import EnvClient
+from gymrl.envs.launcher import REPO_ROOT, EnvServer
 from gymrl.envs.registry import load_environment
 from gymrl.models.checkpoint import load_policy
 from gymrl.models.tiny import build_tiny_model
@@ -20,10 +24,28 @@ from gymrl.rollout.engine import EnginePool, start_engines
 from gymrl.rollout.runner import RolloutRunner, check_prompts_fit
 
 
-def resolve_model_path(cfg: ModelConfig, env: Environment) -> Path:
+class WarmupMix:
+    """The warm-up text of several environments, mixed by their weights (for one tiny model)."""
+
+    def __init__(self, envs: list[Environment], weights: list[float]):
+        self.name = "+".join(e.name for e in envs)
+        self.config = {e.name: {"weight": w, **e.config} for e, w in zip(envs, weights)}
+        self._envs, self._weights = envs, weights
+
+    def warmup_examples(self, n: int, seed: int) -> list:
+        total = sum(self._weights)
+        examples = []
+        for i, (env, w) in enumerate(zip(self._envs, self._weights)):
+            examples += env.warmup_examples(round(n * w / total), seed + i)
+        random.Random(seed).shuffle(examples)
+        return examples
+
+
+def resolve_model_path(cfg: ModelConfig, envs: list[Environment], weights: list[float]) -> Path:
     """The policy checkpoint to use: the configured tiny model (built and cached) or ``cfg.path``."""
     if cfg.build_tiny is not None:
-        return build_tiny_model(cfg.build_tiny, env, cfg.cache_dir)
+        source = envs[0] if len(envs) == 1 else WarmupMix(envs, weights)
+        return build_tiny_model(cfg.build_tiny, source, cfg.cache_dir)
     if not (cfg.path / "config.json").is_file():
         raise FileNotFoundError(f"model.path: no HF checkpoint (config.json) at '{cfg.path}'")
     return cfg.path
@@ -42,24 +64,59 @@ def init_ray(cfg: RunConfig) -> None:
     )
 
 
+def start_env_servers(cfg: RunConfig, envs: dict[str, Environment], log_dir: Path) -> list[EnvServer]:
+    """Start a server for each environment without a ``url``; attach a client to every environment."""
+    servers: list[EnvServer] = []
+    gym_python = cfg.env_servers.gym_python
+    gym_python = gym_python if gym_python.is_absolute() else REPO_ROOT / gym_python
+    try:
+        for env_cfg in cfg.envs:
+            url = env_cfg.url
+            if url is None:
+                server = EnvServer(env_cfg.name, gym_python, log_dir=log_dir)
+                servers.append(server)
+                url = server.start(cfg.env_servers.start_timeout_s).url
+            envs[env_cfg.name].attach(
+                EnvClient(env_cfg.name, url, cfg.env_servers.request_timeout_s, cfg.env_servers.retries)
+            )
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
+
+
 @dataclass
 class Session:
     cfg: RunConfig
-    env: Environment
+    envs: dict[str, Environment]
     model_path: Path
     policy: object  # transformers PreTrainedModel, on the trainer side
     tokenizer: object
     pool: EnginePool
     runner: RolloutRunner
+    servers: list[EnvServer] = field(default_factory=list)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop()
+        for env in self.envs.values():
+            env.close()
 
 
 def start_session(cfg: RunConfig) -> Session:
-    env = load_environment(cfg.env.name, cfg.env.args)
-    model_path = resolve_model_path(cfg.model, env)
+    envs = {e.name: load_environment(e.name, e.args) for e in cfg.envs}
+    model_path = resolve_model_path(cfg.model, list(envs.values()), [e.weight for e in cfg.envs])
     policy, tokenizer = load_policy(model_path)
-    tasks = env.tasks("train") + env.tasks("eval")
+    tasks = [t for env in envs.values() for split in ("train", "eval") for t in env.tasks(split)]
     check_prompts_fit(tokenizer, tasks, cfg.sampling.max_tokens, cfg.engine.max_model_len)
-    init_ray(cfg)
-    pool = EnginePool(start_engines(str(model_path.resolve()), cfg.engine, cfg.seed))
-    runner = RolloutRunner(pool, env, tokenizer)
-    return Session(cfg, env, model_path, policy, tokenizer, pool, runner)
+    servers = start_env_servers(cfg, envs, Path(cfg.run_dir) / "env_logs")
+    try:
+        init_ray(cfg)
+        pool = EnginePool(start_engines(str(model_path.resolve()), cfg.engine, cfg.seed))
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    runner = RolloutRunner(pool, envs, tokenizer)
+    return Session(cfg, envs, model_path, policy, tokenizer, pool, runner, servers)

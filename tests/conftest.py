@@ -29,6 +29,7 @@ def session(demo_cfg):
     initial = {k: v.detach().clone() for k, v in s.policy.state_dict().items()}
     s.initial_state = initial
     yield s
+    s.close()
     ray.shutdown()
 
 

@@ -23,7 +23,7 @@ def trainer_logprobs(session, prompt: list[int], completion: list[int]) -> torch
 
 def test_generates_groups_with_behaviour_logprobs(fresh_session):
     s = fresh_session
-    tasks = s.env.tasks("train")[:3]
+    tasks = s.envs["arithmetic"].tasks("train")[:3]
     batch = s.runner.run(tasks, 4, SamplingConfig(max_tokens=24), policy_version=0)
     assert len(batch.rollouts) == 12
     assert [r.task_id for r in batch.rollouts] == [t.id for t in tasks for _ in range(4)]
@@ -38,7 +38,7 @@ def test_generates_groups_with_behaviour_logprobs(fresh_session):
 
 def test_weight_push_lands_in_the_live_engine(fresh_session):
     s = fresh_session
-    task = s.env.tasks("eval")[0]
+    task = s.envs["arithmetic"].tasks("eval")[0]
     prompt = s.runner.prompt_ids(task)
     completion = s.tokenizer.encode("<think>1+1</think><answer>2</answer>") + [s.tokenizer.eos_token_id]
     sequence = prompt + completion

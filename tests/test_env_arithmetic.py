@@ -1,26 +1,27 @@
-from environments.arithmetic import ArithmeticEnv
+import random
+
+from environments.arithmetic import Tasks
 from gymrl.envs.registry import available, load_environment
 
 
 def test_splits_are_disjoint_and_cover_all_facts():
-    env = ArithmeticEnv()
-    train = {t.id for t in env.tasks("train")}
-    held_out = {t.id for t in env.tasks("eval")}
+    tasks = Tasks()
+    train = {r["id"] for r in tasks.rows("train")}
+    held_out = {r["id"] for r in tasks.rows("eval")}
     assert train.isdisjoint(held_out)
     assert len(train) + len(held_out) == 100 + 55  # a+b and a-b (a >= b) over 0..9
-    assert held_out == {t.id for t in ArithmeticEnv().tasks("eval")}  # deterministic
+    assert held_out == {r["id"] for r in Tasks().rows("eval")}  # deterministic
+    assert held_out != {r["id"] for r in Tasks(seed=1).rows("eval")}
 
 
-def test_verify_uses_ground_truth():
-    env = ArithmeticEnv()
-    task = env.tasks("eval")[0]
-    expected = task.ground_truth["expected"]
-    assert env.verify(task, f"<answer>{expected}</answer>").reward == 1.0
-    assert env.verify(task, f"<answer>{expected + 1}</answer>").reward == 0.0
+def test_rows_are_nemo_gym_rows():
+    row = Tasks().rows("train")[0]
+    assert row["responses_create_params"]["input"][0]["role"] == "user"
+    assert isinstance(row["expected"], int)
 
 
 def test_warmup_mixes_right_and_off_by_one_answers():
-    env = ArithmeticEnv(warmup_correct=0.3)
+    env = load_environment("arithmetic", {"warmup_correct": 0.3})
     examples = env.warmup_examples(2000, seed=1)
     right = 0
     for messages, response in examples:
@@ -34,7 +35,8 @@ def test_warmup_mixes_right_and_off_by_one_answers():
 
 def test_registry_finds_and_rejects():
     assert "arithmetic" in available()
-    assert isinstance(load_environment("arithmetic", {"seed": 3}), ArithmeticEnv)
+    env = load_environment("arithmetic", {"seed": 3})
+    assert env.config["seed"] == 3 and env.tasks("eval")[0].env == "arithmetic"
     try:
         load_environment("nope")
     except ValueError as err:
@@ -47,3 +49,10 @@ def test_registry_finds_and_rejects():
         assert "bogus" in str(err)
     else:
         raise AssertionError("bad env.args must raise")
+
+
+def test_gold_response_is_right_by_construction():
+    tasks = Tasks()
+    row = tasks.rows("eval")[0]
+    assert f"<answer>{row['expected']}</answer>" in tasks.gold_response(row)
+    assert tasks.warmup_response(row, random.Random(0)).startswith("<think>")

@@ -34,7 +34,7 @@ WARMUP_REPORT = "warmup.json"
 
 
 class TinyModelSpec(BaseModel):
-    """Shape and warm-up of a tiny policy. The defaults build in about half a minute on 2 CPU cores."""
+    """Shape and warm-up of a tiny policy. The defaults build in about a minute on 2 CPU cores."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -54,9 +54,9 @@ class TinyModelSpec(BaseModel):
     tie_word_embeddings: bool = Field(default=True, description="Share the input embedding and the LM head.")
     seed: int = Field(default=0, description="Seeds the warm-up data, the initial weights and the batch order.")
     warmup_examples: int = Field(
-        default=4000, ge=1, description="(prompt, response) pairs drawn from the environment for the warm-up."
+        default=10000, ge=1, description="(prompt, response) pairs drawn from the environment for the warm-up."
     )
-    warmup_steps: int = Field(default=1200, ge=0, description="AdamW steps of supervised warm-up (0 = random model).")
+    warmup_steps: int = Field(default=800, ge=0, description="AdamW steps of supervised warm-up (0 = random model).")
     warmup_lr: float = Field(default=3e-3, gt=0, description="Peak warm-up learning rate (cosine decay to zero).")
     warmup_batch_size: int = Field(default=64, ge=1, description="Sequences per warm-up step.")
 
@@ -72,12 +72,31 @@ class TinyModelSpec(BaseModel):
         return self
 
 
+def _plain(value: Any) -> Any:
+    """``value`` if it is JSON data (nested), else None: objects such as HTTP clients must not reach the hash."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return None
+
+
 def _env_config(env: Any) -> Any:
+    """The environment's settings that can change its warm-up data, as JSON data."""
+    config = getattr(env, "config", None)
+    if isinstance(config, dict):
+        return {k: v for k, v in sorted(_plain(config).items()) if v is not None}
     if dataclasses.is_dataclass(env) and not isinstance(env, type):
-        return dataclasses.asdict(env)
-    if isinstance(env, BaseModel):
-        return env.model_dump(mode="json")
-    return {k: v for k, v in vars(env).items() if not k.startswith("_")}
+        fields = {f.name: getattr(env, f.name) for f in dataclasses.fields(env)}
+    elif isinstance(env, BaseModel):
+        fields = env.model_dump(mode="json")
+    else:
+        fields = {k: v for k, v in vars(env).items() if not k.startswith("_")}
+    return {k: v for k, v in sorted(_plain(fields).items()) if v is not None}
 
 
 def model_dir_name(spec: TinyModelSpec, env: Any) -> str:
@@ -97,7 +116,11 @@ def is_complete(path: Path) -> bool:
 
 
 def build_tiny_model(spec: TinyModelSpec, env: Any, cache_dir: Path) -> Path:
-    """Build (or find in ``cache_dir``) the tiny policy for ``env``; returns its checkpoint folder."""
+    """Build (or find in ``cache_dir``) the tiny policy for ``env``; returns its checkpoint folder.
+
+    ``env`` needs ``name``, ``warmup_examples(n, seed)`` and, for the cache key, its settings as a
+    ``config`` dict (or dataclass fields, or plain attributes).
+    """
     cache_dir = Path(cache_dir)
     out = cache_dir / model_dir_name(spec, env)
     if is_complete(out):
@@ -135,7 +158,7 @@ def render_warmup(tokenizer: PreTrainedTokenizerFast, messages: list[dict[str, s
 
 
 def _build_into(spec: TinyModelSpec, env: Any, out: Path) -> None:
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     examples = env.warmup_examples(spec.warmup_examples, spec.seed)
     if not examples:
         raise ValueError(f"environment {getattr(env, 'name', env)!r} gave no warm-up examples")
@@ -162,8 +185,10 @@ def _build_into(spec: TinyModelSpec, env: Any, out: Path) -> None:
         use_sliding_window=False,
         max_window_layers=spec.num_hidden_layers,
     )
-    torch.manual_seed(spec.seed)
-    model = Qwen2ForCausalLM(config).to(torch.float32)
+    tokenizer.model_max_length = spec.max_position_embeddings
+    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
+        torch.manual_seed(spec.seed)
+        model = Qwen2ForCausalLM(config).to(torch.float32)
 
     report = _warmup(model, tokenizer, examples, spec, pad_id)
 
@@ -172,6 +197,7 @@ def _build_into(spec: TinyModelSpec, env: Any, out: Path) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out, save_jinja_files=False)
     report["build_seconds"] = round(time.perf_counter() - started, 2)
+    report["build_cpu_seconds"] = round(time.process_time() - cpu_started, 2)
     (out / WARMUP_REPORT).write_text(json.dumps(report, indent=2) + "\n")
 
 

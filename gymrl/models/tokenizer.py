@@ -6,6 +6,7 @@ ones: decoding with ``skip_special_tokens=True`` (vLLM's default) keeps them, so
 reasoning block. Decoding round-trips any text exactly (every byte is in the vocabulary).
 """
 
+import json
 from collections.abc import Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -34,6 +35,15 @@ CHAT_TEMPLATE = (
 )
 
 
+def _unmark_special(tok: Tokenizer, tokens: list[str]) -> Tokenizer:
+    """The same tokenizer with ``tokens`` as plain added tokens (the trainer registers all its tokens special)."""
+    data = json.loads(tok.to_str())
+    for added in data["added_tokens"]:
+        if added["content"] in tokens:
+            added["special"] = False
+    return Tokenizer.from_str(json.dumps(data))
+
+
 def build_tokenizer(corpus: Iterable[str], vocab_size: int = 384) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE of exactly ``vocab_size`` tokens on ``corpus`` (deterministic for a given corpus).
 
@@ -49,15 +59,13 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 384) -> PreTrainedT
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
-        special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
-        + [AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS],
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS + THINK_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    # The chat markers are atomic in the corpus, so no merge is wasted on their pieces.
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    # The trainer's tokens are atomic in the corpus (no merge is wasted on their pieces) and get ids 0-4.
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tok = _unmark_special(tok, THINK_TOKENS)
     # A narrow corpus runs out of merges before ``vocab_size``: fill the rest with reserved special
     # tokens so every id the model can emit decodes (to nothing, as specials are skipped).
     missing = vocab_size - tok.get_vocab_size(with_added_tokens=True)

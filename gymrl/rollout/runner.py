@@ -13,6 +13,7 @@ class Rollout:
     """One sampled completion of one task, with what the trainer and the traces need."""
 
     task_id: str
+    env: str
     prompt_ids: list[int]
     completion_ids: list[int]
     logprobs: list[float]  # behaviour policy, per completion token
@@ -46,7 +47,7 @@ def check_prompts_fit(tokenizer, tasks: list[Task], max_tokens: int, max_model_l
         n = len(encode_prompt(tokenizer, task))
         if n + max_tokens > max_model_len:
             raise PromptTooLongError(
-                f"task '{task.id}': prompt has {n} tokens; with sampling.max_tokens={max_tokens} "
+                f"task '{task.id}' of env '{task.env}': prompt has {n} tokens; with sampling.max_tokens={max_tokens} "
                 f"it exceeds engine.max_model_len={max_model_len}"
             )
 
@@ -54,16 +55,17 @@ def check_prompts_fit(tokenizer, tasks: list[Task], max_tokens: int, max_model_l
 class RolloutRunner:
     """Turns tasks into rollouts; single-turn for now (multi-turn tool use lives in its own issue)."""
 
-    def __init__(self, pool: EnginePool, env: Environment, tokenizer):
+    def __init__(self, pool: EnginePool, envs: dict[str, Environment], tokenizer):
         self.pool = pool
-        self.env = env
+        self.envs = envs
         self.tokenizer = tokenizer
-        self._prompt_cache: dict[str, list[int]] = {}
+        self._prompt_cache: dict[tuple[str, str], list[int]] = {}
 
     def prompt_ids(self, task: Task) -> list[int]:
-        ids = self._prompt_cache.get(task.id)
+        key = (task.env, task.id)
+        ids = self._prompt_cache.get(key)
         if ids is None:
-            ids = self._prompt_cache[task.id] = encode_prompt(self.tokenizer, task)
+            ids = self._prompt_cache[key] = encode_prompt(self.tokenizer, task)
         return ids
 
     def run(self, tasks: list[Task], group_size: int, sampling: SamplingConfig, policy_version: int) -> RolloutBatch:
@@ -71,12 +73,15 @@ class RolloutRunner:
         started = time.perf_counter()
         groups = self.pool.generate(prompts, group_size, sampling)
         generated = time.perf_counter()
-        rollouts = []
-        for task, prompt, group in zip(tasks, prompts, groups):
-            for c in group:
-                verdict = self.env.verify(task, c.text)
-                rollouts.append(
-                    Rollout(task.id, prompt, c.token_ids, c.logprobs, c.text, c.finish_reason,
-                            verdict.reward, verdict.reason, policy_version)
-                )
+        pairs = [(task, c) for task, group in zip(tasks, groups) for c in group]
+        verdicts: list = [None] * len(pairs)
+        for name, env in self.envs.items():  # one batch of concurrent /verify calls per environment
+            idx = [i for i, (task, _) in enumerate(pairs) if task.env == name]
+            for i, verdict in zip(idx, env.verify_many([(pairs[i][0], pairs[i][1].text) for i in idx])):
+                verdicts[i] = verdict
+        rollouts = [
+            Rollout(task.id, task.env, self.prompt_ids(task), c.token_ids, c.logprobs, c.text, c.finish_reason,
+                    v.reward, v.reason, policy_version)
+            for (task, c), v in zip(pairs, verdicts)
+        ]
         return RolloutBatch(rollouts, group_size, generated - started, time.perf_counter() - generated)

@@ -59,11 +59,11 @@ class GRPOTrainer:
         )
         self.version = 0
 
-    def evaluate(self, tasks: list[Task]) -> float:
-        """Mean reward of greedy answers on held-out tasks."""
+    def evaluate(self, tasks: list[Task]) -> dict[str, float]:
+        """Mean reward of greedy answers on held-out tasks: overall and per environment."""
         greedy = GREEDY.model_copy(update={"max_tokens": self.cfg.sampling.max_tokens})
         batch = self.s.runner.run(tasks, 1, greedy, self.version)
-        return statistics.fmean(r.reward for r in batch.rollouts)
+        return {"eval_reward": statistics.fmean(r.reward for r in batch.rollouts)} | per_env(batch, "eval_reward")
 
     def step(self, batch: RolloutBatch) -> StepResult:
         started = time.perf_counter()
@@ -106,24 +106,49 @@ class GRPOTrainer:
         return self.s.pool.push_weights(pack_state_dict(self.policy.state_dict()), self.version)
 
 
+def per_env(batch: RolloutBatch, key: str) -> dict[str, float]:
+    """``{key}/{env}``: mean reward of each environment present in the batch."""
+    by_env: dict[str, list[float]] = {}
+    for r in batch.rollouts:
+        by_env.setdefault(r.env, []).append(r.reward)
+    return {f"{key}/{env}": statistics.fmean(rewards) for env, rewards in sorted(by_env.items())}
+
+
+class TaskSampler:
+    """Each step's tasks: environments drawn by weight, then distinct tasks within each environment."""
+
+    def __init__(self, session: Session, seed: int):
+        self.rng = random.Random(seed)
+        self.pools = {e.name: session.envs[e.name].tasks("train") for e in session.cfg.envs}
+        self.weights = [e.weight for e in session.cfg.envs]
+
+    def sample(self, n: int) -> list[Task]:
+        names = self.rng.choices(list(self.pools), weights=self.weights, k=n)
+        tasks = []
+        for name in self.pools:
+            k = names.count(name)
+            pool = self.pools[name]
+            tasks += self.rng.sample(pool, k) if k <= len(pool) else self.rng.choices(pool, k=k)
+        return tasks
+
+
 def train(session: Session, progress=None) -> dict:
     """Run the configured number of steps; returns the run summary (also written to the run dir)."""
     cfg = session.cfg
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    train_tasks = session.env.tasks("train")
-    eval_tasks = session.env.tasks("eval")[: cfg.eval.max_tasks]
+    eval_tasks = [t for e in cfg.envs for t in session.envs[e.name].tasks("eval")[: cfg.eval.max_tasks]]
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    sampler = TaskSampler(session, cfg.seed)
     trainer = GRPOTrainer(session)
     log = MetricsLog(run_dir / "metrics.jsonl")
     started = time.perf_counter()
-    initial_eval = trainer.evaluate(eval_tasks)
-    log.write({"step": 0, "eval_reward": initial_eval, "policy_version": 0})
-    eval_reward = initial_eval
+    initial = trainer.evaluate(eval_tasks)
+    log.write({"step": 0, "policy_version": 0} | initial)
+    evaluation = initial
     for step in range(1, cfg.train.steps + 1):
-        tasks = rng.sample(train_tasks, min(cfg.train.prompts_per_step, len(train_tasks)))
+        tasks = sampler.sample(cfg.train.prompts_per_step)
         batch = session.runner.run(tasks, cfg.train.group_size, cfg.sampling, trainer.version)
         result = trainer.step(batch)
         push_seconds = trainer.push_weights()
@@ -143,19 +168,21 @@ def train(session: Session, progress=None) -> dict:
             "train_seconds": result.train_seconds,
             "push_seconds": push_seconds,
             "tokens_per_second": batch.num_tokens / max(batch.generate_seconds, 1e-9),
-        }
+        } | per_env(batch, "reward")
         if step % cfg.eval.every == 0 or step == cfg.train.steps:
-            eval_reward = trainer.evaluate(eval_tasks)
-            record["eval_reward"] = eval_reward
+            evaluation = trainer.evaluate(eval_tasks)
+            record |= evaluation
         log.write(record)
         if progress is not None:
-            progress(step, record, eval_reward)
+            progress(step, record, evaluation["eval_reward"])
     save_policy(trainer.policy, session.tokenizer, run_dir / "checkpoint")
     summary = {
         "steps": cfg.train.steps,
-        "initial_eval_reward": initial_eval,
-        "final_eval_reward": eval_reward,
-        "eval_reward_gain": eval_reward - initial_eval,
+        "initial_eval_reward": initial["eval_reward"],
+        "final_eval_reward": evaluation["eval_reward"],
+        "eval_reward_gain": evaluation["eval_reward"] - initial["eval_reward"],
+        "initial_eval": initial,
+        "final_eval": evaluation,
         "eval_tasks": len(eval_tasks),
         "wall_seconds": time.perf_counter() - started,
         "policy_version": trainer.version,

@@ -31,12 +31,14 @@ def plot_rewards(metrics_path: Path, out: Path) -> None:
 
     rows = read_metrics(metrics_path)
     train = [(r["step"], r["reward_mean"]) for r in rows if "reward_mean" in r]
-    evals = [(r["step"], r["eval_reward"]) for r in rows if "eval_reward" in r]
+    eval_keys = sorted({k for r in rows for k in r if k.startswith("eval_reward/")})
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train reward (sampled)", alpha=0.7)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="held-out reward (greedy)")
+    for key in ["eval_reward"] + (eval_keys if len(eval_keys) > 1 else []):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        label = "held-out reward (greedy)" if key == "eval_reward" else f"held-out {key.split('/', 1)[1]}"
+        ax.plot(*zip(*points), "o-", label=label, markersize=4)
     ax.set_xlabel("step")
     ax.set_ylabel("reward")
     ax.set_ylim(-0.05, 1.05)

@@ -1,0 +1,54 @@
+"""Gym-venv side: a NeMo Gym resources server base for environments that score the answer text.
+
+This module runs inside the NeMo Gym venv (Python >= 3.12, ``nemo-gym``), never in the harness. An
+author subclasses :class:`TextVerifyServer` and writes one method, ``score(row, text)``; the row is
+the task's JSONL row (its ground-truth fields arrive with the /verify request, as NeMo Gym sends
+them), the text is the model's final answer text. Everything else is NeMo Gym's own server.
+"""
+
+from typing import Any
+
+from nemo_gym.base_resources_server import (
+    BaseResourcesServerConfig,
+    BaseVerifyRequest,
+    BaseVerifyResponse,
+    SimpleResourcesServer,
+)
+from pydantic import ConfigDict
+
+from rewards.types import RewardResult
+
+
+class RowVerifyRequest(BaseVerifyRequest):
+    """A verify request that keeps the task row's extra fields (the ground truth)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class TextVerifyResponse(BaseVerifyResponse):
+    model_config = ConfigDict(extra="allow")
+    reason: str
+
+
+def response_text(body: BaseVerifyRequest) -> str:
+    """The assistant's text across the response's message items (tool calls are not text)."""
+    parts = []
+    for item in body.response.output:
+        if getattr(item, "type", None) == "message":
+            parts.extend(c.text for c in item.content if getattr(c, "type", None) == "output_text")
+    return "".join(parts)
+
+
+class TextVerifyServer(SimpleResourcesServer):
+    config: BaseResourcesServerConfig
+
+    def score(self, row: dict[str, Any], text: str) -> RewardResult:
+        raise NotImplementedError("an environment server defines score(row, text)")
+
+    async def verify(self, body: RowVerifyRequest) -> TextVerifyResponse:
+        row = body.model_extra or {}
+        try:
+            result = self.score(row, response_text(body))
+        except Exception as err:  # a verifier bug must not take the server down; it scores 0 with the reason
+            result = RewardResult(0.0, f"verifier error: {type(err).__name__}: {err}")
+        return TextVerifyResponse(**body.model_dump(), reward=result.reward, reason=result.reason)

@@ -1,0 +1,111 @@
+"""Environment servers for real: NeMo Gym resources servers in the gym venv, spoken to over HTTP."""
+
+import http.server
+import shutil
+import socket
+import threading
+
+import pytest
+
+from gymrl.envs.authoring import check_environment, scaffold
+from gymrl.envs.client import EnvClient, EnvServerError
+from gymrl.envs.launcher import EnvServer
+from gymrl.envs.registry import ENV_ROOT, load_environment
+
+
+@pytest.fixture(scope="module")
+def arithmetic_server():
+    with EnvServer("arithmetic") as server:
+        yield server
+
+
+def test_verify_through_the_real_server(arithmetic_server):
+    env = load_environment("arithmetic")
+    env.attach(EnvClient("arithmetic", arithmetic_server.url))
+    task = env.tasks("eval")[0]
+    expected = task.row["expected"]
+    right = env.verify(task, f"<think>x</think><answer>{expected}</answer>")
+    wrong = env.verify(task, f"<answer>{expected + 1}</answer>")
+    assert (right.reward, right.reason) == (1.0, "correct")
+    assert wrong.reward == 0.0 and f"expected {expected}" in wrong.reason
+    many = env.verify_many([(task, f"<answer>{expected}</answer>")] * 20)
+    assert [r.reward for r in many] == [1.0] * 20
+    env.close()
+
+
+def test_malformed_request_is_a_clear_error_not_a_retry(arithmetic_server):
+    client = EnvClient("arithmetic", arithmetic_server.url)
+    with pytest.raises(EnvServerError, match=r"/verify: 422"):
+        client.post("/verify", {"response": {}})
+    client.close()
+
+
+def test_check_environment_passes_for_arithmetic():
+    report = check_environment("arithmetic", max_tasks=5)
+    assert report.ok, report.failures
+    assert report.gold_checked == 10 and report.bad_checked == 30
+
+
+def test_scaffolded_environment_passes_its_own_check():
+    name = "scaffold_probe_env"
+    shutil.rmtree(ENV_ROOT / name, ignore_errors=True)
+    try:
+        path = scaffold(name)
+        assert (path / "app.py").is_file() and (path / "configs" / f"{name}.yaml").is_file()
+        author_lines = sum(len(p.read_text().splitlines()) for p in (path / "__init__.py", path / "app.py"))
+        assert author_lines <= 45  # "about 30 lines" of the author's own code, docstrings included
+        report = check_environment(name)
+        assert report.ok, report.failures
+        with pytest.raises(FileExistsError):
+            scaffold(name)
+    finally:
+        shutil.rmtree(ENV_ROOT / name, ignore_errors=True)
+
+
+def test_dead_server_gives_a_clear_error():
+    server = EnvServer("arithmetic").start()
+    client = EnvClient("arithmetic", server.url, retries=2)
+    assert client.healthy()
+    server.stop()
+    assert not server.alive()
+    with pytest.raises(EnvServerError, match=r"failed after 3 tries: ConnectError"):
+        client.verify({"responses_create_params": {"input": "x"}}, "y")
+
+
+def test_server_that_never_answers_times_out():
+    with socket.socket() as listener:  # accepts connections (backlog) but never replies
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        client = EnvClient("slow", f"http://127.0.0.1:{listener.getsockname()[1]}", timeout_s=0.3, retries=1)
+        with pytest.raises(EnvServerError, match=r"slow.*failed after 2 tries: ReadTimeout"):
+            client.post("/verify", {})
+
+
+def test_server_answering_garbage_is_retried_then_reported():
+    class Garbage(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"\x00not json")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Garbage)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        client = EnvClient("garbage", f"http://127.0.0.1:{httpd.server_port}", retries=1)
+        with pytest.raises(EnvServerError, match="garbage.*failed after 2 tries"):
+            client.post("/verify", {})
+    finally:
+        httpd.shutdown()
+
+
+def test_server_that_cannot_start_reports_its_log():
+    with pytest.raises(EnvServerError, match=r"(?s)exited with code 1 .*No module named 'environments.no_such_env'"):
+        EnvServer("no_such_env").start(timeout_s=30)
+
+
+def test_missing_gym_venv_is_a_clear_error(tmp_path):
+    with pytest.raises(EnvServerError, match="NeMo Gym venv not found"):
+        EnvServer("arithmetic", gym_python=tmp_path / "python").start()
