@@ -82,8 +82,20 @@ def bench(
     config: Path = typer.Argument(Path("configs/demo.yaml"), help="Config whose model and engine are measured."),
     out: Path = typer.Option(Path("bench_results"), help="Folder for results.json and results.md."),
     repeats: int = typer.Option(3, help="Repetitions of each timed measurement."),
+    suite: str = typer.Option("all", help="core (engine, weight push, trainer step), envs (rewards, sandbox, /verify) or all."),
 ) -> None:
-    """Measure raw vLLM vs harness rollout tokens/s, weight-push time and trainer step time."""
+    """Benchmarks: raw vLLM vs harness rollout tokens/s, weight push, trainer step; reward and env-server speed."""
+    if suite not in ("core", "envs", "all"):
+        _fail(ValueError(f"--suite must be core, envs or all, got '{suite}'"))
+    if suite in ("envs", "all"):
+        from gymrl.bench import run_env_bench
+
+        try:
+            Console().print(run_env_bench(out))
+        except EnvServerError as err:
+            _fail(err)
+        if suite == "envs":
+            return
     try:
         cfg = load_config(config)
     except USER_ERRORS as err:

@@ -157,8 +157,7 @@ def add_one(x):
 
 
 def test_shadowing_builtins_used_by_tests_does_not_help():
-    tests = ["assert len(add_one(1)) == 3", "assert sorted(add_one(2)) == [1, 2, 3]", "assert abs(-5) == 5"]
-    r = score("""
+    code = """
 import builtins
 builtins.len = lambda x: 3
 sorted = lambda x: [1, 2, 3]
@@ -166,8 +165,11 @@ def abs(x):
     return 0
 def add_one(x):
     return None
-""", tests)
-    assert r.reward == pytest.approx(1 / 3) and "TypeError" in r.reason  # only the honest abs() test passes
+"""
+    for test in ["assert len(add_one(1)) == 3", "assert sorted(add_one(2)) == [1, 2, 3]"]:
+        r = score(code, [test])
+        assert r.reward == 0.0 and "TypeError" in r.reason, (test, r)
+    assert score(code, ["assert abs(-5) == 5"]).reward == 1.0  # the test's abs() is the real one
 
 
 def test_always_equal_objects_do_not_pass():
@@ -183,7 +185,9 @@ def add_one(x):
 
 
 def test_main_block_does_not_run_and_input_is_empty():
-    r = score("def add_one(x):\n    return x + 1\nif __name__ == '__main__':\n    add_one(input())")
+    r = score("def add_one(x):\n    return x + 1\nif __name__ == '__main__':\n    import os\n    os._exit(1)")
+    assert (r.reward, r.reason) == (1.0, "3/3 tests passed")
+    r = score("def add_one(x):\n    return x + 1\nadd_one(int(input()))")  # stdin is empty: EOFError, tests still run
     assert r.reward == 1.0
 
 
@@ -201,3 +205,22 @@ def test_bad_tests_are_the_callers_error():
         score("def add_one(x):\n    return x + 1", ["assert add_one(1) =="])
     with pytest.raises(ValueError):
         score("def add_one(x):\n    return x + 1", [])
+
+
+def test_tracer_installed_by_the_solution_is_removed_before_the_tests():
+    r = score("""
+import sys
+def tracer(frame, event, arg):  # make both sides of every equality check the same
+    if event == "call" and "b" in frame.f_locals:
+        frame.f_locals["a"] = frame.f_locals["b"]
+    return tracer
+sys.settrace(tracer)
+def add_one(x):
+    return 0
+""")
+    assert r.reward == 0.0 and "0 != 2" in r.reason
+
+
+def test_solution_that_silences_stdout_still_gets_its_tests_reported():
+    r = score("import os\nos.dup2(os.open(os.devnull, os.O_WRONLY), 1)\nos.close(2)\ndef add_one(x):\n    return x + 1")
+    assert (r.reward, r.reason) == (1.0, "3/3 tests passed")

@@ -109,3 +109,17 @@ def test_server_that_cannot_start_reports_its_log():
 def test_missing_gym_venv_is_a_clear_error(tmp_path):
     with pytest.raises(EnvServerError, match="NeMo Gym venv not found"):
         EnvServer("arithmetic", gym_python=tmp_path / "python").start()
+
+
+def test_env_bench_writes_results(tmp_path):
+    import json
+
+    from gymrl.bench import run_env_bench
+
+    run_env_bench(tmp_path, verify_calls=20)
+    results = json.loads((tmp_path / "envs.json").read_text())
+    assert set(results["verify_round_trip_ms"]) >= {"arithmetic", "code", "math", "sudoku"}
+    assert all(v > 0 for v in results["reward_checks_per_s"].values())
+    assert results["sandboxed_code_runs_per_s"]["value"] > 0
+    for latency in results["verify_round_trip_ms"].values():
+        assert 0 < latency["p50_ms"] <= latency["p99_ms"]

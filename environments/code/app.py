@@ -1,0 +1,9 @@
+"""NeMo Gym resources server for code: /verify runs the unit tests against the model's code, sandboxed."""
+
+from gymrl.envs.nemo_server import TextVerifyServer
+from rewards.code import score_code
+
+
+class CodeServer(TextVerifyServer):
+    def score(self, row, text):
+        return score_code(text, row["tests"], entry_point=row.get("entry_point"), mode=row.get("mode", "fraction"))
