@@ -74,7 +74,7 @@ class TrainConfig(Section):
     steps: int = Field(default=100, ge=1, description="Optimizer steps (one rollout batch each).")
     prompts_per_step: int = Field(default=16, ge=1, description="Distinct tasks per step.")
     group_size: int = Field(default=8, ge=2, description="Samples per task (G); advantages are relative to the group.")
-    learning_rate: float = Field(default=1e-3, gt=0, description="AdamW learning rate.")
+    learning_rate: float = Field(default=1e-6, gt=0, description="AdamW learning rate (1e-6 suits real LLMs; the tiny demo uses 3e-4).")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(

@@ -1,15 +1,18 @@
 """Reward for Python solutions, checked by assert-style tests run in the sandbox (``rewards.sandbox``).
 
-The solution is the last fenced ```python block after the thinking part (a response whose ``<think>`` is
-never closed has no answer part). One sandboxed program defines the solution, then runs each test in
-its own try/except and reports it on a line tagged with a random nonce that the harness sends on stdin,
-so it is in no file, argument or environment variable. A test counts only when its nonce-tagged "pass"
-line appears; a missing nonce-tagged "done" line means the run was cut short (exit, crash, limit).
+The solution is the last fenced ```python (or ```py) block after the thinking part; a response whose
+``<think>`` is never closed has no answer part. One sandboxed program defines the solution, then runs
+each test in its own try/except and reports it on a line tagged with a random nonce. The nonce, the
+tests and the solution reach that program on stdin, so none of them is in a file, argument or
+environment variable. A test counts only when its nonce-tagged "pass" line appears; a missing
+nonce-tagged "done" line means the run was cut short (exit, crash, limit), and the tests not reported
+count as failed.
 
 Defended (each has a test in tests/test_code_reward.py):
 
 - printing fake "PASS" lines: they lack the nonce;
-- ``sys.exit(0)`` anywhere: SystemExit is caught like any exception (a test that raises it fails);
+- ``sys.exit(0)`` anywhere: SystemExit is caught like any exception (at the top level it ends only the
+  solution's own code, and the tests still run; in a test, it fails the test);
   ``os._exit(0)`` or a crash: the tests not yet reported count as failed and the done line is missing;
 - redefining ``AssertionError``: ``assert`` raises the real one, and a test passes only when it raises
   nothing at all;
@@ -19,12 +22,14 @@ Defended (each has a test in tests/test_code_reward.py):
   ``entry_point``);
 - values that compare equal to anything (``__eq__`` returning True): ``assert a == b`` in the tests is
   rewritten to a check that first compares each side with a fresh object, which nothing legitimate equals;
-- tracers installed by the solution are removed before each test; a ``__main__`` block does not run.
+- tracers installed by the solution are removed before each test; a ``__main__`` block does not run;
+  a solution that redirects or closes stdout still has its tests reported (on a copy of stdout).
 
-Not defended: code that digs the nonce out of the runner's own frames or memory (``sys._getframe``,
-``gc``) and forges lines (this needs a test oracle in another process); patches to modules the tests
-import (``math.isclose = ...``); ``__eq__`` that recognises the probe; objects that are merely truthy in
-a bare ``assert f(x)``; reading the tests from the program file.
+Not defended, because the solution and the tests share one interpreter: code that digs the nonce or
+the tests out of the runner's frames or memory (``sys._getframe(1).f_locals``, ``gc``) and forges lines
+or hard-codes answers; a tracer the solution installs while a test runs; patches to modules the tests
+import (``math.isclose = ...``); an ``__eq__`` that recognises the probe; objects that are merely truthy
+in a bare ``assert f(x)``. Closing these needs the tests to check results in another process.
 """
 
 import ast
@@ -41,7 +46,7 @@ _FENCE = re.compile(r"```(?:python3?|py)[ \t]*\n(.*?)```", re.DOTALL | re.IGNORE
 
 def extract_code(response: str) -> str | None:
     """The last ```python block after the thinking part, or None when there is none."""
-    head, sep, tail = response.rpartition("</think>")
+    _, sep, tail = response.rpartition("</think>")
     if not sep and "<think>" in response:  # thinking never finished: there is no answer part
         return None
     blocks = _FENCE.findall(tail if sep else response)
@@ -56,6 +61,8 @@ def score_code(response: str, tests: list[str] | str, *, entry_point: str | None
     script that defines ``check(candidate)`` without calling it gets ``check(entry_point)`` appended
     (HumanEval style). Tests are trusted: one that does not parse raises ValueError.
     """
+    if mode not in ("fraction", "all"):
+        raise ValueError(f"mode must be 'fraction' or 'all', not {mode!r}")
     code = extract_code(response)
     if code is None:
         return RewardResult(0.0, "no ```python block after the thinking part")
@@ -132,7 +139,8 @@ import builtins, json, os, sys
 
 def _run():
     read, write, dup, exit_, settrace, setprofile = os.read, os.write, os.dup, os._exit, sys.settrace, sys.setprofile
-    compile_, exec_, dict_, str_, type_, ascii_, bool_, enumerate_ = compile, exec, dict, str, type, ascii, bool, enumerate
+    compile_, exec_, dict_, str_, type_ = compile, exec, dict, str, type
+    ascii_, bool_, enumerate_ = ascii, bool, enumerate
     Exception_, BaseException_, AssertionError_ = Exception, BaseException, AssertionError
     chunks = []
     while chunk := read(0, 1 << 16):

@@ -9,7 +9,9 @@ program, which sets its limits, drops privileges and execs ``python -I``. Each l
   ``SandboxUnavailable`` is raised instead.
 - **PID namespace + process group**: when the launcher (PID 1) dies, the kernel kills every process left in
   the namespace, even ones that called ``setsid()`` to leave the process group. The harness SIGKILLs the
-  whole group on timeout, on too much output, and always at the end, so nothing outlives a run.
+  whole group on timeout, on too much output, and always at the end; when it stops a live run it also
+  waits for PID 1 to be gone, which the kernel allows only once the namespace is empty. Nothing outlives
+  a run.
 - **Mount namespace**: a fresh size-limited tmpfs, owned by the run's uid, is the program's cwd, HOME and
   TMPDIR, and is also mounted over /tmp, /var/tmp, /dev/shm and /run/lock, so the world-writable places
   (and the host's sockets in /tmp, such as Ray's) are out of sight. It vanishes with the namespace.
@@ -24,8 +26,9 @@ program, which sets its limits, drops privileges and execs ``python -I``. Each l
 - **Resource limits** (setrlimit before exec, per process): CPU seconds (busy loops: SIGXCPU, SIGKILL a
   second later), address space (a 10 GiB allocation fails with MemoryError instead of starving the host),
   processes (fork bombs), open files, file size, no core dumps; the tmpfs size caps the disk used.
-- **Scrubbed environment**: only PATH, LANG, HOME, TMPDIR and PYTHON* safety settings; none of the
-  harness's variables (tokens, keys) reach the program, and its /proc shows only its own namespace.
+- **Scrubbed environment**: only PATH, LANG, HOME, TMPDIR and PYTHON* safety settings (which ``-I``
+  makes moot for CPython); none of the harness's variables (tokens, keys) reach the program, and its
+  /proc shows only its own namespace.
 - **Output caps**: stdout and stderr are read as they come; past ``max_output_bytes`` the run is killed,
   so ``while True: print()`` cannot fill memory. Bytes are decoded with ``errors="replace"``.
 
@@ -95,6 +98,7 @@ def run_sandboxed(code: str, *, stdin: str = "", limits: SandboxLimits = Sandbox
                ("RLIMIT_NPROC", limits.max_processes, None), ("RLIMIT_NOFILE", limits.max_open_files, None),
                ("RLIMIT_FSIZE", limits.max_file_mb * mb, None), ("RLIMIT_CORE", 0, None)]
     report_r, report_w = os.pipe()  # the launcher's channel to us; closed (CLOEXEC) before the program runs
+    report = ""
     try:
         with tempfile.TemporaryDirectory(prefix="gymrl-sandbox-") as host_dir:
             program = os.path.join(host_dir, "main.py")
@@ -112,12 +116,12 @@ def run_sandboxed(code: str, *, stdin: str = "", limits: SandboxLimits = Sandbox
                                   start_new_session=True, pass_fds=(report_w,)) as proc:
                 os.close(report_w)
                 report_w = -1
-                out, err, ours, report = b"", b"", "interrupted", ""
+                ours = "interrupted"
                 try:
                     out, err, ours = _communicate(proc, stdin.encode(), limits, start + limits.wall_seconds)
                 finally:
                     report = _read_available(report_r)
-                    _kill_all(proc, report if ours else "")
+                    _kill_all(proc, report if ours else "")  # a live run: wait for its namespace to empty
             duration = time.monotonic() - start
     finally:
         if report_w >= 0:
@@ -138,15 +142,14 @@ def run_sandboxed(code: str, *, stdin: str = "", limits: SandboxLimits = Sandbox
 
 
 def _communicate(proc, data: bytes, limits: SandboxLimits, deadline: float):
-    """Feed stdin, read stdout/stderr until the launcher has exited and both pipes are closed.
+    """Feed stdin and read stdout/stderr until ``unshare`` has exited and both pipes are at their end.
 
-    Returns (stdout bytes, stderr bytes, why we stopped it early or None); killing is the caller's job."""
-    out, err = bytearray(), bytearray()
-    outputs = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    Returns (stdout bytes, stderr bytes, why we stopped early or None); killing is the caller's job."""
+    outputs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
     stdin_fd, pidfd = proc.stdin.fileno(), os.pidfd_open(proc.pid)  # a pidfd turns readable on exit
-    pending, exited, stopped = memoryview(data), False, None
+    waiting, pending, stopped = {*outputs, pidfd}, memoryview(data), None
     with selectors.DefaultSelector() as sel:
-        for fd in (*outputs, pidfd):
+        for fd in waiting:
             sel.register(fd, selectors.EVENT_READ)
         if pending:
             os.set_blocking(stdin_fd, False)
@@ -154,38 +157,31 @@ def _communicate(proc, data: bytes, limits: SandboxLimits, deadline: float):
         else:
             proc.stdin.close()
         try:
-            while (len(sel.get_map()) > (1 if pending else 0)) and stopped is None:
+            while waiting and stopped is None:
                 remaining = deadline - time.monotonic()
+                events = sel.select(remaining) if remaining > 0 else []
                 if remaining <= 0:
                     stopped = "wall timeout"
-                    break
-                for key, _ in sel.select(remaining):
-                    if key.fd == pidfd:
-                        exited = True
-                        sel.unregister(pidfd)
-                    elif key.fd == stdin_fd:
+                for key, _ in events:
+                    if key.fd == stdin_fd:
                         try:
                             pending = pending[os.write(stdin_fd, pending[:65536]):]
-                        except BrokenPipeError:  # the program stopped reading: drop the rest
+                        except BrokenPipeError:  # it stopped reading: drop the rest
                             pending = pending[:0]
-                        if not pending:
-                            sel.unregister(stdin_fd)
-                            proc.stdin.close()
-                    elif block := os.read(key.fd, 65536):
+                    elif key.fd == pidfd or not (block := os.read(key.fd, 65536)):  # exited, or end of file
+                        sel.unregister(key.fd)
+                        waiting.discard(key.fd)
+                    else:
                         outputs[key.fd] += block
                         if len(outputs[key.fd]) > limits.max_output_bytes:
                             del outputs[key.fd][limits.max_output_bytes:]
                             stopped = "output limit"
-                            break
-                    else:  # end of file
-                        sel.unregister(key.fd)
-                if exited and pending:  # nobody left to read the rest of stdin
+                if stdin_fd in sel.get_map() and (not pending or pidfd not in waiting):
                     sel.unregister(stdin_fd)
                     proc.stdin.close()
-                    pending = pending[:0]
         finally:
             os.close(pidfd)
-    return bytes(out), bytes(err), stopped
+    return bytes(outputs[proc.stdout.fileno()]), bytes(outputs[proc.stderr.fileno()]), stopped
 
 
 def _why(exit_code: int, stderr: str) -> str | None:

@@ -216,9 +216,9 @@ def tracer(frame, event, arg):  # make both sides of every equality check the sa
     return tracer
 sys.settrace(tracer)
 def add_one(x):
-    return 0
+    return 7
 """)
-    assert r.reward == 0.0 and "0 != 2" in r.reason
+    assert r.reward == 0.0 and "7 != 2" in r.reason
 
 
 def test_solution_that_silences_stdout_still_gets_its_tests_reported():
