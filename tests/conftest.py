@@ -1,6 +1,7 @@
 """Shared fixtures. The expensive one, a real vLLM engine on a real Ray actor with the demo's tiny
 model, is started once per test session and reset to the initial weights by ``fresh_session``."""
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,17 @@ def reset_session(session):
 def fresh_session(reset_session):
     """The shared session, reset to the initial weights."""
     return reset_session()
+
+
+@pytest.fixture
+def hang_guard():
+    """A sandbox that fails to kill its program would hang the suite; fail the test instead."""
+
+    def hung(signum, frame):
+        raise TimeoutError("the test hung: the sandbox did not stop its program")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

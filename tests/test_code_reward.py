@@ -1,7 +1,5 @@
 """score_code on right, wrong and hostile solutions: each must score as it should, with a reason."""
 
-import signal
-
 import pytest
 
 from rewards.code import extract_code, score_code
@@ -11,18 +9,7 @@ TESTS = ["assert add_one(1) == 2", "assert add_one(-1) == 0", "assert add_one(41
 FAST = SandboxLimits(wall_seconds=3, cpu_seconds=2, memory_mb=256, max_processes=16, max_output_bytes=8192)
 
 
-@pytest.fixture(autouse=True)
-def hang_guard():
-    """A sandbox that fails to kill its program would hang the suite; fail the test instead."""
-
-    def hung(signum, frame):
-        raise TimeoutError("the test hung: the sandbox did not stop its program")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(30)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+pytestmark = pytest.mark.usefixtures("hang_guard")
 
 
 def block(code: str) -> str:

@@ -3,7 +3,6 @@ says why, and, from outside the sandbox, that the attack had no effect. Small li
 
 import os
 import secrets
-import signal
 import socket
 import textwrap
 import time
@@ -18,18 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = SandboxLimits(wall_seconds=5, cpu_seconds=2, memory_mb=256, max_processes=16, max_output_bytes=4096)
 
 
-@pytest.fixture(autouse=True)
-def hang_guard():
-    """A sandbox that fails to kill its program would hang the suite; fail the test instead."""
-
-    def hung(signum, frame):
-        raise TimeoutError("the test hung: the sandbox did not stop its program")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(30)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+pytestmark = pytest.mark.usefixtures("hang_guard")
 
 
 def run(code: str, **kw):

@@ -32,6 +32,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from rewards.math import extract_boxed
+from environments.jsonl import write_jsonl
 
 LEVELS = (1, 2, 3, 4)
 INSTRUCTION = "Put the final answer in \\boxed{}."
@@ -215,14 +216,6 @@ def load_math_dataset(
     if isinstance(data, datasets.DatasetDict):
         data = data[data_split]
     return rows_from_records(data, split, problem_field, answer_field, source=path.stem)
-
-
-def write_jsonl(rows: list[dict], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,12 +12,11 @@ split's puzzles out of the training split).
 """
 
 import argparse
-import json
 import random
 from collections.abc import Iterable
-from pathlib import Path
 
 from rewards.sudoku import generate_puzzle
+from environments.jsonl import read_jsonl, write_jsonl
 
 
 def grid_lines(cells: str, size: int) -> list[str]:
@@ -74,19 +73,6 @@ def generate_rows(
 def warmup_response(row: dict) -> str:
     """The ideal response for ``row``: an empty thinking part and the solved grid."""
     return "<think></think><answer>" + "\n".join(grid_lines(row["solution"], row["size"])) + "</answer>"
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_jsonl(rows: list[dict], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

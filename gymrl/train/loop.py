@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gymrl.config import RunConfig, SamplingConfig
+from gymrl.config import SamplingConfig
 from gymrl.envs.base import Task
 from gymrl.models.checkpoint import save_policy
 from gymrl.rollout.runner import RolloutBatch
