@@ -62,3 +62,24 @@ def test_bench_writes_results(fresh_session, tmp_path):
     assert results["harness_over_raw"] > 0  # a measurement, not a speed assertion
     assert results["weight_push_s"]["median"] > 0 and results["trainer_step_s"]["median"] > 0
     assert "harness / raw" in (tmp_path / "results.md").read_text()
+
+
+def test_kl_to_the_reference_policy(fresh_session):
+    """With beta > 0 the trainer keeps a frozen copy of the initial policy; the KL term starts at 0
+    (policy == reference) and becomes positive once a step has moved the policy."""
+    from gymrl.config import SamplingConfig
+    from gymrl.train.loop import GRPOTrainer
+
+    s = fresh_session
+    cfg = s.cfg
+    s.cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"beta": 0.5, "learning_rate": 1e-2})})
+    try:
+        trainer = GRPOTrainer(s)
+        tasks = s.envs["arithmetic"].tasks("train")[:8]
+        first = trainer.step(s.runner.run(tasks, 4, SamplingConfig(max_tokens=24), 0))
+        second = trainer.step(s.runner.run(tasks, 4, SamplingConfig(max_tokens=24), 0))
+    finally:
+        s.cfg = cfg
+    assert first.kl_mean == pytest.approx(0.0, abs=1e-6)
+    assert second.kl_mean > 1e-4
+    assert all(p.requires_grad is False for p in trainer.reference.parameters())

@@ -33,6 +33,7 @@ GREEDY = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=1)  # max_tokens 
 class StepResult:
     loss: float
     clip_fraction: float
+    kl_mean: float  # 0 when beta == 0
     logprob_gap: float
     train_seconds: float
 
@@ -74,7 +75,7 @@ class GRPOTrainer:
         total_tokens = max(1, batch.num_tokens)
         mb = self.cfg.train.micro_batch_size
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = clip_sum = gap_sum = 0.0
+        loss_sum = clip_sum = kl_sum = gap_sum = 0.0
         for start in range(0, len(rollouts), mb):
             part = rollouts[start : start + mb]
             ids, attn, mask = pad_batch([r.prompt_ids for r in part], [r.completion_ids for r in part], pad_id)
@@ -95,11 +96,12 @@ class GRPOTrainer:
             (loss * weight).backward()
             loss_sum += float(loss.detach()) * weight
             clip_sum += stats["clip_fraction"] * weight
+            kl_sum += stats.get("kl_mean", 0.0) * weight
             gap_sum += float(((logps.detach() - old).abs() * mask).sum())
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.train.max_grad_norm)
         self.optimizer.step()
         self.version += 1
-        return StepResult(loss_sum, clip_sum, gap_sum / total_tokens, time.perf_counter() - started)
+        return StepResult(loss_sum, clip_sum, kl_sum, gap_sum / total_tokens, time.perf_counter() - started)
 
     def push_weights(self) -> float:
         """Pack the trainer's weights and load them into every live engine."""
@@ -160,6 +162,7 @@ def train(session: Session, progress=None) -> dict:
             "reward_std": statistics.pstdev(rewards),
             "loss": result.loss,
             "clip_fraction": result.clip_fraction,
+            "kl": result.kl_mean,
             "logprob_gap": result.logprob_gap,
             "completion_tokens": batch.num_tokens,
             "mean_completion_length": batch.num_tokens / len(rewards),
