@@ -6,6 +6,7 @@ the task's JSONL row (its ground-truth fields arrive with the /verify request, a
 them), the text is the model's final answer text. Everything else is NeMo Gym's own server.
 """
 
+from abc import abstractmethod
 from typing import Any
 
 from nemo_gym.base_resources_server import (
@@ -42,8 +43,9 @@ def response_text(body: BaseVerifyRequest) -> str:
 class TextVerifyServer(SimpleResourcesServer):
     config: BaseResourcesServerConfig
 
+    @abstractmethod
     def score(self, row: dict[str, Any], text: str) -> RewardResult:
-        raise NotImplementedError("an environment server defines score(row, text)")
+        """The reward for ``text`` (the model's answer) on the task ``row``."""
 
     async def verify(self, body: RowVerifyRequest) -> TextVerifyResponse:
         row = body.model_extra or {}
