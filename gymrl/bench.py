@@ -85,8 +85,6 @@ def _rate(fn, seconds: float = 1.0) -> float:
 
 def _reward_cases() -> dict[str, callable]:
     """One right-answer check per reward function, on the task data its environment generates."""
-    import random as _random
-
     from environments.math.generate import generate_rows as math_rows
     from environments.sudoku.generate import generate_rows as sudoku_rows
     from environments.sudoku.generate import warmup_response as sudoku_gold
@@ -98,7 +96,6 @@ def _reward_cases() -> dict[str, callable]:
     s4, s9 = sudoku_rows(1, 0, "train", 4)[0], sudoku_rows(1, 0, "train", 9, "hard")[0]
     m = math_rows(1, 0, "train", (4,))[0]
     code = "```python\ndef add(a, b):\n    return a + b\n```"
-    _random.seed(0)
     return {
         "arithmetic": lambda: score_arithmetic("<think>3+5</think><answer>8</answer>", 8),
         "sudoku 4x4": lambda: score_sudoku(sudoku_gold(s4), s4["puzzle"], 4),

@@ -6,7 +6,6 @@ a given spec, environment and machine, and cached by a hash of all three inputs;
 atomically, so a crash mid-build never leaves a half model behind.
 """
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -86,17 +85,8 @@ def _plain(value: Any) -> Any:
 
 
 def _env_config(env: Any) -> Any:
-    """The environment's settings that can change its warm-up data, as JSON data."""
-    config = getattr(env, "config", None)
-    if isinstance(config, dict):
-        return {k: v for k, v in sorted(_plain(config).items()) if v is not None}
-    if dataclasses.is_dataclass(env) and not isinstance(env, type):
-        fields = {f.name: getattr(env, f.name) for f in dataclasses.fields(env)}
-    elif isinstance(env, BaseModel):
-        fields = env.model_dump(mode="json")
-    else:
-        fields = {k: v for k, v in vars(env).items() if not k.startswith("_")}
-    return {k: v for k, v in sorted(_plain(fields).items()) if v is not None}
+    """The environment's settings that can change its warm-up data (``env.config``), as JSON data."""
+    return {k: v for k, v in sorted(_plain(env.config).items()) if v is not None}
 
 
 def model_dir_name(spec: TinyModelSpec, env: Any) -> str:
@@ -119,7 +109,7 @@ def build_tiny_model(spec: TinyModelSpec, env: Any, cache_dir: Path) -> Path:
     """Build (or find in ``cache_dir``) the tiny policy for ``env``; returns its checkpoint folder.
 
     ``env`` needs ``name``, ``warmup_examples(n, seed)`` and, for the cache key, its settings as a
-    ``config`` dict (or dataclass fields, or plain attributes).
+    ``config`` dict (``gymrl.envs.base.Environment`` and ``gymrl.session.WarmupMix`` have all three).
     """
     cache_dir = Path(cache_dir)
     out = cache_dir / model_dir_name(spec, env)

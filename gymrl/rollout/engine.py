@@ -140,14 +140,11 @@ class EnginePool:
         self.actors = actors
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
-        shards = [list(range(i, len(prompts), len(self.actors))) for i in range(len(self.actors))]
-        futures = [
-            actor.generate.remote([prompts[j] for j in shard], n, sampling)
-            for actor, shard in zip(self.actors, shards)
-            if shard
-        ]
+        shards = [(a, list(range(i, len(prompts), len(self.actors)))) for i, a in enumerate(self.actors)]
+        shards = [(actor, shard) for actor, shard in shards if shard]
+        futures = [actor.generate.remote([prompts[j] for j in shard], n, sampling) for actor, shard in shards]
         results: list[list[Completion]] = [[] for _ in prompts]
-        for shard, groups in zip([s for s in shards if s], ray.get(futures)):
+        for (_, shard), groups in zip(shards, ray.get(futures)):
             for j, group in zip(shard, groups):
                 results[j] = group
         return results

@@ -26,9 +26,6 @@ from gymrl.train.grpo import GRPOLossConfig, group_advantages, grpo_loss
 from gymrl.train.metrics import MetricsLog, plot_rewards
 from gymrl.train.policy import pad_batch, token_logprobs
 
-GREEDY = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=1)  # max_tokens replaced per run
-
-
 @dataclass
 class StepResult:
     loss: float
@@ -62,7 +59,7 @@ class GRPOTrainer:
 
     def evaluate(self, tasks: list[Task]) -> dict[str, float]:
         """Mean reward of greedy answers on held-out tasks: overall and per environment."""
-        greedy = GREEDY.model_copy(update={"max_tokens": self.cfg.sampling.max_tokens})
+        greedy = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=self.cfg.sampling.max_tokens)
         batch = self.s.runner.run(tasks, 1, greedy, self.version)
         return {"eval_reward": statistics.fmean(r.reward for r in batch.rollouts)} | per_env(batch, "eval_reward")
 
