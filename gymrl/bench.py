@@ -92,6 +92,7 @@ def _reward_cases() -> dict[str, callable]:
     from rewards.code import score_code
     from rewards.math import score_math
     from rewards.sudoku import score_sudoku
+    from rewards.tool_use import score_kv_copy
 
     s4, s9 = sudoku_rows(1, 0, "train", 4)[0], sudoku_rows(1, 0, "train", 9, "hard")[0]
     m = math_rows(1, 0, "train", (4,))[0]
@@ -102,6 +103,8 @@ def _reward_cases() -> dict[str, callable]:
         "sudoku 9x9": lambda: score_sudoku(sudoku_gold(s9), s9["puzzle"], 9),
         "math (math-verify)": lambda: score_math(f"\\boxed{{{m['expected_answer']}}}", m["expected_answer"]),
         "code (sandboxed run)": lambda: score_code(code, ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]),
+        "tool use (kv end state)": lambda: score_kv_copy({"ab": "1234", "cd": "5"}, {"ab": "1234", "cd": "5", "ef": "1234"},
+                                                         "ab", "ef"),
     }
 
 
@@ -114,6 +117,9 @@ def run_env_bench(out: Path, verify_calls: int = 200) -> Table:
     from gymrl.envs.client import EnvClient
     from gymrl.envs.launcher import EnvServer
     from gymrl.envs.registry import available, load_environment
+    from gymrl.models.tokenizer import build_tokenizer
+    from gymrl.rollout.runner import play_episode
+    from gymrl.rollout.tool_calls import ToolCallParser
 
     cases = _reward_cases()
     checks = {name: _rate(fn) for name, fn in cases.items()}
@@ -125,17 +131,26 @@ def run_env_bench(out: Path, verify_calls: int = 200) -> Table:
     sandbox_rate = 8 * workers / (time.perf_counter() - started)
 
     verify = {}
+    parser = None
     for name in available():
         env = load_environment(name)
         task = env.tasks("eval")[0]
         gold = env.gold_response(task)
-        with EnvServer(name) as server:
-            env.attach(EnvClient(name, server.url))
-            env.verify(task, gold)  # first call pays the connection set-up
+        if task.tools:  # a tool task's round trip is its whole episode: seed, tool calls, verify
+            if parser is None:
+                parser = ToolCallParser("qwen3_coder", build_tokenizer([]))
+            turns = [t["content"] for t in gold if t["role"] == "assistant"]
+            check = lambda: play_episode(env, task, turns, parser)  # noqa: E731
+            name = f"{name} (episode: seed + {len(turns) - 1} tool calls + verify)"
+        else:
+            check = lambda: env.verify(task, gold)  # noqa: E731
+        with EnvServer(env.name) as server:
+            env.attach(EnvClient(env.name, server.url))
+            check()  # the first call pays the connection set-up
             latencies = []
             for _ in range(verify_calls):
                 t = time.perf_counter()
-                env.verify(task, gold)
+                check()
                 latencies.append(1000 * (time.perf_counter() - t))
             env.close()
         latencies.sort()

@@ -117,7 +117,7 @@ def bench(
 
 @envs_app.command("list")
 def envs_list() -> None:
-    """List the environment plugins found under environments/."""
+    """List the environment plugins: folders under environments/ and installed entry points."""
     from gymrl.envs.registry import available, load_environment
 
     table = Table("name", "train tasks", "eval tasks", "options")
@@ -143,12 +143,13 @@ def envs_new(name: str = typer.Argument(..., help="Name of the new environment (
 def envs_test(
     name: str = typer.Argument(..., help="Environment to check."),
     max_tasks: int = typer.Option(20, help="Tasks checked per split."),
+    tool_call_parser: str = typer.Option("qwen3_coder", help="vLLM parser for the gold episodes' tool calls (tool-use envs)."),
 ) -> None:
     """Start the environment's server; gold answers must score 1 and known-bad answers 0."""
     from gymrl.envs.authoring import check_environment
 
     try:
-        report = check_environment(name, max_tasks)
+        report = check_environment(name, max_tasks, tool_call_parser=tool_call_parser)
     except (ValueError, EnvServerError) as err:
         _fail(err)
     for failure in report.failures[:20]:
@@ -166,14 +167,16 @@ def envs_serve(
     """Serve the environment's NeMo Gym resources server in the foreground (Ctrl-C stops it)."""
     import os
 
-    from gymrl.envs.launcher import DEFAULT_GYM_PYTHON, REPO_ROOT
-    from gymrl.envs.registry import available
+    from gymrl.envs.launcher import DEFAULT_GYM_PYTHON, server_pythonpath
+    from gymrl.envs.registry import plugin_module
 
-    if name not in available():
-        _fail(ValueError(f"unknown environment '{name}'; available: {', '.join(available())}"))
-    os.environ["PYTHONPATH"] = str(REPO_ROOT)
+    try:
+        module = plugin_module(name)
+    except ValueError as err:
+        _fail(err)
+    os.environ["PYTHONPATH"] = server_pythonpath(module)
     os.execv(str(DEFAULT_GYM_PYTHON), [str(DEFAULT_GYM_PYTHON), "-m", "gymrl.envs.serve", "--env", name,
-                                       "--host", host, "--port", str(port)])
+                                       "--module", module, "--host", host, "--port", str(port)])
 
 
 if __name__ == "__main__":

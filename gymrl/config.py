@@ -67,7 +67,18 @@ class SamplingConfig(Section):
 
     temperature: float = Field(default=1.0, ge=0, description="Sampling temperature for rollouts.")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling for rollouts.")
-    max_tokens: int = Field(default=32, ge=1, description="Most tokens generated per completion.")
+    max_tokens: int = Field(default=32, ge=1, description="Most tokens generated per completion (per assistant turn in multi-turn episodes).")
+
+
+class RolloutConfig(Section):
+    """Multi-turn tool use: how the model's tool calls are read and how long an episode may run."""
+
+    max_turns: int = Field(default=4, ge=1, description="Most assistant turns per episode (tool calls end a turn).")
+    tool_call_parser: str = Field(
+        default="qwen3_coder",
+        description="vLLM tool-call parser that reads tool calls from model output: qwen3_coder (Nemotron-3's "
+        "XML style) or hermes (JSON inside <tool_call>); any name vLLM registers works.",
+    )
 
 
 class TrainConfig(Section):
@@ -104,6 +115,7 @@ class RunConfig(Section):
     env_servers: EnvServersConfig = Field(default_factory=EnvServersConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray_address: str | None = Field(default=None, description="Ray cluster address; None starts Ray locally.")

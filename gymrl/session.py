@@ -22,6 +22,7 @@ from gymrl.models.checkpoint import load_policy
 from gymrl.models.tiny import build_tiny_model
 from gymrl.rollout.engine import EnginePool, start_engines
 from gymrl.rollout.runner import RolloutRunner, check_prompts_fit
+from gymrl.rollout.tool_calls import parser_class
 
 
 class WarmupMix:
@@ -98,6 +99,9 @@ class Session:
     servers: list[EnvServer] = field(default_factory=list)
 
     def close(self) -> None:
+        """Stop the environment servers and the engine actors (Ray itself stays up for others)."""
+        for actor in self.pool.actors:
+            ray.kill(actor)
         for server in self.servers:
             server.stop()
         for env in self.envs.values():
@@ -106,9 +110,11 @@ class Session:
 
 def start_session(cfg: RunConfig) -> Session:
     envs = {e.name: load_environment(e.name, e.args) for e in cfg.envs}
+    tasks = [t for env in envs.values() for split in ("train", "eval") for t in env.tasks(split)]
+    if any(t.tools for t in tasks):
+        parser_class(cfg.rollout.tool_call_parser)  # a bad parser name fails now, not after the model build
     model_path = resolve_model_path(cfg.model, list(envs.values()), [e.weight for e in cfg.envs])
     policy, tokenizer = load_policy(model_path)
-    tasks = [t for env in envs.values() for split in ("train", "eval") for t in env.tasks(split)]
     check_prompts_fit(tokenizer, tasks, cfg.sampling.max_tokens, cfg.engine.max_model_len)
     servers = start_env_servers(cfg, envs, Path(cfg.run_dir) / "env_logs")
     try:
@@ -118,5 +124,5 @@ def start_session(cfg: RunConfig) -> Session:
         for server in servers:
             server.stop()
         raise
-    runner = RolloutRunner(pool, envs, tokenizer)
+    runner = RolloutRunner(pool, envs, tokenizer, cfg.rollout, cfg.engine.max_model_len)
     return Session(cfg, envs, model_path, policy, tokenizer, pool, runner, servers)

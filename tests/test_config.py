@@ -100,6 +100,12 @@ def test_cli_prompt_longer_than_context_gives_one_line_error(tmp_path):
     _assert_one_line_error(proc, "exceeds engine.max_model_len=24")
 
 
+def test_cli_unknown_tool_call_parser_gives_one_line_error():
+    proc = _gymrl("train", str(ROOT / "configs" / "tool_use.yaml"), "--set", "rollout.tool_call_parser=qwen9",
+                  "--set", "model.path=/nonexistent")
+    _assert_one_line_error(proc, "rollout.tool_call_parser: unknown parser 'qwen9'", "qwen3_coder")
+
+
 def test_help_config_lists_keys():
     proc = _gymrl("train", "--help-config")
     assert proc.returncode == 0 and "train.group_size" in proc.stdout

@@ -24,8 +24,9 @@ def test_warmup_mixes_right_and_off_by_one_answers():
     env = load_environment("arithmetic", {"warmup_correct": 0.3})
     examples = env.warmup_examples(2000, seed=1)
     right = 0
-    for messages, response in examples:
-        a_op_b = messages[0]["content"].removeprefix("What is ").removesuffix("?")
+    for ex in examples:
+        response = ex.response
+        a_op_b = ex.messages[0]["content"].removeprefix("What is ").removesuffix("?")
         expected = eval(a_op_b)  # noqa: S307 - our own generated "a+b" strings
         got = int(response.split("<answer>")[1].split("</answer>")[0])
         assert got in (expected, expected + 1)

@@ -10,7 +10,7 @@ import pytest
 from gymrl.envs.authoring import check_environment, scaffold
 from gymrl.envs.client import EnvClient, EnvServerError
 from gymrl.envs.launcher import EnvServer
-from gymrl.envs.registry import ENV_ROOT, load_environment
+from gymrl.envs.registry import ENV_ROOT, available, load_environment, plugin_module
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,10 @@ def test_server_answering_garbage_is_retried_then_reported():
 
 
 def test_server_that_cannot_start_reports_its_log():
+    with pytest.raises(ValueError, match="unknown environment 'no_such_env'; available: .*arithmetic"):
+        EnvServer("no_such_env")
     with pytest.raises(EnvServerError, match=r"(?s)exited with code 1 .*No module named 'environments.no_such_env'"):
-        EnvServer("no_such_env").start(timeout_s=30)
+        EnvServer("no_such_env", module="environments.no_such_env").start(timeout_s=30)
 
 
 def test_missing_gym_venv_is_a_clear_error(tmp_path):
@@ -119,7 +121,28 @@ def test_env_bench_writes_results(tmp_path):
     run_env_bench(tmp_path, verify_calls=20)
     results = json.loads((tmp_path / "envs.json").read_text())
     assert set(results["verify_round_trip_ms"]) >= {"arithmetic", "code", "math", "sudoku"}
+    assert any(k.startswith("tool_use (episode") for k in results["verify_round_trip_ms"])
     assert all(v > 0 for v in results["reward_checks_per_s"].values())
     assert results["sandboxed_code_runs_per_s"]["value"] > 0
     for latency in results["verify_round_trip_ms"].values():
         assert 0 < latency["p50_ms"] <= latency["p99_ms"]
+
+
+def test_installed_plugin_is_found_by_its_entry_point(tmp_path, monkeypatch):
+    """A plugin installed as a package (here: a dist-info with an entry point on sys.path, as pip
+    writes it) is listed, loaded and served from the NeMo Gym venv with its import root on the path."""
+    site = tmp_path / "site"
+    (site / "my_envs").mkdir(parents=True)
+    (site / "my_envs" / "__init__.py").write_text("")
+    scaffold("reverse_words", root=site / "my_envs")
+    dist = site / "my_envs-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-envs\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[gymrl.environments]\nreverse_words = my_envs.reverse_words\n")
+    monkeypatch.syspath_prepend(str(site))
+
+    assert "reverse_words" in available() and "arithmetic" in available()
+    assert plugin_module("reverse_words") == "my_envs.reverse_words"
+    assert len(load_environment("reverse_words").tasks("train")) == 8
+    report = check_environment("reverse_words", max_tasks=5)
+    assert report.ok, report.failures

@@ -52,7 +52,8 @@ def policy(built):
 
 @pytest.fixture(scope="module")
 def tokenizer(env):
-    corpus = [f"<|im_start|>user\n{m[0]['content']}<|im_end|>\n<|im_start|>assistant\n{r}<|im_end|>\n" for m, r in env.warmup_examples(300, 0)]
+    corpus = [f"<|im_start|>user\n{ex.messages[0]['content']}<|im_end|>\n<|im_start|>assistant\n{ex.response}<|im_end|>\n"
+              for ex in env.warmup_examples(300, 0)]
     return build_tokenizer(corpus)
 
 
@@ -86,7 +87,7 @@ def test_chat_template_matches_nemotron_format(tokenizer):
 
 
 def test_tokenizer_is_deterministic(env):
-    corpus = [r for _, r in env.warmup_examples(500, 3)]
+    corpus = [ex.response for ex in env.warmup_examples(500, 3)]
     assert build_tokenizer(corpus).backend_tokenizer.to_str() == build_tokenizer(corpus).backend_tokenizer.to_str()
 
 

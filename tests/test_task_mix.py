@@ -37,7 +37,7 @@ def test_sampler_is_deterministic_and_distinct_within_an_env():
 
 def test_per_env_means():
     def rollout(env, reward):
-        return Rollout("t", env, [1], [2], [-0.1], "x", "stop", reward, "", 0)
+        return Rollout("t", env, [1], [2], [1], [-0.1], "x", "stop", reward, "", 0)
 
     batch = RolloutBatch([rollout("a", 1.0), rollout("a", 0.0), rollout("b", 1.0)], 1, 0.0, 0.0)
     assert per_env(batch, "reward") == {"reward/a": 0.5, "reward/b": 1.0}

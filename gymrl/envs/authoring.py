@@ -112,13 +112,19 @@ class CheckReport:
                 f"/verify p50 {p50:.1f} ms")
 
 
-def check_environment(name: str, max_tasks: int = 20, gym_python: Path = DEFAULT_GYM_PYTHON) -> CheckReport:
-    """Start the environment's server and check gold and bad answers on up to ``max_tasks`` per split."""
+def check_environment(name: str, max_tasks: int = 20, gym_python: Path = DEFAULT_GYM_PYTHON,
+                      tool_call_parser: str = "qwen3_coder") -> CheckReport:
+    """Start the environment's server and check gold and bad answers on up to ``max_tasks`` per split.
+
+    A gold answer is a text, or for tool use the turns of an episode: its assistant turns are played
+    against the server (their tool calls run for real, read by ``tool_call_parser``), and the tool
+    results must equal the gold ones, so warm-up text matches what the server really says.
+    """
     env = load_environment(name)
     report = CheckReport(name)
+    parser = None
     with EnvServer(name, gym_python) as server:
-        client = EnvClient(name, server.url)
-        env.attach(client)
+        env.attach(EnvClient(name, server.url))
         try:
             for split in ("train", "eval"):
                 for task in env.tasks(split)[:max_tasks]:
@@ -126,15 +132,39 @@ def check_environment(name: str, max_tasks: int = 20, gym_python: Path = DEFAULT
                     if gold is None:
                         report.failures.append(f"{name} defines no gold_response(row): cannot check its data")
                         return report
-                    for text, want in [(gold, 1.0)] + [(bad, 0.0) for bad in BAD_RESPONSES]:
+                    if task.tools and parser is None:
+                        from gymrl.models.tokenizer import build_tokenizer
+                        from gymrl.rollout.tool_calls import ToolCallParser
+
+                        # The parsers want a tokenizer; any will do for text that is already decoded.
+                        parser = ToolCallParser(tool_call_parser, build_tokenizer([]))
+                    for response, want in [(gold, 1.0)] + [(bad, 0.0) for bad in BAD_RESPONSES]:
                         started = time.perf_counter()
-                        got = env.verify(task, text)
+                        got = _score(env, task, response, parser, report, split)
                         report.latencies_ms.append(1000 * (time.perf_counter() - started))
                         if got.reward != want:
-                            report.failures.append(f"{split} task '{task.id}': {text[:60]!r} scored {got.reward} "
+                            shown = response if isinstance(response, str) else response[0]["content"]
+                            report.failures.append(f"{split} task '{task.id}': {shown[:60]!r} scored {got.reward} "
                                                    f"({got.reason}), expected {want}")
                     report.gold_checked += 1
                     report.bad_checked += len(BAD_RESPONSES)
         finally:
             env.close()
     return report
+
+
+def _score(env, task, response, parser, report: CheckReport, split: str):
+    """One response's verdict: a text goes straight to /verify; a tool task's is played as an episode."""
+    if not task.tools:
+        return env.verify(task, response)
+    from gymrl.models.chat import as_turns
+    from gymrl.rollout.runner import play_episode
+
+    turns = as_turns(response)
+    verdict, played = play_episode(env, task, [t["content"] for t in turns if t["role"] == "assistant"], parser)
+    want = [t["content"] for t in turns if t["role"] == "tool"]
+    got = [t["content"] for t in played if t["role"] == "tool"]
+    if want != got:
+        report.failures.append(f"{split} task '{task.id}': the server's tool results {got} differ from the gold "
+                               f"episode's {want}")
+    return verdict

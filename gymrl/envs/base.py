@@ -3,17 +3,22 @@
 A plugin is a package ``environments/<name>/`` with
 - ``Tasks``: a dataclass whose fields are the environment's options (``env.args`` in a run config) and
   whose ``rows(split)`` returns NeMo Gym JSONL rows (``responses_create_params`` plus the ground truth
-  the verifier needs); optional ``warmup_response(row, rng)`` and ``gold_response(row)``;
+  the verifier needs); optional ``warmup_response(row, rng)`` and ``gold_response(row)``, each a
+  response text or, for tool use, the turns (assistant and tool messages) of an episode;
 - ``app.py``: the NeMo Gym resources server whose ``/verify`` scores a response.
+
+A task whose row lists ``tools`` is played as a multi-turn episode: its session is seeded on the
+server, the model's tool calls go to the server's tool routes, and /verify sees every turn.
 """
 
 import dataclasses
+import json
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gymrl.envs.client import EnvClient
+from gymrl.envs.client import Cookies, EnvClient
 from rewards.types import RewardResult
 
 Split = Literal["train", "eval"]
@@ -27,6 +32,23 @@ class Task:
     env: str
     messages: list[dict[str, str]]
     row: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def tools(self) -> list[dict[str, Any]]:
+        """The tools the model may call (Responses-API function definitions from the row)."""
+        return self.row.get("responses_create_params", {}).get("tools") or []
+
+
+Response = str | list[dict[str, Any]]  # a response text, or an episode's turns as chat messages
+
+
+@dataclass(frozen=True)
+class WarmupExample:
+    """A prompt and a good-enough response for a tiny model's supervised warm-up."""
+
+    messages: list[dict[str, str]]
+    response: Response
+    tools: list[dict[str, Any]] = field(default_factory=list)
 
 
 def row_messages(row: dict[str, Any]) -> list[dict[str, str]]:
@@ -66,25 +88,59 @@ class Environment:
             for i, row in enumerate(self._tasks.rows(split))
         ]
 
-    def verify(self, task: Task, response: str) -> RewardResult:
+    @property
+    def client(self) -> EnvClient:
         if self._client is None:
             raise RuntimeError(f"environment '{self.name}' has no server attached")
-        reply = self._client.verify(task.row, response)
+        return self._client
+
+    def open_episode(self, task: Task) -> "Episode":
+        """A new episode of ``task`` on the server: its session is seeded when the task has tools."""
+        return Episode(self, task, self.client.seed_session(task.row) if task.tools else {})
+
+    def verify(self, task: Task, output: str | list[dict[str, Any]], cookies: Cookies | None = None) -> RewardResult:
+        """Score a response text, or an episode's Responses-API output items (with its session cookies)."""
+        reply = self.client.verify(task.row, output, cookies)
         return RewardResult(float(reply["reward"]), str(reply.get("reason", "")))
 
     def verify_many(self, pairs: list[tuple[Task, str]], workers: int = 8) -> list[RewardResult]:
         with ThreadPoolExecutor(workers) as pool:
             return list(pool.map(lambda p: self.verify(*p), pairs))
 
-    def gold_response(self, task: Task) -> str | None:
+    def gold_response(self, task: Task) -> Response | None:
         gold = getattr(self._tasks, "gold_response", None)
         return gold(task.row) if gold else None
 
-    def warmup_examples(self, n: int, seed: int) -> list[tuple[list[dict[str, str]], str]]:
-        """(prompt messages, response) pairs for a tiny model's supervised warm-up, over both splits."""
+    def warmup_examples(self, n: int, seed: int) -> list[WarmupExample]:
+        """Prompts and responses for a tiny model's supervised warm-up, drawn over both splits."""
         if not hasattr(self._tasks, "warmup_response"):
             raise ValueError(f"environment '{self.name}' defines no warmup_response(row, rng)")
         rng = random.Random(seed)
         rows = self._tasks.rows("train") + self._tasks.rows("eval")
         picks = [rng.choice(rows) for _ in range(n)]
-        return [(row_messages(row), self._tasks.warmup_response(row, rng)) for row in picks]
+        return [
+            WarmupExample(row_messages(row), self._tasks.warmup_response(row, rng),
+                          row["responses_create_params"].get("tools") or [])
+            for row in picks
+        ]
+
+
+class Episode:
+    """One rollout's conversation with the server: its session cookies, its tool calls, its verdict."""
+
+    def __init__(self, env: Environment, task: Task, cookies: Cookies):
+        self.env, self.task, self.cookies = env, task, cookies
+        self._tool_names = {t.get("name") or t.get("function", {}).get("name") for t in task.tools}
+
+    def call_tool(self, name: str, arguments: dict[str, Any] | None) -> str:
+        """The tool's output for the model. Only the task's own tools reach the server (never /verify or
+        /seed_session); a bad call gets an error the model can read, as NeMo Gym's agents give."""
+        if name not in self._tool_names:
+            return json.dumps({"error": f"unknown tool {name!r}; available: {sorted(self._tool_names)}"})
+        if arguments is None:
+            return json.dumps({"error": "tool call arguments are not a JSON object"})
+        output, self.cookies = self.env.client.call_tool(name, arguments, self.cookies)
+        return output
+
+    def verify(self, output: list[dict[str, Any]]) -> RewardResult:
+        return self.env.verify(self.task, output, self.cookies)

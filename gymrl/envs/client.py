@@ -1,36 +1,78 @@
-"""HTTP client for NeMo Gym resources servers: pooled connections, timeouts, bounded retries."""
+"""HTTP client for NeMo Gym resources servers: pooled connections, timeouts, bounded retries.
+
+NeMo Gym keys an episode's state (a tool's database, a game board) by a session cookie that
+``/seed_session`` sets and every later tool call and ``/verify`` sends back. Many episodes share one
+pooled client here, so the client itself keeps no cookies: each episode carries its own.
+"""
 
 import time
 import uuid
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from http.cookies import SimpleCookie
 from typing import Any
 
 import httpx
+
+Cookies = dict[str, str]
 
 
 class EnvServerError(RuntimeError):
     """An environment server that cannot be reached or keeps failing; the message names it."""
 
 
-def responses_api_response(text: str) -> dict[str, Any]:
-    """The model's text as an OpenAI Responses-API response object, the shape /verify expects."""
+def message_item(text: str) -> dict[str, Any]:
+    """An assistant message as a Responses-API output item."""
+    return {
+        "id": f"msg_{uuid.uuid4().hex[:12]}",
+        "type": "message",
+        "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
+    }
+
+
+def function_call_item(name: str, arguments: str, call_id: str) -> dict[str, Any]:
+    return {"id": f"fc_{uuid.uuid4().hex[:12]}", "type": "function_call", "name": name, "arguments": arguments,
+            "call_id": call_id, "status": "completed"}
+
+
+def function_call_output_item(call_id: str, output: str) -> dict[str, Any]:
+    return {"type": "function_call_output", "call_id": call_id, "output": output}
+
+
+def responses_api_response(output: str | list[dict[str, Any]]) -> dict[str, Any]:
+    """The model's turns as an OpenAI Responses-API response object, the shape /verify expects: one
+    text becomes one message item; a multi-turn episode passes its items (messages, function calls
+    and their outputs) in order."""
     return {
         "id": f"resp_{uuid.uuid4().hex[:12]}",
         "created_at": int(time.time()),
         "model": "gymrl-policy",
         "object": "response",
-        "output": [
-            {
-                "id": f"msg_{uuid.uuid4().hex[:12]}",
-                "type": "message",
-                "role": "assistant",
-                "status": "completed",
-                "content": [{"type": "output_text", "text": text, "annotations": []}],
-            }
-        ],
+        "output": [message_item(output)] if isinstance(output, str) else output,
         "parallel_tool_calls": False,
         "tool_choice": "auto",
         "tools": [],
     }
+
+
+def _cookie_header(cookies: Cookies | None) -> dict[str, str]:
+    return {"cookie": "; ".join(f"{k}={v}" for k, v in cookies.items())} if cookies else {}
+
+
+def _set_cookies(reply: httpx.Response, cookies: Cookies | None) -> Cookies:
+    """The episode's cookies after ``reply``: the old ones updated by its Set-Cookie headers."""
+    updated = dict(cookies or {})
+    for header in reply.headers.get_list("set-cookie"):
+        jar = SimpleCookie()
+        jar.load(header)
+        updated |= {name: morsel.value for name, morsel in jar.items()}
+    return updated
+
+
+def _request_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """A task row as NeMo Gym sends it: everything but gymrl's own ``id``."""
+    return {k: v for k, v in row.items() if k != "id"}
 
 
 class EnvClient:
@@ -42,17 +84,23 @@ class EnvClient:
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout_s, connect=5.0),
             limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),  # stores nothing: see module doc
         )
 
-    def post(self, route: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """POST with retries on connection errors, timeouts and 5xx (backoff 0.2 s, 0.4 s, ...)."""
+    def _fail(self, route: str, tries: int, last: Exception | None) -> EnvServerError:
+        return EnvServerError(f"env '{self.name}' at {self.base_url}{route} failed after {tries} "
+                              f"tries: {type(last).__name__}: {last}")
+
+    def post_for_reply(self, route: str, payload: dict[str, Any], cookies: Cookies | None = None) -> tuple[dict[str, Any], Cookies]:
+        """POST with retries on connection errors, timeouts and 5xx (backoff 0.2 s, 0.4 s, ...); returns
+        the JSON reply and the episode's cookies after it."""
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             try:
-                reply = self._http.post(route, json=payload)
+                reply = self._http.post(route, json=payload, headers=_cookie_header(cookies))
                 if reply.status_code < 500:
                     reply.raise_for_status()
-                    return reply.json()
+                    return reply.json(), _set_cookies(reply, cookies)
                 last = EnvServerError(f"HTTP {reply.status_code}: {reply.text[:200]}")
             except (httpx.TransportError, ValueError) as err:  # ValueError: a reply that is not JSON
                 last = err
@@ -61,8 +109,34 @@ class EnvClient:
                                      f"{err.response.text[:300]}") from None
             if attempt < self.retries:
                 time.sleep(0.2 * 2**attempt)
-        raise EnvServerError(f"env '{self.name}' at {self.base_url}{route} failed after {self.retries + 1} "
-                             f"tries: {type(last).__name__}: {last}")
+        raise self._fail(route, self.retries + 1, last)
+
+    def post(self, route: str, payload: dict[str, Any]) -> dict[str, Any]:
+        return self.post_for_reply(route, payload)[0]
+
+    def seed_session(self, row: dict[str, Any]) -> Cookies:
+        """Start an episode on the server (NeMo Gym's /seed_session gets the whole task row); its cookies."""
+        return self.post_for_reply("/seed_session", _request_fields(row))[1]
+
+    def call_tool(self, name: str, arguments: dict[str, Any], cookies: Cookies) -> tuple[str, Cookies]:
+        """POST /<name> with the model's arguments; the reply body is the tool's output, errors included
+        (a 4xx or 5xx is the tool telling the model its call was wrong, as in NeMo Gym's agents).
+
+        Only a request that never reached the server is retried: a tool call may change state, so
+        sending it twice is not safe. A server that stays unreachable is an :class:`EnvServerError`.
+        """
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                reply = self._http.post(f"/{name}", json=arguments, headers=_cookie_header(cookies))
+                return reply.text, _set_cookies(reply, cookies)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as err:
+                last = err
+            except httpx.TransportError as err:  # sent, but no answer: the call may have run
+                raise self._fail(f"/{name}", attempt + 1, err) from None
+            if attempt < self.retries:
+                time.sleep(0.2 * 2**attempt)
+        raise self._fail(f"/{name}", self.retries + 1, last)
 
     def healthy(self) -> bool:
         try:
@@ -70,10 +144,9 @@ class EnvClient:
         except httpx.TransportError:
             return False
 
-    def verify(self, row: dict[str, Any], text: str) -> dict[str, Any]:
-        payload = {k: v for k, v in row.items() if k != "id"}
-        payload["response"] = responses_api_response(text)
-        return self.post("/verify", payload)
+    def verify(self, row: dict[str, Any], output: str | list[dict[str, Any]], cookies: Cookies | None = None) -> dict[str, Any]:
+        payload = _request_fields(row) | {"response": responses_api_response(output)}
+        return self.post_for_reply("/verify", payload, cookies)[0]
 
     def close(self) -> None:
         self._http.close()

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from gymrl.envs.client import EnvClient, EnvServerError
+from gymrl.envs.registry import import_root, plugin_module
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_GYM_PYTHON = REPO_ROOT / ".venv-gym" / "bin" / "python"
@@ -20,12 +21,29 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def server_pythonpath(module: str) -> str:
+    """PYTHONPATH of a server process: this repository, plus the plugin's import root when the plugin
+    is a package installed beside the harness (the NeMo Gym venv does not have it)."""
+    paths = [str(REPO_ROOT)]
+    try:
+        root = import_root(module)
+    except (ImportError, ValueError):
+        root = None  # not importable here: the NeMo Gym venv must have it (e.g. resources_servers.*)
+    if root is not None and root != REPO_ROOT:
+        paths.append(str(root))
+    return os.pathsep.join(paths)
+
+
 class EnvServer:
     """One environment server process; a context manager that always stops it."""
 
     def __init__(self, env: str, gym_python: Path = DEFAULT_GYM_PYTHON, host: str = "127.0.0.1",
-                 port: int | None = None, log_dir: Path | None = None):
+                 port: int | None = None, log_dir: Path | None = None, module: str | None = None):
+        """``module``: the package whose ``app.py`` holds the server; by default the plugin's (see
+        :mod:`gymrl.envs.registry`). Any module the NeMo Gym venv can import works, NeMo Gym's own
+        ``resources_servers.*`` included."""
         self.env, self.gym_python, self.host = env, Path(gym_python), host
+        self.module = module or plugin_module(env)
         self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
         self.log_path = (log_dir or Path(os.environ.get("TMPDIR", "/tmp"))) / f"gymrl-env-{env}-{self.port}.log"
@@ -36,10 +54,11 @@ class EnvServer:
             raise EnvServerError(f"NeMo Gym venv not found at {self.gym_python}: run `make setup` (it creates .venv-gym)")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONPATH": server_pythonpath(self.module), "PYTHONUNBUFFERED": "1"}
         env.pop("VIRTUAL_ENV", None)
         self.proc = subprocess.Popen(
-            [str(self.gym_python), "-m", "gymrl.envs.serve", "--env", self.env, "--host", self.host, "--port", str(self.port)],
+            [str(self.gym_python), "-m", "gymrl.envs.serve", "--env", self.env, "--module", self.module,
+             "--host", self.host, "--port", str(self.port)],
             cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()

@@ -40,6 +40,14 @@ def response_text(body: BaseVerifyRequest) -> str:
     return "".join(parts)
 
 
+def final_message_text(body: BaseVerifyRequest) -> str | None:
+    """The text of the episode's last item when it is an assistant message (its answer), else None."""
+    output = body.response.output
+    if not output or getattr(output[-1], "type", None) != "message":
+        return None
+    return "".join(c.text for c in output[-1].content if getattr(c, "type", None) == "output_text")
+
+
 class TextVerifyServer(SimpleResourcesServer):
     config: BaseResourcesServerConfig
 

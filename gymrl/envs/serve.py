@@ -1,7 +1,7 @@
 """Gym-venv side: serve one environment's NeMo Gym resources server on a port, without ``ng_run``.
 
-``python -m gymrl.envs.serve --env NAME --port PORT`` (run by the harness with the NeMo Gym venv's
-Python). It builds the server's config and a ServerClient with no head server, exactly the pieces
+``python -m gymrl.envs.serve --env NAME --port PORT [--module PACKAGE]`` (run by the harness with the
+NeMo Gym venv's Python; ``--module`` is the plugin package, ``environments.NAME`` by default). It builds the server's config and a ServerClient with no head server, exactly the pieces
 NeMo Gym's own ``run_webserver`` builds, and serves the FastAPI app with uvicorn.
 """
 
@@ -15,20 +15,20 @@ from nemo_gym.server_utils import BaseServerConfig, ServerClient
 from omegaconf import OmegaConf
 
 
-def server_class(env: str) -> type[SimpleResourcesServer]:
-    module = importlib.import_module(f"environments.{env}.app")
+def server_class(package: str) -> type[SimpleResourcesServer]:
+    module = importlib.import_module(f"{package}.app")
     found = [
         obj for obj in vars(module).values()
         if inspect.isclass(obj) and issubclass(obj, SimpleResourcesServer)
         and obj.__module__ == module.__name__ and not inspect.isabstract(obj)
     ]
     if len(found) != 1:
-        raise SystemExit(f"environments/{env}/app.py must define exactly one resources server class, found {len(found)}")
+        raise SystemExit(f"{module.__name__} must define exactly one resources server class, found {len(found)}")
     return found[0]
 
 
-def build_app(env: str, host: str, port: int):
-    cls = server_class(env)
+def build_app(env: str, host: str, port: int, package: str | None = None):
+    cls = server_class(package or f"environments.{env}")
     config_cls = cls.model_fields["config"].annotation
     config = config_cls(host=host, port=port, entrypoint="app.py", name=env, domain="other")
     client = ServerClient(head_server_config=BaseServerConfig(host=host, port=port), global_config_dict=OmegaConf.create({}))
@@ -43,8 +43,9 @@ def main() -> None:
     parser.add_argument("--env", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--module", default=None, help="plugin package (default: environments.ENV)")
     args = parser.parse_args()
-    uvicorn.run(build_app(args.env, args.host, args.port), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(build_app(args.env, args.host, args.port, args.module), host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from gymrl.models.chat import as_turns, chat_tools, tokenize_transcript
 from gymrl.models.tokenizer import IM_END, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -140,13 +141,6 @@ def _publish(tmp: Path, out: Path) -> None:
     os.rename(tmp, out)
 
 
-def render_warmup(tokenizer: PreTrainedTokenizerFast, messages: list[dict[str, str]], response: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids): the chat-templated prompt, then the response closed by ``<|im_end|>``."""
-    prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-    completion = tokenizer(response + IM_END, add_special_tokens=False)["input_ids"]
-    return prompt, completion
-
-
 def _build_into(spec: TinyModelSpec, env: Any, out: Path) -> None:
     started, cpu_started = time.perf_counter(), time.process_time()
     examples = env.warmup_examples(spec.warmup_examples, spec.seed)
@@ -155,7 +149,8 @@ def _build_into(spec: TinyModelSpec, env: Any, out: Path) -> None:
 
     # Tokenizer: trained on the warm-up conversations exactly as the policy will see them.
     plain = build_tokenizer([], vocab_size=spec.vocab_size)  # only its chat template is used here
-    corpus = [plain.apply_chat_template(m, add_generation_prompt=True, tokenize=False) + r + IM_END + "\n" for m, r in examples]
+    corpus = [plain.apply_chat_template(ex.messages + as_turns(ex.response), tools=chat_tools(ex.tools), tokenize=False)
+              for ex in examples]
     tokenizer = build_tokenizer(corpus, vocab_size=spec.vocab_size)
     eos_id = tokenizer.convert_tokens_to_ids(IM_END)
     pad_id = tokenizer.pad_token_id
@@ -192,18 +187,21 @@ def _build_into(spec: TinyModelSpec, env: Any, out: Path) -> None:
 
 
 def _warmup(model: Qwen2ForCausalLM, tokenizer, examples, spec: TinyModelSpec, pad_id: int) -> dict[str, Any]:
-    """Supervised fine-tuning; the loss covers the response and its closing ``<|im_end|>`` only."""
-    rows = [render_warmup(tokenizer, m, r) for m, r in examples]
-    length = max(len(p) + len(c) for p, c in rows)
+    """Supervised fine-tuning; the loss covers the model's turns, each closed by ``<|im_end|>``, only."""
+    rows = [tokenize_transcript(tokenizer, ex.messages, ex.response, ex.tools) for ex in examples]
+    length = max(len(r.prompt_ids) + len(r.completion_ids) for r in rows)
     if length > spec.max_position_embeddings:
         raise ValueError(f"warm-up sequences reach {length} tokens, over max_position_embeddings {spec.max_position_embeddings}")
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, (p, c) in enumerate(rows):
-        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        labels[i, len(p) : len(p) + len(c)] = torch.tensor(c)
-        mask[i, : len(p) + len(c)] = 1
+    for i, r in enumerate(rows):
+        p, c = len(r.prompt_ids), len(r.completion_ids)
+        ids[i, : p + c] = torch.tensor(r.prompt_ids + r.completion_ids)
+        # The loss covers the model's own turns; tool results (mask 0) are context only.
+        own = torch.tensor(r.completion_mask, dtype=torch.bool)
+        labels[i, p : p + c] = torch.where(own, torch.tensor(r.completion_ids), torch.tensor(-100))
+        mask[i, : p + c] = 1
 
     report: dict[str, Any] = {"examples": len(rows), "steps": spec.warmup_steps, "sequence_length": length}
     if spec.warmup_steps == 0:

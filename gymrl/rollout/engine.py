@@ -69,13 +69,17 @@ class RolloutEngine:
         from vllm import SamplingParams, TokensPrompt
 
         self._check_lengths(prompts, 1)
-        params = SamplingParams(
-            n=n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            logprobs=0,  # 0 = only the sampled token's logprob
-        )
+        # A later turn of an episode may have less room left than max_tokens: it gets what is left.
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=min(sampling.max_tokens, self.max_model_len - len(p)),
+                logprobs=0,  # 0 = only the sampled token's logprob
+            )
+            for p in prompts
+        ]
         return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:

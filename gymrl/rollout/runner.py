@@ -1,27 +1,46 @@
-"""From tasks to scored rollouts: tokenise prompts, sample G completions each, verify every one."""
+"""From tasks to scored rollouts: tokenise prompts, sample G episodes each, verify every one.
+
+A task without tools is one turn: the completion is the answer. A task with tools is an episode on
+the environment's server: after each assistant turn the tool calls in it (read by vLLM's tool-call
+parser) go to the server, their results are appended through the chat template, and the model goes
+on, until a turn without tool calls, a turn cut off by length, ``max_turns``, or a full context.
+The environment's tokens stay in the sequence but are masked out of the loss.
+"""
 
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
 
-from gymrl.envs.base import Environment, Task
-from gymrl.config import SamplingConfig
-from gymrl.rollout.engine import EnginePool, PromptTooLongError
+from gymrl.config import RolloutConfig, SamplingConfig
+from gymrl.envs.base import Environment, Episode, Task
+from gymrl.envs.client import function_call_item, function_call_output_item, message_item
+from gymrl.models.chat import environment_turn_ids, render_prompt
+from gymrl.rollout.engine import Completion, EnginePool, PromptTooLongError
+from gymrl.rollout.tool_calls import ToolCallParser
+from rewards.types import RewardResult
 
 
 @dataclass
 class Rollout:
-    """One sampled completion of one task, with what the trainer and the traces need."""
+    """One sampled episode of one task, with what the trainer and the traces need."""
 
     task_id: str
     env: str
     prompt_ids: list[int]
-    completion_ids: list[int]
-    logprobs: list[float]  # behaviour policy, per completion token
-    text: str
-    finish_reason: str
+    completion_ids: list[int]  # every token after the prompt: the model's and the environment's
+    completion_mask: list[int]  # 1 on the model's tokens (trained on), 0 on the environment's
+    logprobs: list[float]  # behaviour policy per completion token (0.0 on the environment's)
+    text: str  # the last assistant turn's text (the answer)
+    finish_reason: str  # stop | length | max_turns | context_full
     reward: float
     reason: str
     policy_version: int
+    turns: list[dict[str, Any]] = field(default_factory=list)  # chat messages after the prompt, for traces
+
+    @property
+    def num_model_tokens(self) -> int:
+        return sum(self.completion_mask)
 
 
 @dataclass
@@ -30,15 +49,17 @@ class RolloutBatch:
     group_size: int
     generate_seconds: float
     verify_seconds: float
+    tool_seconds: float = 0.0
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(r.completion_ids) for r in self.rollouts)
+        """Tokens the policy generated (the environment's are not counted)."""
+        return sum(r.num_model_tokens for r in self.rollouts)
 
 
 def encode_prompt(tokenizer, task: Task) -> list[int]:
-    """Prompt token ids: the task's messages through the model's chat template, ready to generate."""
-    return list(tokenizer.apply_chat_template(task.messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    """Prompt token ids: the task's messages (and tools) through the model's chat template."""
+    return render_prompt(tokenizer, task.messages, task.tools)
 
 
 def check_prompts_fit(tokenizer, tasks: list[Task], max_tokens: int, max_model_len: int) -> None:
@@ -52,14 +73,87 @@ def check_prompts_fit(tokenizer, tasks: list[Task], max_tokens: int, max_model_l
             )
 
 
-class RolloutRunner:
-    """Turns tasks into rollouts; single-turn for now (multi-turn tool use lives in its own issue)."""
+class EpisodeState:
+    """A rollout being built: the token sequence so far, the chat history and the verify items."""
 
-    def __init__(self, pool: EnginePool, envs: dict[str, Environment], tokenizer):
+    def __init__(self, task: Task, prompt_ids: list[int], episode: Episode):
+        self.task, self.prompt_ids, self.episode = task, prompt_ids, episode
+        self.completion_ids: list[int] = []
+        self.mask: list[int] = []
+        self.logprobs: list[float] = []
+        self.turns: list[dict[str, Any]] = []  # assistant and tool messages, as chat messages
+        self.items: list[dict[str, Any]] = []  # the same turns as Responses-API output items
+        self.pending_calls: list = []
+        self.text = ""
+        self.finish_reason = "stop"
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt_ids + self.completion_ids
+
+    def add_model_turn(self, c: Completion, parser: ToolCallParser | None) -> None:
+        self.completion_ids += c.token_ids
+        self.mask += [1] * len(c.token_ids)
+        self.logprobs += c.logprobs
+        self.text, self.finish_reason = c.text, c.finish_reason
+        self.turns.append({"role": "assistant", "content": c.text})
+        parsed = parser.parse(c.text, self.task.tools) if parser is not None and self.task.tools else None
+        self.pending_calls = parsed.tool_calls if parsed is not None and c.finish_reason == "stop" else []
+        if not self.pending_calls:
+            self.items.append(message_item(c.text))
+            return
+        if parsed.content.strip():
+            self.items.append(message_item(parsed.content))
+        self.items += [function_call_item(call.name, call.raw_arguments, call.call_id) for call in self.pending_calls]
+        self.turns[-1]["tool_calls"] = [{"name": c.name, "arguments": c.raw_arguments} for c in self.pending_calls]
+
+    def call_tools(self) -> list[dict[str, Any]]:
+        """Call the pending tools in order on the server; returns their results as tool messages."""
+        tool_messages = []
+        for call in self.pending_calls:
+            output = self.episode.call_tool(call.name, call.arguments)
+            self.items.append(function_call_output_item(call.call_id, output))
+            tool_messages.append({"role": "tool", "content": output, "tool_call_id": call.call_id, "name": call.name})
+        self.pending_calls = []
+        return tool_messages
+
+    def add_environment_turn(self, tokenizer, tool_messages: list[dict[str, Any]]) -> None:
+        """Append the tool results through the chat template: tokens the policy does not train on."""
+        env_ids = environment_turn_ids(tokenizer, self.task.messages + self.turns, tool_messages, self.task.tools)
+        self.turns += tool_messages
+        self.completion_ids += env_ids
+        self.mask += [0] * len(env_ids)
+        self.logprobs += [0.0] * len(env_ids)
+
+
+def play_episode(env: Environment, task: Task, assistant_turns: list[str], parser: ToolCallParser) -> tuple[RewardResult, list[dict[str, Any]]]:
+    """Play fixed assistant turns (a gold answer, a scripted agent) against the real server, running
+    their tool calls; returns the verdict and the turns with the server's tool results."""
+    state = EpisodeState(task, [], env.open_episode(task))
+    for text in assistant_turns:
+        state.add_model_turn(Completion([], [], text, "stop"), parser)
+        state.turns += state.call_tools()
+    return state.episode.verify(state.items), state.turns
+
+
+class RolloutRunner:
+    """Turns tasks into rollouts on the engine pool, scored by the environments' servers."""
+
+    def __init__(self, pool: EnginePool, envs: dict[str, Environment], tokenizer,
+                 rollout: RolloutConfig | None = None, max_model_len: int | None = None):
         self.pool = pool
         self.envs = envs
         self.tokenizer = tokenizer
+        self.cfg = rollout or RolloutConfig()
+        self.max_model_len = max_model_len
+        self._parser: ToolCallParser | None = None
         self._prompt_cache: dict[tuple[str, str], list[int]] = {}
+
+    @property
+    def parser(self) -> ToolCallParser:
+        if self._parser is None:
+            self._parser = ToolCallParser(self.cfg.tool_call_parser, self.tokenizer)
+        return self._parser
 
     def prompt_ids(self, task: Task) -> list[int]:
         key = (task.env, task.id)
@@ -69,19 +163,48 @@ class RolloutRunner:
         return ids
 
     def run(self, tasks: list[Task], group_size: int, sampling: SamplingConfig, policy_version: int) -> RolloutBatch:
-        prompts = [self.prompt_ids(t) for t in tasks]
+        parser = self.parser if any(t.tools for t in tasks) else None
+        with ThreadPoolExecutor(8) as threads:
+            episodes = list(threads.map(lambda t: self.envs[t.env].open_episode(t), [t for t in tasks for _ in range(group_size)]))
+        states = [EpisodeState(e.task, self.prompt_ids(e.task), e) for e in episodes]
+        generate_seconds = tool_seconds = 0.0
+
         started = time.perf_counter()
-        groups = self.pool.generate(prompts, group_size, sampling)
-        generated = time.perf_counter()
-        pairs = [(task, c) for task, group in zip(tasks, groups) for c in group]
-        verdicts: list = [None] * len(pairs)
-        for name, env in self.envs.items():  # one batch of concurrent /verify calls per environment
-            idx = [i for i, (task, _) in enumerate(pairs) if task.env == name]
-            for i, verdict in zip(idx, env.verify_many([(pairs[i][0], pairs[i][1].text) for i in idx])):
-                verdicts[i] = verdict
+        groups = self.pool.generate([self.prompt_ids(t) for t in tasks], group_size, sampling)
+        generate_seconds += time.perf_counter() - started
+        active, completions = states, [c for group in groups for c in group]
+        for turn in range(1, self.cfg.max_turns + 1):
+            for state, c in zip(active, completions):
+                state.add_model_turn(c, parser)
+            active = [s for s in active if s.pending_calls]
+            if not active:
+                break
+            if turn == self.cfg.max_turns:
+                for s in active:
+                    s.finish_reason = "max_turns"
+                break
+            started = time.perf_counter()
+            with ThreadPoolExecutor(8) as threads:
+                results = list(threads.map(EpisodeState.call_tools, active))
+            for state, tool_messages in zip(active, results):
+                state.add_environment_turn(self.tokenizer, tool_messages)
+            tool_seconds += time.perf_counter() - started
+            full = [s for s in active if self.max_model_len is not None and len(s.ids) >= self.max_model_len]
+            for s in full:
+                s.finish_reason = "context_full"
+            active = [s for s in active if s not in full]
+            if not active:
+                break
+            started = time.perf_counter()
+            completions = [g[0] for g in self.pool.generate([s.ids for s in active], 1, sampling)]
+            generate_seconds += time.perf_counter() - started
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(8) as threads:
+            verdicts = list(threads.map(lambda s: s.episode.verify(s.items), states))
         rollouts = [
-            Rollout(task.id, task.env, self.prompt_ids(task), c.token_ids, c.logprobs, c.text, c.finish_reason,
-                    v.reward, v.reason, policy_version)
-            for (task, c), v in zip(pairs, verdicts)
+            Rollout(s.task.id, s.task.env, s.prompt_ids, s.completion_ids, s.mask, s.logprobs, s.text, s.finish_reason,
+                    v.reward, v.reason, policy_version, s.turns)
+            for s, v in zip(states, verdicts)
         ]
-        return RolloutBatch(rollouts, group_size, generated - started, time.perf_counter() - generated)
+        return RolloutBatch(rollouts, group_size, generate_seconds, time.perf_counter() - started, tool_seconds)

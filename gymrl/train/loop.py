@@ -75,7 +75,8 @@ class GRPOTrainer:
         loss_sum = clip_sum = kl_sum = gap_sum = 0.0
         for start in range(0, len(rollouts), mb):
             part = rollouts[start : start + mb]
-            ids, attn, mask = pad_batch([r.prompt_ids for r in part], [r.completion_ids for r in part], pad_id)
+            ids, attn, mask = pad_batch([r.prompt_ids for r in part], [r.completion_ids for r in part], pad_id,
+                                        [r.completion_mask for r in part])
             old = torch.zeros_like(mask)
             for i, r in enumerate(part):
                 begin = len(r.prompt_ids) - 1
@@ -165,6 +166,8 @@ def train(session: Session, progress=None) -> dict:
             "mean_completion_length": batch.num_tokens / len(rewards),
             "generate_seconds": batch.generate_seconds,
             "verify_seconds": batch.verify_seconds,
+            "tool_seconds": batch.tool_seconds,
+            "mean_turns": statistics.fmean(sum(t["role"] == "assistant" for t in r.turns) for r in batch.rollouts),
             "train_seconds": result.train_seconds,
             "push_seconds": push_seconds,
             "tokens_per_second": batch.num_tokens / max(batch.generate_seconds, 1e-9),

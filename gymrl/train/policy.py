@@ -4,9 +4,12 @@ import torch
 import torch.nn.functional as F
 
 
-def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+              masks: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and a ``completion_mask`` aligned with the
-    *shifted* targets (position t scores token t+1), so the mask covers exactly the completion tokens."""
+    *shifted* targets (position t scores token t+1), so the mask covers exactly the completion tokens
+    (only those marked 1 in ``masks``, when given: the environment's tokens in an episode are not the
+    policy's to learn)."""
     seqs = [p + c for p, c in zip(prompts, completions)]
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -15,7 +18,8 @@ def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: in
     for i, (p, s) in enumerate(zip(prompts, seqs)):
         input_ids[i, : len(s)] = torch.tensor(s)
         attention[i, : len(s)] = 1
-        completion_mask[i, len(p) - 1 : len(s) - 1] = 1.0
+        own = torch.tensor(masks[i], dtype=torch.float32) if masks is not None else 1.0
+        completion_mask[i, len(p) - 1 : len(s) - 1] = own
     return input_ids, attention, completion_mask
 
 
