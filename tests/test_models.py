@@ -76,6 +76,23 @@ def test_special_tokens_and_think_tags_survive_skip_special(tokenizer):
     assert tokenizer.decode(ids, skip_special_tokens=True) == "<think>1+2</think><answer>3</answer>"
 
 
+def test_tool_call_tags_are_atomic_only_when_the_corpus_has_tool_calls(tokenizer):
+    corpus = ["<tool_call>\n<function=f>\n</function>\n</tool_call> and <answer>1</answer>"] * 20
+    with_tools = build_tokenizer(corpus)
+    ids = with_tools("<tool_call>x</tool_call>", add_special_tokens=False)["input_ids"]
+    assert ids[0] == with_tools.convert_tokens_to_ids("<tool_call>") == 5 and ids[-1] == 6
+    assert with_tools.decode(ids, skip_special_tokens=True) == "<tool_call>x</tool_call>"  # kept, like <think>
+    assert len(with_tools) == 384
+    assert "<tool_call>" not in tokenizer.get_vocab()  # a corpus without tool calls: the tokenizer as before
+
+
+def test_chat_template_renders_tools_as_one_short_line(tokenizer):
+    tools = [{"type": "function", "function": {"name": "kv_set", "parameters": {"properties": {"key": {}, "value": {}}}}},
+             {"type": "function", "function": {"name": "now"}}]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=tools, tokenize=False)
+    assert text == "<|im_start|>system\nTools: kv_set(key, value) now()<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+
+
 def test_chat_template_matches_nemotron_format(tokenizer):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"}]
     base = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+3?<|im_end|>\n"

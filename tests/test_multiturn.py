@@ -2,6 +2,7 @@
 vLLM's parser, tool results appended through the chat template and masked out of the loss, every turn
 kept, and the trainer's logprobs lining up with the engine's across the environment's tokens."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,14 @@ def test_episodes_call_tools_over_several_turns(batch):
     named = [r.turns[0]["tool_calls"][0]["name"] in ("calculator", "kv_get", "kv_set") for r in multi]
     assert sum(named) >= 0.75 * len(multi), [r.turns[0] for r in multi]
     assert batch.tool_seconds > 0
-    # The warmed-up model solves some episodes end to end (it must use the tools to do so).
-    assert sum(r.reward for r in rollouts) >= 8, [(r.reason, r.turns) for r in rollouts[:4]]
+    # The model reads its task: most calculator calls carry the task's own expression, and the
+    # server's result comes back as the tool turn.
+    calc = [r for r in multi if r.task_id.startswith("calc-") and r.turns[0]["tool_calls"][0]["name"] == "calculator"]
+    exact = [r for r in calc if json.loads(r.turns[0]["tool_calls"][0]["arguments"]).get("expression") == r.task_id[5:]]
+    assert len(exact) >= len(calc) // 2 > 0, [r.turns[0] for r in calc]
+    for r in exact:
+        a, b = map(int, r.task_id[5:].split("*"))
+        assert json.loads(r.turns[1]["content"]) == {"result": a * b}
 
 
 def test_environment_tokens_are_masked_and_hold_the_tool_results(tool_session, batch):
