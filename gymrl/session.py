@@ -18,11 +18,13 @@ from gymrl.envs.base import Environment
 from gymrl.envs.client import EnvClient
 from gymrl.envs.launcher import REPO_ROOT, EnvServer
 from gymrl.envs.registry import load_environment
-from gymrl.models.checkpoint import load_policy
+from gymrl.models.checkpoint import inspect_checkpoint, load_policy
 from gymrl.models.tiny import build_tiny_model
 from gymrl.rollout.engine import EnginePool, start_engines
 from gymrl.rollout.runner import RolloutRunner, check_prompts_fit
 from gymrl.rollout.tool_calls import parser_class
+from gymrl.rollout.vllm_checks import (check_engine_args, check_mtp, check_speculative, reasoning_parser_class,
+                                      reasoning_plugin_path)
 
 
 class WarmupMix:
@@ -113,9 +115,19 @@ def start_session(cfg: RunConfig) -> Session:
     tasks = [t for env in envs.values() for split in ("train", "eval") for t in env.tasks(split)]
     if any(t.tools for t in tasks):
         parser_class(cfg.rollout.tool_call_parser)  # a bad parser name fails now, not after the model build
+    spec = cfg.engine.speculative_config
+    if spec is not None:
+        check_speculative(spec)
+    if cfg.engine.extra_args:
+        check_engine_args(cfg.engine.extra_args)
     model_path = resolve_model_path(cfg.model, list(envs.values()), [e.weight for e in cfg.envs])
+    if cfg.rollout.reasoning_parser is not None:
+        reasoning_parser_class(cfg.rollout.reasoning_parser, reasoning_plugin_path(cfg, model_path))
+    if spec is not None:
+        check_mtp(spec, inspect_checkpoint(model_path))
     policy, tokenizer = load_policy(model_path)
-    check_prompts_fit(tokenizer, tasks, cfg.sampling.max_tokens, cfg.engine.max_model_len)
+    check_prompts_fit(tokenizer, tasks, cfg.sampling.max_tokens, cfg.engine.max_model_len,
+                      cfg.rollout.chat_template_kwargs)
     servers = start_env_servers(cfg, envs, Path(cfg.run_dir) / "env_logs")
     try:
         init_ray(cfg)

@@ -6,7 +6,7 @@ each test in its own try/except and reports it on a line tagged with a random no
 tests and the solution reach that program on stdin, so none of them is in a file, argument or
 environment variable. A test counts only when its nonce-tagged "pass" line appears; a missing
 nonce-tagged "done" line means the run was cut short (exit, crash, limit), and the tests not reported
-count as failed.
+count as failed. The result's breakdown gives ``tests_passed`` and ``tests_total``.
 
 Defended (each has a test in tests/test_code_reward.py):
 
@@ -63,10 +63,11 @@ def score_code(response: str, tests: list[str] | str, *, entry_point: str | None
     """
     if mode not in ("fraction", "all"):
         raise ValueError(f"mode must be 'fraction' or 'all', not {mode!r}")
+    shown, prepared = _prepare_tests(tests, entry_point)
+    total = len(prepared)
     code = extract_code(response)
     if code is None:
-        return RewardResult(0.0, "no ```python block after the thinking part")
-    shown, prepared = _prepare_tests(tests, entry_point)
+        return RewardResult(0.0, "no ```python block after the thinking part", {"tests_passed": 0, "tests_total": total})
     nonce = secrets.token_hex(16)
     payload = json.dumps({"tests": prepared, "solution": code, "entry_point": entry_point})
     result = run_sandboxed(_RUNNER, stdin=f"{nonce}\n{payload}", limits=limits or SandboxLimits())
@@ -79,11 +80,11 @@ def score_code(response: str, tests: list[str] | str, *, entry_point: str | None
             setup_error = detail
         elif key.isdigit() and int(key) < len(prepared):
             outcomes.setdefault(int(key), (status, detail))
-    total = len(prepared)
     passed = sum(status == "pass" for status, _ in outcomes.values())
     reward = passed / total if mode == "fraction" else float(passed == total and done)
+    breakdown = {"tests_passed": passed, "tests_total": total}
     if passed == total and done:
-        return RewardResult(reward, f"{total}/{total} tests passed")
+        return RewardResult(reward, f"{total}/{total} tests passed", breakdown)
 
     problems = [f"the solution raised {setup_error}"] if setup_error else []
     first_bad = next(i for i in range(total) if outcomes.get(i, ("missing",))[0] != "pass") if passed < total else None
@@ -93,7 +94,7 @@ def score_code(response: str, tests: list[str] | str, *, entry_point: str | None
         why = result.killed_reason or f"exit code {result.exit_code}"
         where = f" before test {first_bad + 1} reported" if first_bad is not None and first_bad not in outcomes else ""
         problems.append(f"run cut short{where} ({why})")
-    return RewardResult(reward, f"{passed}/{total} tests passed; " + "; ".join(problems))
+    return RewardResult(reward, f"{passed}/{total} tests passed; " + "; ".join(problems), breakdown)
 
 
 class _GuardEquality(ast.NodeTransformer):

@@ -12,7 +12,9 @@ Partial credit (``partial_credit=True``): a response that fails the format check
 given still earns 0. Otherwise the reward is the fraction of the puzzle's blank cells that are
 *good*: a blank cell is good when the answer puts a value in 1..size there and no other cell of its
 row, column or box (givens included) holds the same value. A complete valid grid has every blank
-cell good, so it earns exactly 1.0; nothing else does (given a conflict-free puzzle).
+cell good, so it earns exactly 1.0; nothing else does (given a conflict-free puzzle). Whenever the
+answer parses as a grid, the result's breakdown gives ``cells_good`` and ``cells_total`` (the blank
+cells), with partial credit on or off, so traces show how close a wrong grid came.
 
 Adversarial cases: several answer tags (hedging) earn 0; full-width or other non-ASCII digits are
 not digits of the format (0, "not a 4x4 grid"); a giant output is handled in linear time (tags are
@@ -183,12 +185,14 @@ def score_sudoku(response: str, puzzle: str, size: int, partial_credit: bool = F
         return RewardResult(0.0, why)
     violation = _first_violation(grid, givens, size)
     if not violation:
-        return RewardResult(1.0, "solved")
-    if not partial_credit or violation.startswith("given at"):
-        return RewardResult(0.0, violation)
+        blanks = sum(v == 0 for row in givens for v in row)
+        return RewardResult(1.0, "solved", {"cells_good": blanks, "cells_total": blanks})
     good, total = _good_blank_cells(grid, givens, size)
+    breakdown = {"cells_good": good, "cells_total": total}  # shown with or without partial credit
+    if not partial_credit or violation.startswith("given at"):
+        return RewardResult(0.0, violation, breakdown)
     reward = good / total if total else 0.0
-    return RewardResult(reward, f"partial: {good}/{total} blank cells good; {violation}")
+    return RewardResult(reward, f"partial: {good}/{total} blank cells good; {violation}", breakdown)
 
 
 # --- solver and generator ------------------------------------------------------------------------

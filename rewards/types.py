@@ -1,6 +1,6 @@
 """The one result type every reward function returns."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -9,3 +9,4 @@ class RewardResult:
 
     reward: float
     reason: str
+    breakdown: dict[str, float] = field(default_factory=dict)  # parts of the score, e.g. tests passed

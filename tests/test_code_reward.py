@@ -36,6 +36,9 @@ def test_partly_right_solution_scores_the_fraction_or_zero_in_all_mode():
     code = "def add_one(x):\n    return 0 if x == -1 else 2"
     r = score(code)
     assert r.reward == pytest.approx(2 / 3) and "test 3 failed" in r.reason and "2 != 42" in r.reason
+    assert r.breakdown == {"tests_passed": 2, "tests_total": 3}
+    assert score("def add_one(x):\n    return x + 1").breakdown == {"tests_passed": 3, "tests_total": 3}
+    assert score_code("no code", TESTS, limits=FAST).breakdown == {"tests_passed": 0, "tests_total": 3}
     r = score(code, mode="all")
     assert r.reward == 0.0 and r.reason.startswith("2/3 tests passed")
 

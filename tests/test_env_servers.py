@@ -33,6 +33,23 @@ def test_verify_through_the_real_server(arithmetic_server):
     env.close()
 
 
+def test_reward_breakdown_arrives_through_the_real_server():
+    env = load_environment("sudoku", {"partial_credit": True})
+    task = env.tasks("eval")[0]
+    blanks = float(task.row["puzzle"].count("0"))
+    cells = list(task.row["solution"])
+    cells[task.row["puzzle"].index("0")] = "0"  # one blank cell left empty: the others are good
+    grid = ["".join(cells[i : i + 4]) for i in range(0, 16, 4)]
+    with EnvServer("sudoku") as server:
+        env.attach(EnvClient("sudoku", server.url))
+        solved = env.verify(task, env.gold_response(task))
+        partial = env.verify(task, "<answer>" + "\n".join(grid) + "</answer>")
+        env.close()
+    assert solved.breakdown == {"cells_good": blanks, "cells_total": blanks}
+    assert partial.breakdown == {"cells_good": blanks - 1, "cells_total": blanks}
+    assert partial.reward == (blanks - 1) / blanks
+
+
 def test_malformed_request_is_a_clear_error_not_a_retry(arithmetic_server):
     client = EnvClient("arithmetic", arithmetic_server.url)
     with pytest.raises(EnvServerError, match=r"/verify: 422"):

@@ -48,6 +48,8 @@ def test_run_writes_metrics_plot_summary_and_checkpoint(short_run):
     assert max(r["logprob_gap"] for r in steps) < 1e-4
     assert [r["step"] for r in rows if "eval_reward" in r] == [0, 5, 10, 15]
     assert (run_dir / "reward_curve.png").stat().st_size > 1000
+    assert (run_dir / "length_curve.png").stat().st_size > 1000
+    assert all(r["completion_length/arithmetic"] == pytest.approx(r["mean_completion_length"]) for r in steps)
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     model, tokenizer = load_policy(run_dir / "checkpoint")
     assert model.config.architectures == ["Qwen2ForCausalLM"] and tokenizer.eos_token == "<|im_end|>"

@@ -238,6 +238,11 @@ def test_partial_credit_values():
     # r1c3 and r1c4 swapped: r1c3=4 clashes with the blank r3c3=4, r1c4=3 with the given r3c4=3.
     r = score_sudoku(answer("1243" "3412" "2143" "4321"), PUZZLE4, 4, partial_credit=True)
     assert r.reward == pytest.approx(5 / 8) and r.reason == "partial: 5/8 blank cells good; column 3 has two 4s"
+    assert r.breakdown == {"cells_good": 5, "cells_total": 8}
+    # The breakdown comes with every grid that parses: solved, and wrong without partial credit.
+    assert score_sudoku(answer(SOLUTION4), PUZZLE4, 4).breakdown == {"cells_good": 8, "cells_total": 8}
+    assert score_sudoku(answer("1243" "3412" "2143" "4321"), PUZZLE4, 4).breakdown == {"cells_good": 5, "cells_total": 8}
+    assert score_sudoku("<answer>12</answer>", PUZZLE4, 4).breakdown == {}
     # Row 1 = 1,2,1,1: the three blank cells holding a 1 are bad (the givens are never counted).
     r = score_sudoku(answer("1211" "3412" "2143" "4321"), PUZZLE4, 4, partial_credit=True)
     assert r.reward == pytest.approx(5 / 8) and "row 1 has three 1s" in r.reason

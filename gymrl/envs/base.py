@@ -101,7 +101,8 @@ class Environment:
     def verify(self, task: Task, output: str | list[dict[str, Any]], cookies: Cookies | None = None) -> RewardResult:
         """Score a response text, or an episode's Responses-API output items (with its session cookies)."""
         reply = self.client.verify(task.row, output, cookies)
-        return RewardResult(float(reply["reward"]), str(reply.get("reason", "")))
+        breakdown = {k: float(v) for k, v in (reply.get("breakdown") or {}).items() if isinstance(v, (int, float))}
+        return RewardResult(float(reply["reward"]), str(reply.get("reason", "")), breakdown)
 
     def verify_many(self, pairs: list[tuple[Task, str]], workers: int = 8) -> list[RewardResult]:
         with ThreadPoolExecutor(workers) as pool:

@@ -29,6 +29,7 @@ class RowVerifyRequest(BaseVerifyRequest):
 class TextVerifyResponse(BaseVerifyResponse):
     model_config = ConfigDict(extra="allow")
     reason: str
+    breakdown: dict[str, float] = {}
 
 
 def response_text(body: BaseVerifyRequest) -> str:
@@ -61,4 +62,5 @@ class TextVerifyServer(SimpleResourcesServer):
             result = self.score(row, response_text(body))
         except Exception as err:  # a verifier bug must not take the server down; it scores 0 with the reason
             result = RewardResult(0.0, f"verifier error: {type(err).__name__}: {err}")
-        return TextVerifyResponse(**body.model_dump(), reward=result.reward, reason=result.reason)
+        return TextVerifyResponse(**body.model_dump(), reward=result.reward, reason=result.reason,
+                                  breakdown=result.breakdown)

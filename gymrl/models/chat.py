@@ -28,15 +28,18 @@ def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | Non
     return converted
 
 
-def render_prompt(tokenizer, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> list[int]:
-    """Prompt ids: ``messages`` (and the tools, if any) through the chat template, assistant turn opened."""
+def render_prompt(tokenizer, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+                  template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Prompt ids: ``messages`` (and the tools, if any) through the chat template, assistant turn opened.
+    ``template_kwargs`` are the template's own variables (Nemotron-3: ``enable_thinking``, ``low_effort``)."""
     return list(tokenizer.apply_chat_template(messages, tools=chat_tools(tools), add_generation_prompt=True,
-                                              tokenize=True, return_dict=False))
+                                              tokenize=True, return_dict=False, **(template_kwargs or {})))
 
 
-def _render_text(tokenizer, messages: list[Message], tools, generation_prompt: bool) -> str:
+def _render_text(tokenizer, messages: list[Message], tools, generation_prompt: bool,
+                 template_kwargs: dict[str, Any] | None = None) -> str:
     return tokenizer.apply_chat_template(messages, tools=chat_tools(tools), add_generation_prompt=generation_prompt,
-                                         tokenize=False)
+                                         tokenize=False, **(template_kwargs or {}))
 
 
 class TemplateError(ValueError):
@@ -44,12 +47,13 @@ class TemplateError(ValueError):
 
 
 def environment_turn_ids(tokenizer, history: list[Message], tool_messages: list[Message],
-                         tools: list[dict[str, Any]] | None = None) -> list[int]:
+                         tools: list[dict[str, Any]] | None = None,
+                         template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """Token ids the environment adds after the last assistant turn of ``history`` (which ends with the
     model's end-of-turn token): the template's text from there, through ``tool_messages``, to the
     opening of the next assistant turn."""
-    before = _render_text(tokenizer, history, tools, generation_prompt=False)
-    after = _render_text(tokenizer, history + tool_messages, tools, generation_prompt=True)
+    before = _render_text(tokenizer, history, tools, False, template_kwargs)
+    after = _render_text(tokenizer, history + tool_messages, tools, True, template_kwargs)
     if not after.startswith(before):
         raise TemplateError("the chat template renders earlier turns differently once tool messages follow; "
                             "multi-turn rollouts need a prefix-stable template")

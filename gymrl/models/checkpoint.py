@@ -3,9 +3,13 @@
 The same code loads the built tiny model and real HF checkpoints; nothing is downloaded.
 """
 
+import json
+import math
 import os
 import shutil
+import struct
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,3 +50,62 @@ def save_policy(model, tokenizer, path: str | Path) -> Path:
         if old is not None and old.exists() and path.exists():
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+# Fields in which HF configs give their number of MTP (next-token prediction) layers; vLLM's speculative
+# config reads the same ones (num_nextn_predict_layers: DeepSeek-V3, Nemotron-H; mtp_num_hidden_layers: Qwen3.5).
+MTP_FIELDS = ("num_nextn_predict_layers", "mtp_num_hidden_layers")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint folder says about itself without loading a weight: its config.json and the
+    headers of its safetensors files."""
+
+    path: Path
+    architectures: list[str]
+    model_type: str
+    mtp_layers: int  # 0 when the config names none
+    mtp_field: str | None  # the config field that gave mtp_layers
+    num_parameters: int | None  # from the safetensors headers; None without safetensors files
+    weight_bytes: int | None
+    weight_dtypes: list[str]
+    has_tokenizer: bool
+
+
+def mtp_layers(config: dict) -> tuple[int, str | None]:
+    """(MTP layers, the field that says so) of an HF config dict, its text_config included."""
+    for section in (config, config.get("text_config") or {}):
+        for name in MTP_FIELDS:
+            if isinstance(section.get(name), int) and section[name] > 0:
+                return section[name], name
+    return 0, None
+
+
+def _safetensors_header(path: Path) -> dict:
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size))
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Read ``config.json`` and the safetensors headers (a few KB each); FileNotFoundError without a config."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"model.path: no HF checkpoint (config.json) at '{path}'")
+    config = json.loads(config_file.read_text())
+    params = nbytes = 0
+    dtypes: set[str] = set()
+    files = sorted(path.glob("*.safetensors"))
+    for file in files:
+        for name, entry in _safetensors_header(file).items():
+            if name == "__metadata__":
+                continue
+            params += math.prod(entry["shape"])
+            nbytes += entry["data_offsets"][1] - entry["data_offsets"][0]
+            dtypes.add(entry["dtype"])
+    layers, field = mtp_layers(config)
+    tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    return CheckpointInfo(path, list(config.get("architectures") or []), str(config.get("model_type", "?")), layers,
+                          field, params if files else None, nbytes if files else None, sorted(dtypes), tokenizer)

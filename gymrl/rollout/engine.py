@@ -15,6 +15,7 @@ import ray
 from gymrl.config import EngineConfig, SamplingConfig
 
 WORKER_EXTENSION = "gymrl.rollout.weight_sync.WeightSyncExtension"
+Sampling = SamplingConfig | list[SamplingConfig]  # one for every prompt, or one per prompt
 
 
 class PromptTooLongError(ValueError):
@@ -27,31 +28,47 @@ class Completion:
     logprobs: list[float]
     text: str
     finish_reason: str
+    engine_id: int = 0
+
+
+def engine_kwargs(model_path: str, cfg: EngineConfig, seed: int, engine_id: int = 0) -> dict:
+    """The arguments of ``vllm.LLM`` for one engine (``gymrl train --dry-run`` prints them)."""
+    kwargs = dict(
+        model=model_path,
+        dtype=cfg.dtype,
+        max_model_len=cfg.max_model_len,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        enforce_eager=cfg.enforce_eager,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        seed=seed + engine_id,
+        worker_extension_cls=WORKER_EXTENSION,
+        # Behaviour logprobs after temperature, to match the trainer's log_softmax(logits / T).
+        logprobs_mode="processed_logprobs",
+        **cfg.extra_args,
+    )
+    if cfg.speculative_config is not None:
+        kwargs["speculative_config"] = cfg.speculative_config.model_dump()
+    return kwargs
+
+
+def actor_resources(cfg: EngineConfig) -> dict[str, float]:
+    """Ray resources of one engine actor: its CPUs, and on cuda one GPU per tensor-parallel rank."""
+    return {"num_cpus": cfg.cpus_per_engine, "num_gpus": cfg.tensor_parallel_size if cfg.device == "cuda" else 0}
 
 
 class RolloutEngine:
     """One vLLM engine. Run it as a Ray actor with :func:`start_engines`."""
 
     def __init__(self, model_path: str, cfg: EngineConfig, seed: int, engine_id: int = 0):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
+        if cfg.device == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
         from vllm import LLM
 
         self.engine_id = engine_id
         self.max_model_len = cfg.max_model_len
         self.policy_version = 0
         started = time.perf_counter()
-        self.llm = LLM(
-            model=model_path,
-            dtype=cfg.dtype,
-            max_model_len=cfg.max_model_len,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            enforce_eager=cfg.enforce_eager,
-            seed=seed + engine_id,
-            worker_extension_cls=WORKER_EXTENSION,
-            # Behaviour logprobs after temperature, to match the trainer's log_softmax(logits / T).
-            logprobs_mode="processed_logprobs",
-            **cfg.extra_args,
-        )
+        self.llm = LLM(**engine_kwargs(model_path, cfg, seed, engine_id))
         self.load_seconds = time.perf_counter() - started
 
     def ready(self) -> dict:
@@ -65,24 +82,25 @@ class RolloutEngine:
                     f"engine.max_model_len={self.max_model_len}"
                 )
 
-    def _sample(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list:
+    def _sample(self, prompts: list[list[int]], n: int, sampling: Sampling) -> list:
         from vllm import SamplingParams, TokensPrompt
 
         self._check_lengths(prompts, 1)
+        per_prompt = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         # A later turn of an episode may have less room left than max_tokens: it gets what is left.
         params = [
             SamplingParams(
                 n=n,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                max_tokens=min(sampling.max_tokens, self.max_model_len - len(p)),
+                temperature=s.temperature,
+                top_p=s.top_p,
+                max_tokens=min(s.max_tokens, self.max_model_len - len(p)),
                 logprobs=0,  # 0 = only the sampled token's logprob
             )
-            for p in prompts
+            for p, s in zip(prompts, per_prompt)
         ]
         return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
 
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], n: int, sampling: Sampling) -> list[list[Completion]]:
         """``n`` completions for each tokenised prompt, with the sampled tokens' logprobs."""
         groups = []
         for out in self._sample(prompts, n, sampling):
@@ -90,11 +108,11 @@ class RolloutEngine:
             for c in out.outputs:
                 ids = list(c.token_ids)
                 lps = [step[tok].logprob for tok, step in zip(ids, c.logprobs)]
-                group.append(Completion(ids, lps, c.text, c.finish_reason or "length"))
+                group.append(Completion(ids, lps, c.text, c.finish_reason or "length", self.engine_id))
             groups.append(group)
         return groups
 
-    def timed_generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> tuple[int, float]:
+    def timed_generate(self, prompts: list[list[int]], n: int, sampling: Sampling) -> tuple[int, float]:
         """(completion tokens, seconds) of vLLM's own generate call: the raw baseline for benchmarks."""
         started = time.perf_counter()
         outputs = self._sample(prompts, n, sampling)
@@ -127,8 +145,10 @@ class RolloutEngine:
 
 def start_engines(model_path: str, cfg: EngineConfig, seed: int) -> list:
     """Start ``cfg.num_engines`` engine actors and wait until each has loaded its model."""
-    actor_cls = ray.remote(num_cpus=cfg.cpus_per_engine)(RolloutEngine)
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib), "TOKENIZERS_PARALLELISM": "false"}
+    actor_cls = ray.remote(**actor_resources(cfg))(RolloutEngine)
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if cfg.device == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
     actors = [
         actor_cls.options(runtime_env={"env_vars": env}).remote(model_path, cfg, seed, i)
         for i in range(cfg.num_engines)
@@ -143,10 +163,12 @@ class EnginePool:
     def __init__(self, actors: list):
         self.actors = actors
 
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], n: int, sampling: Sampling) -> list[list[Completion]]:
+        """``sampling``: one for all prompts, or a list with one per prompt."""
         shards = [(a, list(range(i, len(prompts), len(self.actors)))) for i, a in enumerate(self.actors)]
         shards = [(actor, shard) for actor, shard in shards if shard]
-        futures = [actor.generate.remote([prompts[j] for j in shard], n, sampling) for actor, shard in shards]
+        pick = (lambda shard: [sampling[j] for j in shard]) if isinstance(sampling, list) else (lambda shard: sampling)
+        futures = [actor.generate.remote([prompts[j] for j in shard], n, pick(shard)) for actor, shard in shards]
         results: list[list[Completion]] = [[] for _ in prompts]
         for (_, shard), groups in zip(shards, ray.get(futures)):
             for j, group in zip(shard, groups):

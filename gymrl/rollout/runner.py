@@ -36,7 +36,10 @@ class Rollout:
     reward: float
     reason: str
     policy_version: int
+    engine_id: int = 0  # the engine that sampled its first turn
+    breakdown: dict[str, float] = field(default_factory=dict)
     turns: list[dict[str, Any]] = field(default_factory=list)  # chat messages after the prompt, for traces
+    temperature: float = 1.0  # sampled at (tool tasks: sampling.tool_temperature); the trainer scores at it too
 
     @property
     def num_model_tokens(self) -> int:
@@ -57,15 +60,16 @@ class RolloutBatch:
         return sum(r.num_model_tokens for r in self.rollouts)
 
 
-def encode_prompt(tokenizer, task: Task) -> list[int]:
+def encode_prompt(tokenizer, task: Task, template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """Prompt token ids: the task's messages (and tools) through the model's chat template."""
-    return render_prompt(tokenizer, task.messages, task.tools)
+    return render_prompt(tokenizer, task.messages, task.tools, template_kwargs)
 
 
-def check_prompts_fit(tokenizer, tasks: list[Task], max_tokens: int, max_model_len: int) -> None:
+def check_prompts_fit(tokenizer, tasks: list[Task], max_tokens: int, max_model_len: int,
+                      template_kwargs: dict[str, Any] | None = None) -> None:
     """Fail before any engine starts if a task's prompt leaves no room for ``max_tokens``."""
     for task in tasks:
-        n = len(encode_prompt(tokenizer, task))
+        n = len(encode_prompt(tokenizer, task, template_kwargs))
         if n + max_tokens > max_model_len:
             raise PromptTooLongError(
                 f"task '{task.id}' of env '{task.env}': prompt has {n} tokens; with sampling.max_tokens={max_tokens} "
@@ -76,8 +80,9 @@ def check_prompts_fit(tokenizer, tasks: list[Task], max_tokens: int, max_model_l
 class EpisodeState:
     """A rollout being built: the token sequence so far, the chat history and the verify items."""
 
-    def __init__(self, task: Task, prompt_ids: list[int], episode: Episode):
+    def __init__(self, task: Task, prompt_ids: list[int], episode: Episode, sampling: SamplingConfig | None = None):
         self.task, self.prompt_ids, self.episode = task, prompt_ids, episode
+        self.sampling = sampling  # every turn of the episode samples with it
         self.completion_ids: list[int] = []
         self.mask: list[int] = []
         self.logprobs: list[float] = []
@@ -86,6 +91,7 @@ class EpisodeState:
         self.pending_calls: list = []
         self.text = ""
         self.finish_reason = "stop"
+        self.engine_id: int | None = None
 
     @property
     def ids(self) -> list[int]:
@@ -96,6 +102,8 @@ class EpisodeState:
         self.mask += [1] * len(c.token_ids)
         self.logprobs += c.logprobs
         self.text, self.finish_reason = c.text, c.finish_reason
+        if self.engine_id is None:
+            self.engine_id = c.engine_id
         self.turns.append({"role": "assistant", "content": c.text})
         parsed = parser.parse(c.text, self.task.tools) if parser is not None and self.task.tools else None
         self.pending_calls = parsed.tool_calls if parsed is not None and c.finish_reason == "stop" else []
@@ -117,9 +125,11 @@ class EpisodeState:
         self.pending_calls = []
         return tool_messages
 
-    def add_environment_turn(self, tokenizer, tool_messages: list[dict[str, Any]]) -> None:
+    def add_environment_turn(self, tokenizer, tool_messages: list[dict[str, Any]],
+                             template_kwargs: dict[str, Any] | None = None) -> None:
         """Append the tool results through the chat template: tokens the policy does not train on."""
-        env_ids = environment_turn_ids(tokenizer, self.task.messages + self.turns, tool_messages, self.task.tools)
+        env_ids = environment_turn_ids(tokenizer, self.task.messages + self.turns, tool_messages, self.task.tools,
+                                       template_kwargs)
         self.turns += tool_messages
         self.completion_ids += env_ids
         self.mask += [0] * len(env_ids)
@@ -159,18 +169,24 @@ class RolloutRunner:
         key = (task.env, task.id)
         ids = self._prompt_cache.get(key)
         if ids is None:
-            ids = self._prompt_cache[key] = encode_prompt(self.tokenizer, task)
+            ids = self._prompt_cache[key] = encode_prompt(self.tokenizer, task, self.cfg.chat_template_kwargs)
         return ids
 
     def run(self, tasks: list[Task], group_size: int, sampling: SamplingConfig, policy_version: int) -> RolloutBatch:
+        """``sampling`` for tasks without tools; tasks with tools get ``sampling.for_tools()`` on every turn."""
         parser = self.parser if any(t.tools for t in tasks) else None
+        tool_sampling = sampling.for_tools()
+
+        def sampling_of(task: Task) -> SamplingConfig:
+            return tool_sampling if task.tools else sampling
+
         with ThreadPoolExecutor(8) as threads:
             episodes = list(threads.map(lambda t: self.envs[t.env].open_episode(t), [t for t in tasks for _ in range(group_size)]))
-        states = [EpisodeState(e.task, self.prompt_ids(e.task), e) for e in episodes]
+        states = [EpisodeState(e.task, self.prompt_ids(e.task), e, sampling_of(e.task)) for e in episodes]
         generate_seconds = tool_seconds = 0.0
 
         started = time.perf_counter()
-        groups = self.pool.generate([self.prompt_ids(t) for t in tasks], group_size, sampling)
+        groups = self.pool.generate([self.prompt_ids(t) for t in tasks], group_size, [sampling_of(t) for t in tasks])
         generate_seconds += time.perf_counter() - started
         active, completions = states, [c for group in groups for c in group]
         for turn in range(1, self.cfg.max_turns + 1):
@@ -187,7 +203,7 @@ class RolloutRunner:
             with ThreadPoolExecutor(8) as threads:
                 results = list(threads.map(EpisodeState.call_tools, active))
             for state, tool_messages in zip(active, results):
-                state.add_environment_turn(self.tokenizer, tool_messages)
+                state.add_environment_turn(self.tokenizer, tool_messages, self.cfg.chat_template_kwargs)
             tool_seconds += time.perf_counter() - started
             full = [s for s in active if self.max_model_len is not None and len(s.ids) >= self.max_model_len]
             for s in full:
@@ -196,7 +212,7 @@ class RolloutRunner:
             if not active:
                 break
             started = time.perf_counter()
-            completions = [g[0] for g in self.pool.generate([s.ids for s in active], 1, sampling)]
+            completions = [g[0] for g in self.pool.generate([s.ids for s in active], 1, [s.sampling for s in active])]
             generate_seconds += time.perf_counter() - started
 
         started = time.perf_counter()
@@ -204,7 +220,7 @@ class RolloutRunner:
             verdicts = list(threads.map(lambda s: s.episode.verify(s.items), states))
         rollouts = [
             Rollout(s.task.id, s.task.env, s.prompt_ids, s.completion_ids, s.mask, s.logprobs, s.text, s.finish_reason,
-                    v.reward, v.reason, policy_version, s.turns)
+                    v.reward, v.reason, policy_version, s.engine_id or 0, v.breakdown, s.turns, s.sampling.temperature)
             for s, v in zip(states, verdicts)
         ]
         return RolloutBatch(rollouts, group_size, generate_seconds, time.perf_counter() - started, tool_seconds)

@@ -23,7 +23,8 @@ from gymrl.rollout.runner import RolloutBatch
 from gymrl.rollout.weight_sync import pack_state_dict
 from gymrl.session import Session
 from gymrl.train.grpo import GRPOLossConfig, group_advantages, grpo_loss
-from gymrl.train.metrics import MetricsLog, plot_rewards
+from gymrl.train.metrics import MetricsLog, plot_lengths, plot_rewards
+from gymrl.traces.store import TRACE_FILE, TraceWriter, run_metadata
 from gymrl.train.policy import pad_batch, token_logprobs
 
 @dataclass
@@ -57,11 +58,11 @@ class GRPOTrainer:
         )
         self.version = 0
 
-    def evaluate(self, tasks: list[Task]) -> dict[str, float]:
-        """Mean reward of greedy answers on held-out tasks: overall and per environment."""
+    def evaluate(self, tasks: list[Task]) -> tuple[dict[str, float], RolloutBatch]:
+        """Mean reward of greedy answers on held-out tasks, overall and per environment, and the rollouts."""
         greedy = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=self.cfg.sampling.max_tokens)
         batch = self.s.runner.run(tasks, 1, greedy, self.version)
-        return {"eval_reward": statistics.fmean(r.reward for r in batch.rollouts)} | per_env(batch, "eval_reward")
+        return {"eval_reward": statistics.fmean(r.reward for r in batch.rollouts)} | per_env(batch, "eval_reward"), batch
 
     def step(self, batch: RolloutBatch) -> StepResult:
         started = time.perf_counter()
@@ -81,11 +82,12 @@ class GRPOTrainer:
             for i, r in enumerate(part):
                 begin = len(r.prompt_ids) - 1
                 old[i, begin : begin + len(r.logprobs)] = torch.tensor(r.logprobs)
-            logps = token_logprobs(self.policy, ids, attn, self.cfg.sampling.temperature)
+            temperature = torch.tensor([r.temperature for r in part])  # tool tasks may sample at their own
+            logps = token_logprobs(self.policy, ids, attn, temperature)
             ref = None
             if self.reference is not None:
                 with torch.no_grad():
-                    ref = token_logprobs(self.reference, ids, attn, self.cfg.sampling.temperature)
+                    ref = token_logprobs(self.reference, ids, attn, temperature)
             loss, stats = grpo_loss(logps, old, advantages[start : start + mb], mask, self.loss_cfg, ref_logps=ref)
             # Weight each micro-batch so the accumulated gradient equals the full-batch loss's.
             tokens = float(mask.sum())
@@ -106,12 +108,12 @@ class GRPOTrainer:
         return self.s.pool.push_weights(pack_state_dict(self.policy.state_dict()), self.version)
 
 
-def per_env(batch: RolloutBatch, key: str) -> dict[str, float]:
-    """``{key}/{env}``: mean reward of each environment present in the batch."""
+def per_env(batch: RolloutBatch, key: str, value=lambda r: r.reward) -> dict[str, float]:
+    """``{key}/{env}``: the mean of ``value`` (the reward by default) over each environment's rollouts."""
     by_env: dict[str, list[float]] = {}
     for r in batch.rollouts:
-        by_env.setdefault(r.env, []).append(r.reward)
-    return {f"{key}/{env}": statistics.fmean(rewards) for env, rewards in sorted(by_env.items())}
+        by_env.setdefault(r.env, []).append(value(r))
+    return {f"{key}/{env}": statistics.fmean(values) for env, values in sorted(by_env.items())}
 
 
 class TaskSampler:
@@ -143,13 +145,16 @@ def train(session: Session, progress=None) -> dict:
     sampler = TaskSampler(session, cfg.seed)
     trainer = GRPOTrainer(session)
     log = MetricsLog(run_dir / "metrics.jsonl")
+    traces = TraceWriter(run_dir / TRACE_FILE, run_metadata(json.loads(cfg.model_dump_json())))
     started = time.perf_counter()
-    initial = trainer.evaluate(eval_tasks)
+    initial, eval_batch = trainer.evaluate(eval_tasks)
+    traces.write_batch(eval_batch, eval_tasks, 0, "eval")
     log.write({"step": 0, "policy_version": 0} | initial)
     evaluation = initial
     for step in range(1, cfg.train.steps + 1):
         tasks = sampler.sample(cfg.train.prompts_per_step)
         batch = session.runner.run(tasks, cfg.train.group_size, cfg.sampling, trainer.version)
+        traces.write_batch(batch, tasks, step, "train")
         result = trainer.step(batch)
         push_seconds = trainer.push_weights()
         rewards = [r.reward for r in batch.rollouts]
@@ -171,13 +176,15 @@ def train(session: Session, progress=None) -> dict:
             "train_seconds": result.train_seconds,
             "push_seconds": push_seconds,
             "tokens_per_second": batch.num_tokens / max(batch.generate_seconds, 1e-9),
-        } | per_env(batch, "reward")
+        } | per_env(batch, "reward") | per_env(batch, "completion_length", lambda r: r.num_model_tokens)
         if step % cfg.eval.every == 0 or step == cfg.train.steps:
-            evaluation = trainer.evaluate(eval_tasks)
+            evaluation, eval_batch = trainer.evaluate(eval_tasks)
+            traces.write_batch(eval_batch, eval_tasks, step, "eval")
             record |= evaluation
         log.write(record)
         if progress is not None:
             progress(step, record, evaluation["eval_reward"])
+    traces.close()
     save_policy(trainer.policy, session.tokenizer, run_dir / "checkpoint")
     summary = {
         "steps": cfg.train.steps,
@@ -192,4 +199,5 @@ def train(session: Session, progress=None) -> dict:
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_rewards(log.path, run_dir / "reward_curve.png")
+    plot_lengths(log.path, run_dir / "length_curve.png")
     return summary

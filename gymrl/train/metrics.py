@@ -19,29 +19,72 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows written so far; a torn last line (a run killed mid-write, or one being written) is skipped."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in lines[:-1]]
+    if lines:
+        try:
+            rows.append(json.loads(lines[-1]))
+        except json.JSONDecodeError:
+            pass
+    return rows
 
 
-def plot_rewards(metrics_path: Path, out: Path) -> None:
-    """Training reward per step and held-out greedy reward at each evaluation, as a PNG."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _envs(rows: list[dict], prefix: str) -> list[str]:
+    return sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith(prefix + "/")})
+
+
+def _series(rows: list[dict], key: str) -> tuple[list, list]:
+    points = [(r["step"], r[key]) for r in rows if key in r]
+    return ([p[0] for p in points], [p[1] for p in points])
+
+
+def plot_rewards(metrics_path: Path, out: Path) -> None:
+    """Training reward per step and held-out greedy reward at each evaluation, as a PNG; with several
+    environments, one more panel per environment with its own two curves."""
+    plt = _pyplot()
     rows = read_metrics(metrics_path)
-    train = [(r["step"], r["reward_mean"]) for r in rows if "reward_mean" in r]
-    eval_keys = sorted({k for r in rows for k in r if k.startswith("eval_reward/")})
+    envs = sorted(set(_envs(rows, "reward")) | set(_envs(rows, "eval_reward")))
+    panels = [("all environments", "reward_mean", "eval_reward")]
+    if len(envs) > 1:
+        panels += [(env, f"reward/{env}", f"eval_reward/{env}") for env in envs]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 if len(panels) == 1 else 4.5 * len(panels), 4), squeeze=False)
+    for ax, (title, train_key, eval_key) in zip(axes[0], panels):
+        ax.plot(*_series(rows, train_key), label="train reward (sampled)", alpha=0.7)
+        ax.plot(*_series(rows, eval_key), "o-", label="held-out reward (greedy)", markersize=4)
+        ax.set_title(title if len(panels) > 1 else "reward")
+        ax.set_xlabel("step")
+        ax.set_ylabel("reward")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_lengths(metrics_path: Path, out: Path) -> None:
+    """Mean completion length (the model's tokens) per training step, and per environment when there
+    are several, as a PNG."""
+    plt = _pyplot()
+    rows = read_metrics(metrics_path)
+    envs = _envs(rows, "completion_length")
     fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train reward (sampled)", alpha=0.7)
-    for key in ["eval_reward"] + (eval_keys if len(eval_keys) > 1 else []):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        label = "held-out reward (greedy)" if key == "eval_reward" else f"held-out {key.split('/', 1)[1]}"
-        ax.plot(*zip(*points), "o-", label=label, markersize=4)
+    ax.plot(*_series(rows, "mean_completion_length"), label="all environments" if len(envs) > 1 else "mean")
+    for env in envs if len(envs) > 1 else []:
+        ax.plot(*_series(rows, f"completion_length/{env}"), label=env, alpha=0.8)
     ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylabel("completion tokens (mean)")
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

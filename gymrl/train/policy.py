@@ -23,9 +23,13 @@ def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: in
     return input_ids, attention, completion_mask
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """logprob of token t+1 given tokens <= t, for every position: shape [B, T-1]."""
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """logprob of token t+1 given tokens <= t, for every position: shape [B, T-1]. ``temperature`` is one
+    for the batch or one per row (shape [B]): each sequence is scored at the temperature it was sampled with."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    if temperature != 1.0:
+    if isinstance(temperature, torch.Tensor):
+        logits = logits / temperature.to(logits).view(-1, 1, 1)
+    elif temperature != 1.0:
         logits = logits / temperature
     return torch.gather(F.log_softmax(logits, dim=-1), 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,279 @@
+"""``gymrl train --dry-run``: a run config checked and its placement laid out, with nothing started.
+
+It checks what a run checks before its engines start (the config, the environments and their options,
+the parser names, the speculative config against the model's MTP layers, prompt lengths when a tokenizer
+is at hand) and shows where everything would run: Ray, the engines and their GPUs, the trainer, the
+environment servers and the sampling. It reads the checkpoint's config.json and safetensors headers
+only: no weights are loaded, no tiny model is built, and no Ray, engine or server is started.
+
+An error a run would hit anywhere raises (the CLI prints it as one line, exit 2). What only stops the
+plan on *this* machine (too few GPUs, a model folder that lives on the GPU node) is a warning: the plan
+is still printed, so it can be checked on a laptop or login node before a GPU job.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from gymrl.config import RunConfig
+from gymrl.envs.base import Environment
+from gymrl.envs.launcher import REPO_ROOT
+from gymrl.envs.registry import load_environment
+from gymrl.models.checkpoint import CheckpointInfo, inspect_checkpoint
+from gymrl.models.tiny import is_complete, model_dir_name
+
+Rows = list[tuple[str, str]]
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+TRAINER_BYTES_PER_PARAM = 16  # float32 weights (4) + gradients (4) + AdamW's two moments (8)
+
+
+@dataclass
+class Plan:
+    sections: dict[str, Rows] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what stops or is unchecked on this machine only
+    gpus_needed: int = 0
+    gpus_visible: int = 0
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def _host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _gpus() -> tuple[int, int | None]:
+    """(visible CUDA devices, the smallest one's memory in bytes) as torch sees them; no CUDA context is kept."""
+    import torch
+
+    n = torch.cuda.device_count()
+    memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(n)) if n else None
+    return n, memory
+
+
+def _model(cfg: RunConfig, envs: list[Environment], plan: Plan) -> tuple[Path | None, CheckpointInfo | None]:
+    """The checkpoint a run would use, inspected if it is here; the tiny model is named, never built."""
+    rows: Rows = []
+    if cfg.model.build_tiny is not None:
+        from gymrl.session import WarmupMix
+
+        source = envs[0] if len(envs) == 1 else WarmupMix(envs, [e.weight for e in cfg.envs])
+        path = Path(cfg.model.cache_dir) / model_dir_name(cfg.model.build_tiny, source)
+        cached = is_complete(path)
+        rows.append(("source", f"tiny {cfg.model.build_tiny.architecture} model built offline (model.build_tiny)"))
+        rows.append(("cache", f"{path}: " + ("cached" if cached else "not built yet; a run builds it first (about a "
+                                              "minute on 2 CPU cores)")))
+    else:
+        path = cfg.model.path
+        cached = (path / "config.json").is_file()
+        rows.append(("path", f"{path}" + ("" if cached else ": not here")))
+        if not cached:
+            plan.warnings.append(f"model.path: no HF checkpoint (config.json) at '{path}' on this machine; gymrl "
+                                 "downloads no weights, so a run here would stop at once")
+    info = inspect_checkpoint(path) if cached else None
+    if info is not None:
+        rows.append(("architecture", f"{', '.join(info.architectures) or '?'} (model_type {info.model_type})"))
+        if info.num_parameters is not None:
+            rows.append(("parameters", f"{_count(info.num_parameters)} in {_gb(info.weight_bytes)} of safetensors "
+                                       f"({', '.join(info.weight_dtypes)})"))
+        rows.append(("MTP layers", f"{info.mtp_layers} ({info.mtp_field})" if info.mtp_layers else "none"))
+    plan.sections["model"] = rows
+    return path, info
+
+
+def _names(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, has_tools: bool, plan: Plan) -> Rows:
+    """Parsers and the speculative config checked against the installed vLLM, as a run checks them."""
+    rows: Rows = []
+    if has_tools:
+        from gymrl.rollout.tool_calls import parser_class
+
+        parser_class(cfg.rollout.tool_call_parser)
+        rows.append(("tool-call parser", f"{cfg.rollout.tool_call_parser} (found in vLLM)"))
+    else:
+        rows.append(("tool-call parser", f"{cfg.rollout.tool_call_parser} (unused: no task has tools)"))
+    if cfg.rollout.reasoning_parser is not None:
+        from gymrl.rollout.vllm_checks import reasoning_parser_class, reasoning_plugin_path
+
+        plugin = reasoning_plugin_path(cfg, model_path)
+        name = cfg.rollout.reasoning_parser
+        if plugin is not None and not plugin.is_file():
+            rows.append(("reasoning parser", f"{name} from {plugin} (not checked: the file is not here)"))
+            plan.warnings.append(f"rollout.reasoning_parser_plugin: no file at '{plugin}' here, so "
+                                 f"reasoning_parser '{name}' was not checked")
+        else:
+            reasoning_parser_class(name, plugin)
+            rows.append(("reasoning parser", f"{name} (found in vLLM{' after ' + str(plugin) if plugin else ''})"))
+    if cfg.engine.extra_args:
+        from gymrl.rollout.vllm_checks import check_engine_args
+
+        check_engine_args(cfg.engine.extra_args)
+    spec = cfg.engine.speculative_config
+    if spec is not None:
+        from gymrl.rollout.vllm_checks import check_mtp, check_speculative, is_mtp
+
+        check_speculative(spec)
+        if info is not None:
+            check_mtp(spec, info)
+        elif is_mtp(spec.method):
+            plan.warnings.append("engine.speculative_config: MTP needs MTP layers in the checkpoint; not checked "
+                                 "(no checkpoint here)")
+        if is_mtp(spec.method) and cfg.engine.device == "cpu" and info is not None and info.model_type == "nemotron_h":
+            plan.warnings.append("engine.speculative_config: vLLM's CPU build cannot run Nemotron-H MTP (its non-gated "
+                                 "MoE is CUDA/ROCm/XPU only); use device cuda")
+    return rows
+
+
+def _check_prompts(cfg: RunConfig, envs: list[Environment], model_path: Path, info: CheckpointInfo | None) -> str:
+    """Every prompt must leave room for max_tokens (the run's own check), when a tokenizer is here."""
+    if info is None or not info.has_tokenizer:
+        return "not checked (no tokenizer here)"
+    from transformers import AutoTokenizer
+
+    from gymrl.rollout.runner import check_prompts_fit, encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    tasks = [t for env in envs for split in ("train", "eval") for t in env.tasks(split)]
+    kwargs = cfg.rollout.chat_template_kwargs
+    check_prompts_fit(tokenizer, tasks, cfg.sampling.max_tokens, cfg.engine.max_model_len, kwargs)
+    longest = max(len(encode_prompt(tokenizer, t, kwargs)) for t in tasks)
+    return (f"all {len(tasks)} fit: longest {longest} + max_tokens {cfg.sampling.max_tokens} <= "
+            f"{cfg.engine.max_model_len}")
+
+
+def _engines(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, plan: Plan) -> None:
+    from gymrl.rollout.engine import actor_resources, engine_kwargs
+
+    eng = cfg.engine
+    cpus_total = cfg.ray_num_cpus or os.cpu_count() or 1
+    cpus_needed = eng.num_engines * eng.cpus_per_engine
+    if cfg.ray_address is None:
+        plan.sections["ray"] = [("cluster", f"local, started by the run with {cpus_total} CPUs"
+                                            f"{'' if cfg.ray_num_cpus else ' (all of this machine)'}")]
+        if cpus_needed > cpus_total:
+            plan.warnings.append(f"engines reserve {cpus_needed:g} Ray CPUs, the local Ray has {cpus_total}: "
+                                 "the engines would wait forever")
+    else:
+        plan.sections["ray"] = [("cluster", f"{cfg.ray_address} (not contacted)")]
+
+    res = actor_resources(eng)
+    plan.gpus_needed = int(eng.num_engines * res["num_gpus"])
+    plan.gpus_visible, gpu_memory = _gpus()
+    rows: Rows = [
+        ("engines", f"{eng.num_engines} x vLLM on {eng.device}, one Ray actor each"),
+        ("per engine", f"{res['num_cpus']:g} CPU(s), {res['num_gpus']} GPU(s), "
+                       f"tensor parallel {eng.tensor_parallel_size}"),
+        ("context", f"max_model_len {eng.max_model_len}, dtype {eng.dtype}, gpu_memory_utilization "
+                    f"{eng.gpu_memory_utilization}, enforce_eager {eng.enforce_eager}"),
+        ("speculative", json.dumps(eng.speculative_config.model_dump()) if eng.speculative_config else "off"),
+    ]
+    if info is not None and info.num_parameters is not None:
+        weights = info.weight_bytes if eng.dtype == "auto" else info.num_parameters * DTYPE_BYTES[eng.dtype]
+        per_device = weights / eng.tensor_parallel_size
+        rows.append(("weights", f"{_gb(per_device)} per {'GPU' if eng.device == 'cuda' else 'engine'}"))
+        if eng.device == "cuda" and gpu_memory and per_device > gpu_memory * eng.gpu_memory_utilization:
+            plan.warnings.append(f"engine weights need {_gb(per_device)} per GPU, more than gpu_memory_utilization "
+                                 f"{eng.gpu_memory_utilization} of the {_gb(gpu_memory)} GPUs here")
+    shown = engine_kwargs(str(model_path), eng, cfg.seed)
+    rows.append(("vllm.LLM(...)", json.dumps({k: v for k, v in shown.items() if k != "model"}, default=str)))
+    plan.sections["engines"] = rows
+
+    split = f" ({eng.num_engines} engines x tensor parallel {eng.tensor_parallel_size})" if plan.gpus_needed else ""
+    plan.sections["gpus"] = [("needed", f"{plan.gpus_needed}{split}"),
+                             ("visible", f"{plan.gpus_visible} here (torch.cuda.device_count())")]
+    if cfg.ray_address is None and plan.gpus_needed > plan.gpus_visible:
+        plan.warnings.append(f"this plan needs {plan.gpus_needed} GPUs and this machine shows {plan.gpus_visible}: "
+                             "it cannot run here (the engines would wait for Ray GPUs forever)")
+
+
+def _trainer(cfg: RunConfig, info: CheckpointInfo | None, plan: Plan) -> None:
+    tr = cfg.train
+    rows: Rows = [
+        ("device", "cpu: this process, float32 policy, AdamW (gymrl has no GPU trainer yet)"),
+        ("schedule", f"{tr.steps} steps; batch {tr.prompts_per_step} prompts x {tr.group_size} samples = "
+                     f"{tr.prompts_per_step * tr.group_size} rollouts; micro-batch {tr.micro_batch_size}"),
+        ("objective", f"{tr.loss_type}, lr {tr.learning_rate:g}, beta {tr.beta:g}, clip "
+                      f"[{tr.epsilon_low:g}, {tr.epsilon_high:g}]; eval every {cfg.eval.every} steps"),
+    ]
+    if info is not None and info.num_parameters is not None:
+        need = info.num_parameters * (TRAINER_BYTES_PER_PARAM + (4 if tr.beta > 0 else 0))
+        rows.append(("memory", f"about {_gb(need)} of host memory; {_gb(_host_memory())} here; weight push "
+                               f"{_gb(info.num_parameters * 4)} per step"))
+        if need > _host_memory():
+            plan.warnings.append(f"the trainer needs about {_gb(need)} of host memory (float32 + AdamW), this machine "
+                                 f"has {_gb(_host_memory())}")
+    if cfg.engine.device == "cuda":
+        plan.warnings.append("engines run on cuda, but the trainer runs on this process's CPU in float32: fine for "
+                             "small models, not for a multi-billion-parameter policy")
+    plan.sections["trainer"] = rows
+
+
+def _environments(cfg: RunConfig, envs: list[Environment], has_tools: dict[str, bool], plan: Plan) -> None:
+    rows: Rows = []
+    for env_cfg, env in zip(cfg.envs, envs):
+        where = f"attached: {env_cfg.url}" if env_cfg.url else "launched: NeMo Gym server on a free loopback port"
+        counts = f"{len(env.tasks('train'))} train / {len(env.tasks('eval'))} eval tasks"
+        rows.append((env.name, f"weight {env_cfg.weight:g}; {counts}{'; tools' if has_tools[env.name] else ''}; "
+                               f"{where}"))
+    gym_python = cfg.env_servers.gym_python
+    gym_python = gym_python if gym_python.is_absolute() else REPO_ROOT / gym_python
+    if any(e.url is None for e in cfg.envs) and not gym_python.is_file():
+        plan.warnings.append(f"env_servers.gym_python: no Python at '{gym_python}' here to launch the servers "
+                             "(make demo creates .venv-gym)")
+    plan.sections["environments"] = rows
+
+
+def _sampling(cfg: RunConfig, has_tools: dict[str, bool], parser_rows: Rows, plan: Plan) -> None:
+    sp, tool_sp = cfg.sampling, cfg.sampling.for_tools()
+    tool_envs = ", ".join(n for n, t in has_tools.items() if t) or "no environment has tools"
+    template = cfg.rollout.chat_template_kwargs
+    plan.sections["sampling"] = [
+        ("default", f"temperature {sp.temperature:g}, top_p {sp.top_p:g}, max_tokens {sp.max_tokens}"),
+        ("tool calling", f"temperature {tool_sp.temperature:g}, top_p {tool_sp.top_p:g} ({tool_envs})"),
+        ("eval", "greedy (temperature 0)"),
+        ("chat template", json.dumps(template) if template else "defaults"),
+        *parser_rows,
+    ]
+
+
+def make_plan(cfg: RunConfig) -> Plan:
+    """Check ``cfg`` as a run would, without starting anything, and lay out where it would run."""
+    plan = Plan()
+    envs = [load_environment(e.name, e.args) for e in cfg.envs]
+    has_tools = {env.name: any(t.tools for s in ("train", "eval") for t in env.tasks(s)) for env in envs}
+    model_path, info = _model(cfg, envs, plan)
+    parser_rows = _names(cfg, model_path, info, any(has_tools.values()), plan)
+    plan.sections["model"].append(("prompt lengths", _check_prompts(cfg, envs, model_path, info)))
+    _engines(cfg, model_path, info, plan)
+    _trainer(cfg, info, plan)
+    _environments(cfg, envs, has_tools, plan)
+    _sampling(cfg, has_tools, parser_rows, plan)
+    plan.sections["gpus"] = plan.sections.pop("gpus")  # shown last
+    return plan
+
+
+def render(plan: Plan, config: str, console: Console) -> None:
+    console.print(f"[bold]dry run of {config}[/]: nothing was started, no weights were loaded", highlight=False,
+                  soft_wrap=True)
+    table = Table(show_header=False, box=None, padding=(0, 1))
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    for title, rows in plan.sections.items():
+        table.add_row(f"[bold]{title}[/]", "")
+        for key, value in rows:
+            table.add_row(f"  [cyan]{key}[/]", value)
+    console.print(table)
+    for warning in plan.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    if plan.warnings:
+        console.print(f"plan valid, with {len(plan.warnings)} warning(s) above", highlight=False)
+    else:
+        console.print("plan valid; no warnings", highlight=False)

@@ -1,0 +1,98 @@
+"""Settings checked against the installed vLLM before any engine starts.
+
+vLLM would reject a bad speculative config or an unknown parser only once an engine loads (minutes into a
+run, on every engine); these checks name the bad key at once. ``gymrl train`` runs them before the model
+is built, ``gymrl train --dry-run`` shows their result. Tool-call parsers are resolved in ``tool_calls.py``.
+Everything here imports vLLM, so it is only called when the config uses one of these settings.
+"""
+
+import dataclasses
+from pathlib import Path
+from typing import Literal, get_args, get_origin
+
+from gymrl.config import RunConfig, SpeculativeConfig
+from gymrl.models.checkpoint import MTP_FIELDS, CheckpointInfo
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def _literal_values(tp) -> list[str]:
+    """The strings of a ``Literal``, nested Literals flattened (vLLM builds its method list that way)."""
+    if get_origin(tp) is Literal:
+        return [v for arg in get_args(tp) for v in _literal_values(arg)]
+    return [tp] if isinstance(tp, str) else []
+
+
+def speculative_methods() -> list[str]:
+    """The ``method`` values of the installed vLLM's ``SpeculativeConfig``."""
+    from vllm.config.speculative import SpeculativeMethod
+
+    return sorted(set(_literal_values(SpeculativeMethod)))
+
+
+def is_mtp(method: str) -> bool:
+    """MTP drafts with the target model's own MTP layers (vLLM: ``mtp``, or a deprecated ``<family>_mtp``)."""
+    return method == "mtp" or method.endswith("_mtp")
+
+
+def check_speculative(spec: SpeculativeConfig) -> None:
+    """The method is one vLLM knows and every other key is a field of vLLM's ``SpeculativeConfig``."""
+    from vllm.config import SpeculativeConfig as VllmSpeculativeConfig
+
+    methods = speculative_methods()
+    if spec.method not in methods:
+        raise ValueError(f"engine.speculative_config.method: unknown method '{spec.method}'; "
+                         f"vLLM {vllm_version()} has: {', '.join(methods)}")
+    known = {f.name for f in dataclasses.fields(VllmSpeculativeConfig)}
+    unknown = sorted(set(spec.model_dump()) - known)
+    if unknown:
+        raise ValueError(f"engine.speculative_config: unknown key '{unknown[0]}' for vLLM {vllm_version()}; "
+                         f"it takes: {', '.join(sorted(known))}")
+
+
+def check_engine_args(extra_args: dict) -> None:
+    """Every ``engine.extra_args`` key is an argument of ``vllm.LLM`` (its own or an ``EngineArgs`` field)."""
+    import inspect
+
+    from vllm import LLM
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)} | set(inspect.signature(LLM.__init__).parameters)
+    unknown = sorted(set(extra_args) - known)
+    if unknown:
+        raise ValueError(f"engine.extra_args: '{unknown[0]}' is not an argument of vllm.LLM in vLLM {vllm_version()}")
+
+
+def check_mtp(spec: SpeculativeConfig | None, model: CheckpointInfo) -> None:
+    """MTP needs MTP layers in the checkpoint (vLLM reads the same config fields)."""
+    if spec is not None and is_mtp(spec.method) and model.mtp_layers == 0:
+        raise ValueError(f"engine.speculative_config: method '{spec.method}' drafts with the model's own MTP layers, "
+                         f"but {model.path / 'config.json'} names none ({' / '.join(MTP_FIELDS)} absent or 0); "
+                         "use ngram or a draft model, or drop speculative_config")
+
+
+def reasoning_plugin_path(cfg: RunConfig, model_path: Path) -> Path | None:
+    """``rollout.reasoning_parser_plugin``, a relative path taken inside the model folder."""
+    plugin = cfg.rollout.reasoning_parser_plugin
+    if plugin is None or plugin.is_absolute():
+        return plugin
+    return model_path / plugin
+
+
+def reasoning_parser_class(name: str, plugin: Path | None = None) -> type:
+    """vLLM's reasoning parser registered as ``name`` (after importing ``plugin``, a file that registers it)."""
+    from vllm.reasoning import ReasoningParserManager
+
+    if plugin is not None:
+        if not plugin.is_file():
+            raise FileNotFoundError(f"rollout.reasoning_parser_plugin: no file at '{plugin}'")
+        ReasoningParserManager.import_reasoning_parser(str(plugin))
+    try:
+        return ReasoningParserManager.get_reasoning_parser(name)
+    except KeyError:
+        raise ValueError(f"rollout.reasoning_parser: unknown parser '{name}'; vLLM {vllm_version()} has: "
+                         f"{', '.join(ReasoningParserManager.list_registered())}") from None
