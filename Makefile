@@ -32,7 +32,7 @@ $(GYM_STAMP): requirements-gym.txt requirements-gym.lock
 setup: $(STAMP) $(GYM_STAMP)
 
 $(CHROMIUM):
-	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium
+	$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 demo: setup
 	$(BIN)/gymrl train configs/demo.yaml
