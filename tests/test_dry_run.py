@@ -14,7 +14,7 @@ from gymrl.config import ConfigError, EngineConfig, RolloutConfig, SamplingConfi
 from gymrl.envs.base import Task
 from gymrl.models.chat import environment_turn_ids, render_prompt
 from gymrl.models.tokenizer import build_tokenizer
-from gymrl.rollout.engine import Completion, actor_resources, engine_kwargs
+from gymrl.rollout.engine import Completion, Generation, actor_resources, engine_kwargs
 from gymrl.rollout.runner import RolloutRunner
 from gymrl.train.policy import token_logprobs
 from rewards.types import RewardResult
@@ -146,11 +146,18 @@ def test_mtp_on_a_model_without_mtp_layers_is_an_error(nothing_heavy, tmp_path):
     assert_one_line_error(dry_run(NANO, f"model.path={model}"), "engine.speculative_config: method 'mtp'",
                           "names none (num_nextn_predict_layers")
     with_mtp = fake_checkpoint(tmp_path / "mtp", num_nextn_predict_layers=1)
-    result = dry_run(NANO, f"model.path={with_mtp}", "engine.device=cpu", "engine.cpus_per_engine=1")
+    greedy = ("sampling.temperature=0", "sampling.tool_temperature=0")  # the CPU build drafts only for greedy
+    result = dry_run(NANO, f"model.path={with_mtp}", "engine.device=cpu", "engine.cpus_per_engine=1", *greedy)
     assert result.exit_code == 0, result.output
     out = flat(result.stdout)
     assert "MTP layers 1 (num_nextn_predict_layers)" in out
     assert "vLLM's CPU build cannot run Nemotron-H MTP" in out
+
+
+def test_sampled_speculative_decoding_on_cpu_is_an_error(nothing_heavy, tmp_path):
+    model = fake_checkpoint(tmp_path / "mtp", num_nextn_predict_layers=1)
+    assert_one_line_error(dry_run(NANO, f"model.path={model}", "engine.device=cpu", "engine.cpus_per_engine=1"),
+                          "engine.speculative_config: on the CPU build", "temperature 0")
 
 
 @pytest.mark.parametrize("value, needles", [
@@ -162,7 +169,7 @@ def test_mtp_on_a_model_without_mtp_layers_is_an_error(nothing_heavy, tmp_path):
      ["engine.speculative_config: unknown key 'prompt_lookup_maxx'", "prompt_lookup_max"]),
 ])
 def test_bad_speculative_config_names_the_key(nothing_heavy, value, needles):
-    assert_one_line_error(dry_run(DEMO, f"engine.speculative_config={value}"), *needles)
+    assert_one_line_error(dry_run(DEMO, f"engine.speculative_config={value}", "sampling.temperature=0"), *needles)
 
 
 def test_bad_reasoning_parser_lists_the_names(nothing_heavy):
@@ -249,7 +256,7 @@ class FakePool:
 
     def generate(self, prompts, n, sampling):
         self.calls.append(sampling)
-        return [[Completion([5, 2], [-0.1, -0.2], "<answer>8</answer>", "stop")] * n for _ in prompts]
+        return Generation([[Completion([5, 2], [-0.1, -0.2], "<answer>8</answer>", "stop")] * n for _ in prompts])
 
 
 class FakeEpisode:

@@ -16,7 +16,7 @@ from gymrl.config import RolloutConfig, SamplingConfig
 from gymrl.envs.base import Environment, Episode, Task
 from gymrl.envs.client import function_call_item, function_call_output_item, message_item
 from gymrl.models.chat import environment_turn_ids, render_prompt
-from gymrl.rollout.engine import Completion, EnginePool, PromptTooLongError
+from gymrl.rollout.engine import Completion, EnginePool, PromptTooLongError, SpecStats
 from gymrl.rollout.tool_calls import ToolCallParser
 from rewards.types import RewardResult
 
@@ -53,6 +53,7 @@ class RolloutBatch:
     generate_seconds: float
     verify_seconds: float
     tool_seconds: float = 0.0
+    spec: SpecStats | None = None  # speculative decoding over the whole batch, every turn (None: off)
 
     @property
     def num_tokens(self) -> int:
@@ -186,9 +187,10 @@ class RolloutRunner:
         generate_seconds = tool_seconds = 0.0
 
         started = time.perf_counter()
-        groups = self.pool.generate([self.prompt_ids(t) for t in tasks], group_size, [sampling_of(t) for t in tasks])
+        first = self.pool.generate([self.prompt_ids(t) for t in tasks], group_size, [sampling_of(t) for t in tasks])
         generate_seconds += time.perf_counter() - started
-        active, completions = states, [c for group in groups for c in group]
+        spec = [first.spec]
+        active, completions = states, [c for group in first.groups for c in group]
         for turn in range(1, self.cfg.max_turns + 1):
             for state, c in zip(active, completions):
                 state.add_model_turn(c, parser)
@@ -212,8 +214,10 @@ class RolloutRunner:
             if not active:
                 break
             started = time.perf_counter()
-            completions = [g[0] for g in self.pool.generate([s.ids for s in active], 1, [s.sampling for s in active])]
+            turn_reply = self.pool.generate([s.ids for s in active], 1, [s.sampling for s in active])
             generate_seconds += time.perf_counter() - started
+            completions = [g[0] for g in turn_reply.groups]
+            spec.append(turn_reply.spec)
 
         started = time.perf_counter()
         with ThreadPoolExecutor(8) as threads:
@@ -223,4 +227,5 @@ class RolloutRunner:
                     v.reward, v.reason, policy_version, s.engine_id or 0, v.breakdown, s.turns, s.sampling.temperature)
             for s, v in zip(states, verdicts)
         ]
-        return RolloutBatch(rollouts, group_size, generate_seconds, time.perf_counter() - started, tool_seconds)
+        return RolloutBatch(rollouts, group_size, generate_seconds, time.perf_counter() - started, tool_seconds,
+                            SpecStats.total(spec))

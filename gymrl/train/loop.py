@@ -177,6 +177,9 @@ def train(session: Session, progress=None) -> dict:
             "push_seconds": push_seconds,
             "tokens_per_second": batch.num_tokens / max(batch.generate_seconds, 1e-9),
         } | per_env(batch, "reward") | per_env(batch, "completion_length", lambda r: r.num_model_tokens)
+        if batch.spec is not None:  # speculative decoding on: how the drafts fared over the step's rollouts
+            record |= {"spec_acceptance": batch.spec.acceptance,
+                       "spec_mean_accepted_length": batch.spec.mean_accepted_length}
         if step % cfg.eval.every == 0 or step == cfg.train.steps:
             evaluation, eval_batch = trainer.evaluate(eval_tasks)
             traces.write_batch(eval_batch, eval_tasks, step, "eval")
