@@ -1,5 +1,6 @@
 """``gymrl bench``: raw vLLM vs harness rollout throughput, weight-push time and trainer step time;
-decode speed with and without speculative decoding (``--suite spec``).
+decode speed with and without speculative decoding (``--suite spec``); an engine pool against its
+engines alone, and the pause window of in-flight weight updates (``--suite pool``).
 
 All figures come from one process and one engine, so the ratio compares like with like on a noisy
 machine. Results go to ``results.json`` (machine-readable) and ``results.md`` (a short table).
@@ -162,6 +163,100 @@ def run_spec_bench(cfg, out: Path, repeats: int = 3) -> Table:
         ]
     return _table(out / "spec.md", rows, f"gymrl bench spec: {len(prompts)} prompts, {spec.model_dump()}, median of {repeats}",
                   f"measure (median of {repeats})")
+
+
+def run_pool_bench(cfg, out: Path, repeats: int = 3, engines: int = 2) -> Table:
+    """The engine pool against its engines alone, and in-flight weight updates, with ``engines`` engines
+    of the config's model. Throughput: each engine alone (vLLM's own generate, timed in the actor) on
+    the step's prompts, summed, vs the pool spreading ``engines`` times those prompts over all of them.
+    Updates: the pause window of a push that lands while every engine has requests in flight, vs the
+    time to copy the same tensors in memory."""
+    import threading
+
+    import torch
+    import vllm
+
+    from gymrl.envs.registry import load_environment
+    from gymrl.models.checkpoint import load_policy
+    from gymrl.rollout.engine import EnginePool, start_engines
+    from gymrl.rollout.runner import encode_prompt
+    from gymrl.rollout.weight_sync import pack_state_dict
+    from gymrl.session import init_ray, resolve_model_path
+
+    envs = [load_environment(e.name, e.args) for e in cfg.envs]
+    path = resolve_model_path(cfg.model, envs, [e.weight for e in cfg.envs])
+    policy, tokenizer = load_policy(path)
+    tasks = envs[0].tasks("train")[: cfg.train.prompts_per_step]
+    prompts = [encode_prompt(tokenizer, t, cfg.rollout.chat_template_kwargs) for t in tasks]
+    n, sampling = cfg.train.group_size, cfg.sampling
+    init_ray(cfg)
+    cpus = min(cfg.engine.cpus_per_engine, (cfg.ray_num_cpus or engines) / engines)
+    engine_cfg = cfg.engine.model_copy(update={"num_engines": engines, "cpus_per_engine": cpus})
+    pool = EnginePool(start_engines(str(path.resolve()), engine_cfg, cfg.seed))
+    state = policy.state_dict()
+    blob = pack_state_dict(state)
+    try:
+        for actor in pool.actors:  # warm-up: first requests pay one-off costs
+            ray.get(actor.timed_generate.remote(prompts, n, sampling))
+        alone, pooled = [], []
+        for _ in range(repeats):
+            rates = []
+            for actor in pool.actors:
+                tokens, seconds, _ = ray.get(actor.timed_generate.remote(prompts, n, sampling))
+                rates.append(tokens / seconds)
+            alone.append(sum(rates))
+            started = time.perf_counter()
+            reply = pool.generate(prompts * engines, n, sampling)
+            pooled.append(sum(len(c.token_ids) for g in reply.groups for c in g) / (time.perf_counter() - started))
+
+        idle, busy, copy = [], [], []
+        for _ in range(repeats):
+            version = pool.stats()[0].policy_version + 1
+            idle += pool.update_weights(blob, version)
+            worker = threading.Thread(target=pool.generate, args=(prompts * engines, n, sampling))
+            worker.start()
+            while not all(st.in_flight > 0 for st in pool.stats()):
+                time.sleep(0.002)
+            busy += pool.update_weights(blob, version + 1)
+            worker.join()
+            started = time.perf_counter()
+            copies = {k: v.clone() for k, v in state.items()}
+            copy.append(time.perf_counter() - started)
+            del copies
+    finally:
+        for actor in pool.actors:
+            ray.kill(actor)
+
+    results = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version()},
+        "versions": {"vllm": vllm.__version__, "ray": ray.__version__, "torch": torch.__version__},
+        "config": {"engines": engines, "cpus_per_engine": cpus, "prompts_per_engine": len(prompts), "group_size": n,
+                   "max_tokens": sampling.max_tokens, "model": str(path), "weight_bytes": len(blob)},
+        "engines_alone_summed_tokens_per_s": _summary(alone),
+        "pool_tokens_per_s": _summary(pooled),
+        "pool_over_sum_of_engines": statistics.median(p / a for p, a in zip(pooled, alone)),
+        "update_pause_in_flight_s": _summary([u.pause_seconds for u in busy]),
+        "update_load_in_flight_s": _summary([u.load_seconds for u in busy]),
+        "in_flight_at_update": _summary([float(u.in_flight) for u in busy]),
+        "update_pause_idle_s": _summary([u.pause_seconds for u in idle]),
+        "tensor_copy_s": _summary(copy),
+    }
+    results["pause_over_copy"] = results["update_pause_in_flight_s"]["median"] / results["tensor_copy_s"]["median"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pool.json").write_text(json.dumps(results, indent=2))
+    rows = [
+        (f"{engines} engines alone, summed: tokens/s", f"{results['engines_alone_summed_tokens_per_s']['median']:.0f}"),
+        (f"pool of {engines}: tokens/s", f"{results['pool_tokens_per_s']['median']:.0f}"),
+        ("pool / sum of engines", f"{results['pool_over_sum_of_engines']:.2f}"),
+        ("update with requests in flight: pause window (s)", f"{results['update_pause_in_flight_s']['median']:.4f}"),
+        ("  of which loading the weights (s)", f"{results['update_load_in_flight_s']['median']:.4f}"),
+        ("  sequences in flight per engine", f"{results['in_flight_at_update']['median']:.0f}"),
+        ("update with nothing in flight: pause window (s)", f"{results['update_pause_idle_s']['median']:.4f}"),
+        (f"copying the same tensors in memory ({len(blob) / 1e6:.1f} MB) (s)", f"{results['tensor_copy_s']['median']:.5f}"),
+        ("pause window / copy", f"{results['pause_over_copy']:.0f}"),
+    ]
+    return _table(out / "pool.md", rows, f"gymrl bench pool: {engines} engines, {len(prompts)} prompts x {n} per engine, "
+                  f"median of {repeats}", f"measure (median of {repeats})")
 
 
 def _rate(fn, seconds: float = 1.0) -> float:

@@ -97,12 +97,13 @@ def bench(
     repeats: int = typer.Option(3, help="Repetitions of each timed measurement."),
     suite: str = typer.Option("all", help="core (engine, weight push, trainer step), envs (rewards, sandbox, /verify), "
                                           "traces (trace store writes and queries), spec (decode tokens/s with and "
-                                          "without speculative decoding, acceptance) or all."),
+                                          "without speculative decoding, acceptance), pool (engine pool vs its "
+                                          "engines alone, in-flight weight updates) or all."),
 ) -> None:
     """Benchmarks: raw vLLM vs harness rollout tokens/s, weight push, trainer step; speculative decoding;
     reward, env-server and trace-store speed."""
-    if suite not in ("core", "envs", "traces", "spec", "all"):
-        _fail(ValueError(f"--suite must be core, envs, traces, spec or all, got '{suite}'"))
+    if suite not in ("core", "envs", "traces", "spec", "pool", "all"):
+        _fail(ValueError(f"--suite must be core, envs, traces, spec, pool or all, got '{suite}'"))
     if suite in ("traces", "all"):
         from gymrl.bench import run_trace_bench
 
@@ -133,6 +134,17 @@ def bench(
             _fail(err)
         console.print(f"results: {out / 'spec.json'}, {out / 'spec.md'}")
         if suite == "spec":
+            return
+    if suite in ("pool", "all"):
+        from gymrl.bench import run_pool_bench
+
+        try:
+            with console.status("two engines: alone, as a pool, and weight updates in flight..."):
+                Console().print(run_pool_bench(cfg, out, repeats))
+        except USER_ERRORS as err:
+            _fail(err)
+        console.print(f"results: {out / 'pool.json'}, {out / 'pool.md'}")
+        if suite == "pool":
             return
     from gymrl.bench import run_bench
     from gymrl.session import start_session

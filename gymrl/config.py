@@ -60,9 +60,10 @@ class SpeculativeConfig(BaseModel):
     num_speculative_tokens: int = Field(ge=1, description="Tokens proposed per step (Nemotron-3 serves with 3).")
 
 
-# Keys of vllm.LLM that have their own engine.* field; extra_args may not set them a second time.
+# vLLM engine arguments that have their own engine.* field (or that gymrl sets); extra_args may not set them a second time.
 ENGINE_FIELD_ARGS = ("dtype", "max_model_len", "gpu_memory_utilization", "enforce_eager", "seed",
-                     "speculative_config", "tensor_parallel_size", "worker_extension_cls", "logprobs_mode")
+                     "speculative_config", "tensor_parallel_size", "worker_extension_cls", "logprobs_mode",
+                     "disable_log_stats", "per_request_spec_decode_metrics")
 
 
 class EngineConfig(Section):
@@ -74,11 +75,11 @@ class EngineConfig(Section):
         "actor reserves tensor_parallel_size Ray GPUs).",
     )
     tensor_parallel_size: int = Field(
-        default=1, ge=1, description="GPUs one engine shards the model over (vllm.LLM tensor_parallel_size)."
+        default=1, ge=1, description="GPUs one engine shards the model over (vLLM tensor_parallel_size)."
     )
     speculative_config: SpeculativeConfig | None = Field(
         default=None,
-        description="Speculative decoding, passed to vllm.LLM as speculative_config, e.g. "
+        description="Speculative decoding, passed to vLLM as speculative_config, e.g. "
         "{method: mtp, num_speculative_tokens: 3} for a model with MTP layers; None = off.",
     )
     max_model_len: int = Field(default=256, ge=16, description="Context length of the engine (prompt + completion).")
@@ -91,9 +92,14 @@ class EngineConfig(Section):
     )
     kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for the CPU build, in GiB.")
     enforce_eager: bool = Field(default=True, description="Skip CUDA graphs / compilation (faster start-up).")
+    recompute_kv_on_update: bool = Field(
+        default=False,
+        description="On a weight update with requests in flight, drop the cached KV so running requests recompute "
+        "their context with the new weights (slower); false keeps the KV computed before the update.",
+    )
     extra_args: dict[str, Any] = Field(
         default_factory=dict,
-        description="Other vllm.LLM arguments, passed as they are (e.g. enable_expert_parallel); keys that have "
+        description="Other vLLM engine arguments (AsyncEngineArgs fields), passed as they are (e.g. enable_expert_parallel); keys that have "
         "an engine.* field of their own are refused here.",
     )
 

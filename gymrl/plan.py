@@ -183,7 +183,7 @@ def _engines(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, plan
             plan.warnings.append(f"engine weights need {_gb(per_device)} per GPU, more than gpu_memory_utilization "
                                  f"{eng.gpu_memory_utilization} of the {_gb(gpu_memory)} GPUs here")
     shown = engine_kwargs(str(model_path), eng, cfg.seed)
-    rows.append(("vllm.LLM(...)", json.dumps({k: v for k, v in shown.items() if k != "model"}, default=str)))
+    rows.append(("AsyncEngineArgs(...)", json.dumps({k: v for k, v in shown.items() if k != "model"}, default=str)))
     plan.sections["engines"] = rows
 
     split = f" ({eng.num_engines} engines x tensor parallel {eng.tensor_parallel_size})" if plan.gpus_needed else ""

@@ -21,6 +21,16 @@ def demo_cfg(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_model(demo_cfg):
+    """The demo's tiny model on disk (built once, cached under .cache/models), for tests that read it."""
+    from gymrl.envs.registry import load_environment
+    from gymrl.session import resolve_model_path
+
+    envs = [load_environment(e.name, e.args) for e in demo_cfg.envs]
+    return resolve_model_path(demo_cfg.model, envs, [e.weight for e in demo_cfg.envs])
+
+
+@pytest.fixture(scope="session")
 def session(demo_cfg):
     import ray
 

@@ -93,8 +93,8 @@ def test_cli_missing_model_path_gives_one_line_error(tmp_path):
     _assert_one_line_error(_gymrl("train", str(path)), "model.path", "no-such-model")
 
 
-def test_cli_prompt_longer_than_context_gives_one_line_error(tmp_path):
-    # The tiny model is built (cached) first; the check then fails before Ray or vLLM start.
+def test_cli_prompt_longer_than_context_gives_one_line_error(tmp_path, demo_model):
+    # The tiny model is in the cache (built by the fixture); the check fails before Ray or vLLM start.
     proc = _gymrl("train", str(DEMO), "--set", "engine.max_model_len=24", "--set", "sampling.max_tokens=16",
                   "--set", f"model.cache_dir={ROOT / '.cache' / 'models'}")
     _assert_one_line_error(proc, "exceeds engine.max_model_len=24")

@@ -84,13 +84,12 @@ def test_dry_run_demo_names_the_plan_and_builds_nothing(nothing_heavy, tmp_path)
     assert not cache.exists()  # the tiny model was named, not built
 
 
-def test_dry_run_checks_prompts_with_a_cached_tiny_model(nothing_heavy):
-    cached = ROOT / ".cache" / "models"
+def test_dry_run_checks_prompts_with_a_cached_tiny_model(demo_model, nothing_heavy):
+    cached = demo_model.parent  # the fixture built it before the tripwires went up
     result = dry_run(DEMO, f"model.cache_dir={cached}")
     assert result.exit_code == 0, result.output
     out = flat(result.stdout)
-    if ": cached" not in out:
-        pytest.skip("the demo's tiny model is not cached here (make demo builds it)")
+    assert ": cached" in out
     assert "Qwen2ForCausalLM" in out and "MTP layers none" in out
     assert "prompt lengths all 155 fit" in out
     # The same prompt check as a run: too small a context is an error.
@@ -181,7 +180,7 @@ def test_engine_extra_args_are_checked(nothing_heavy):
     assert_one_line_error(dry_run(DEMO, "engine.extra_args={speculative_config: {method: ngram}}"),
                           "'engine.extra_args'", "engine.speculative_config")
     assert_one_line_error(dry_run(DEMO, "engine.extra_args={enable_expert_paralel: true}"),
-                          "engine.extra_args: 'enable_expert_paralel' is not an argument of vllm.LLM")
+                          "engine.extra_args: 'enable_expert_paralel' is not a vLLM engine argument")
 
 
 def test_reasoning_plugin_needs_a_parser_name():
@@ -303,21 +302,11 @@ def test_trainer_scores_each_row_at_its_own_temperature():
 
 def test_engine_builds_vllm_params_per_prompt():
     # The engine actor's own sampling code, with vLLM's SamplingParams but no engine behind it.
-    from gymrl.rollout.engine import RolloutEngine
+    from gymrl.rollout.engine import sampling_params
 
-    seen = []
-
-    class FakeLLM:
-        def generate(self, prompts, params, use_tqdm):
-            seen.extend(params)
-            return []
-
-    engine = object.__new__(RolloutEngine)
-    engine.max_model_len, engine.engine_id, engine.llm = 64, 0, FakeLLM()
     default = SamplingConfig(max_tokens=8)
     tools = SamplingConfig(max_tokens=8, tool_temperature=0.6, tool_top_p=0.95).for_tools()
-    engine.generate([[1, 2], [3, 4]], 2, [default, tools])
-    assert [(p.temperature, p.top_p, p.n) for p in seen] == [(1.0, 1.0, 2), (0.6, 0.95, 2)]
-    seen.clear()
-    engine.generate([[1, 2], [3, 4]], 1, default)  # one sampling for all prompts, as before
-    assert [(p.temperature, p.top_p) for p in seen] == [(1.0, 1.0), (1.0, 1.0)]
+    params = sampling_params([[1, 2], [3, 4]], 2, [default, tools], 64)
+    assert [(p.temperature, p.top_p, p.n, p.max_tokens) for p in params] == [(1.0, 1.0, 2, 8), (0.6, 0.95, 2, 8)]
+    params = sampling_params([[1, 2], [3] * 60], 1, default, 64)  # one sampling for all prompts, as before
+    assert [(p.temperature, p.top_p, p.max_tokens) for p in params] == [(1.0, 1.0, 8), (1.0, 1.0, 4)]

@@ -119,20 +119,25 @@ def test_spec_stats_add_up_and_stay_none_when_off():
     assert (a + b).acceptance == pytest.approx(3 / 9) and (a + b).mean_accepted_length == pytest.approx(2.0)
 
 
-def test_write_batch_stores_the_batch_spec_figures_on_every_rollout(tmp_path):
+def test_write_batch_stores_each_rollouts_own_spec_figures_and_versions(tmp_path):
     from gymrl.envs.base import Task
     from gymrl.rollout.runner import Rollout, RolloutBatch
     from gymrl.traces.store import TraceReader, TraceWriter
 
     task = Task("a", "arithmetic", [{"role": "user", "content": "1+1?"}], {"id": "a", "expected": 2})
-    rollouts = [Rollout("a", "arithmetic", [1, 2], [3, 4], [1, 1], [-0.5, -0.5], "<answer>2</answer>", "stop",
-                        1.0, "r", 0) for _ in range(2)]
+
+    def rollout(spec, versions):
+        return Rollout("a", "arithmetic", [1, 2], [3, 4], [1, 1], [-0.5, -0.5], "<answer>2</answer>", "stop", 1.0, "r",
+                       versions[0], versions=versions, spec=spec)
+
     writer = TraceWriter(tmp_path / "traces.db", {})
-    writer.write_batch(RolloutBatch(rollouts, 2, 1.0, 0.1, 0.0, SpecStats(4, 12, 6)), [task], step=1, split="train")
-    writer.write_batch(RolloutBatch(rollouts, 2, 1.0, 0.1, 0.0), [task], step=2, split="train")
+    writer.write_batch(RolloutBatch([rollout(SpecStats(4, 12, 6), [0, 0]), rollout(SpecStats(2, 6, 0), [0, 1])], 2,
+                                    1.0, 0.1, 0.0, SpecStats(6, 18, 6)), [task], step=1, split="train")
+    writer.write_batch(RolloutBatch([rollout(None, [1, 1])] * 2, 2, 1.0, 0.1, 0.0), [task], step=2, split="train")
     writer.close()
     reader = TraceReader(tmp_path / "traces.db")
-    on = [reader.rollout(r["id"]) for r in reader.page() if r["step"] == 1]
+    on = sorted((reader.rollout(r["id"]) for r in reader.page() if r["step"] == 1), key=lambda r: r.sample)
     off = [reader.rollout(r["id"]) for r in reader.page() if r["step"] == 2]
-    assert [(r.spec_acceptance, r.spec_mean_accepted) for r in on] == [(0.5, 2.5)] * 2
+    assert [(r.spec_acceptance, r.spec_mean_accepted) for r in on] == [(0.5, 2.5), (0.0, 1.0)]
+    assert [r.versions for r in on] == [[0, 0], [0, 1]]
     assert [(r.spec_acceptance, r.spec_mean_accepted) for r in off] == [(None, None)] * 2

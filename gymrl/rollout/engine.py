@@ -1,19 +1,25 @@
 """A vLLM engine hosted by a Ray actor, and a pool of them.
 
-The actor holds one ``vllm.LLM``. It samples G completions per prompt with the logprob of each
-sampled token (the behaviour logprobs the GRPO ratio needs), scores fixed sequences (prompt
-logprobs, used to check that a weight push landed), and loads new weights in place through
-``collective_rpc`` into the workers' ``WeightSyncExtension``.
+The actor holds one ``AsyncLLM``, so requests run side by side with everything else the actor does:
+it samples G completions per prompt with the logprob of each sampled token (the behaviour logprobs the
+GRPO ratio needs), scores fixed sequences (prompt logprobs, used to check that a weight push landed),
+and loads new weights while requests are running. A weight update pauses the scheduler with the
+requests kept, loads the weights through ``collective_rpc`` into the workers' ``WeightSyncExtension``
+(no pickled functions), labels the engine with the new policy version and resumes: no request is lost
+or restarted, and vLLM records which version sampled each output token (``weight_versions``).
 
-With ``engine.speculative_config`` set, every generate call also reports how the drafts fared
-(:class:`SpecStats`, from vLLM's ``vllm:spec_decode_*`` counters). A speculative config that this vLLM
+With ``engine.speculative_config`` set, each completion also reports how its drafts fared
+(:class:`SpecStats`, from vLLM's per-request spec-decode metrics). A speculative config that this vLLM
 build cannot run does not stop the run: the engine starts without it and says why in ``ready()``.
 """
 
+import asyncio
+import itertools
 import logging
 import os
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
@@ -23,28 +29,14 @@ WORKER_EXTENSION = "gymrl.rollout.weight_sync.WeightSyncExtension"
 Sampling = SamplingConfig | list[SamplingConfig]  # one for every prompt, or one per prompt
 log = logging.getLogger(__name__)
 
-# vLLM's speculative-decoding counters (vllm/v1/spec_decode/metrics.py, SpecDecodingProm), read with
-# LLM.get_metrics(); cumulative over the engine's life, so a call's figures are the counters' deltas.
-SPEC_COUNTERS = {"vllm:spec_decode_num_drafts": "drafts", "vllm:spec_decode_num_draft_tokens": "draft_tokens",
-                 "vllm:spec_decode_num_accepted_tokens": "accepted_tokens"}
-
 
 class PromptTooLongError(ValueError):
     """A prompt that leaves no room for a completion inside the engine's context."""
 
 
-@dataclass
-class Completion:
-    token_ids: list[int]
-    logprobs: list[float]
-    text: str
-    finish_reason: str
-    engine_id: int = 0
-
-
 @dataclass(frozen=True)
 class SpecStats:
-    """Speculative-decoding counts over one or more generate calls (summed over requests and engines)."""
+    """Speculative-decoding counts over one or more completions (summed over requests and engines)."""
 
     drafts: int = 0  # verify steps that checked a draft (a request's step with no draft is not counted)
     draft_tokens: int = 0  # tokens proposed
@@ -54,10 +46,6 @@ class SpecStats:
         return SpecStats(self.drafts + other.drafts, self.draft_tokens + other.draft_tokens,
                          self.accepted_tokens + other.accepted_tokens)
 
-    def __sub__(self, other: "SpecStats") -> "SpecStats":
-        return SpecStats(self.drafts - other.drafts, self.draft_tokens - other.draft_tokens,
-                         self.accepted_tokens - other.accepted_tokens)
-
     @property
     def acceptance(self) -> float | None:
         """Accepted / proposed draft tokens; None when nothing was proposed."""
@@ -66,7 +54,7 @@ class SpecStats:
     @property
     def mean_accepted_length(self) -> float | None:
         """Tokens produced per verify step, the bonus token included: 1 + accepted / drafts, as vLLM
-        defines its "mean acceptance length" (SpecDecodingLogging.log in vllm/v1/spec_decode/metrics.py).
+        defines its "mean acceptance length" (RequestSpecDecodeMetrics.to_dict in vllm/v1/metrics/stats.py).
         None when no draft was checked."""
         return 1 + self.accepted_tokens / self.drafts if self.drafts else None
 
@@ -75,6 +63,25 @@ class SpecStats:
         """The sum of the parts that are not None; None when all are (speculative decoding off)."""
         present = [p for p in parts if p is not None]
         return sum(present, SpecStats()) if present else None
+
+    @staticmethod
+    def of_request(metrics) -> "SpecStats | None":
+        """From vLLM's ``RequestSpecDecodeMetrics`` of one completion (a histogram of accepted drafts)."""
+        if metrics is None:
+            return None
+        return SpecStats(drafts=sum(metrics.histogram), draft_tokens=metrics.num_draft_tokens,
+                         accepted_tokens=sum(j * count for j, count in enumerate(metrics.histogram)))
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+    engine_id: int = 0
+    versions: list[int] = field(default_factory=list)  # the policy version that sampled each token
+    spec: SpecStats | None = None  # this completion's drafts (None: speculative decoding off)
 
 
 @dataclass
@@ -85,8 +92,33 @@ class Generation:
     spec: SpecStats | None = None  # None: speculative decoding off on the engine(s)
 
 
+@dataclass
+class EngineStats:
+    """An engine's counters since it started; the pool turns two readings into per-step rates."""
+
+    engine_id: int
+    in_flight: int  # sequences submitted and not finished now (the engine's queue depth)
+    peak_in_flight: int  # the most in flight at once since the previous reading
+    sequences_done: int
+    tokens: int  # completion tokens generated
+    busy_seconds: float  # wall time with at least one sequence in flight
+    policy_version: int
+
+
+@dataclass
+class WeightUpdate:
+    """How one engine took a new policy version."""
+
+    engine_id: int
+    version: int
+    pause_seconds: float  # the scheduler was paused this long: pause, load, relabel, resume
+    load_seconds: float  # of which loading the tensors into the workers
+    in_flight: int  # sequences that were running or waiting when the update landed
+    recomputed_kv: bool
+
+
 def engine_kwargs(model_path: str, cfg: EngineConfig, seed: int, engine_id: int = 0) -> dict:
-    """The arguments of ``vllm.LLM`` for one engine (``gymrl train --dry-run`` prints them)."""
+    """The engine arguments of one engine (``gymrl train --dry-run`` prints them)."""
     kwargs = dict(
         model=model_path,
         dtype=cfg.dtype,
@@ -98,11 +130,12 @@ def engine_kwargs(model_path: str, cfg: EngineConfig, seed: int, engine_id: int 
         worker_extension_cls=WORKER_EXTENSION,
         # Behaviour logprobs after temperature, to match the trainer's log_softmax(logits / T).
         logprobs_mode="processed_logprobs",
+        disable_log_stats=True,
         **cfg.extra_args,
     )
     if cfg.speculative_config is not None:
         kwargs["speculative_config"] = cfg.speculative_config.model_dump()
-        kwargs["disable_log_stats"] = False  # the spec-decode counters live in vLLM's stat loggers
+        kwargs["per_request_spec_decode_metrics"] = "summary"  # each completion says how its drafts fared
     return kwargs
 
 
@@ -111,24 +144,61 @@ def actor_resources(cfg: EngineConfig) -> dict[str, float]:
     return {"num_cpus": cfg.cpus_per_engine, "num_gpus": cfg.tensor_parallel_size if cfg.device == "cuda" else 0}
 
 
-class RolloutEngine:
-    """One vLLM engine. Run it as a Ray actor with :func:`start_engines`."""
+def _build_engine(kwargs: dict):
+    from vllm import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
 
-    speculative = False  # drafts are on (a class default, for engines built without __init__ in tests)
-    spec_fallback: str | None = None  # why the configured speculative decoding is off, if it is
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+
+def sampling_params(prompts: list[list[int]], n: int, sampling: Sampling, max_model_len: int) -> list:
+    """vLLM's SamplingParams of each prompt: ``n`` samples with the sampled token's logprob, the final
+    output only. A later turn of an episode may have less room left than max_tokens: it gets what is left."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    per_prompt = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+    return [
+        SamplingParams(
+            n=n,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            max_tokens=min(s.max_tokens, max_model_len - len(p)),
+            logprobs=0,  # 0 = only the sampled token's logprob
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        for p, s in zip(prompts, per_prompt)
+    ]
+
+
+def version_per_token(spans, n_tokens: int, default: int) -> list[int]:
+    """vLLM's weight-version spans of one completion as one version per token (``default`` where
+    vLLM gave no label)."""
+    versions = [default] * n_tokens
+    for span in spans or []:
+        versions[span.start:span.end] = [int(span.version)] * (span.end - span.start)
+    return versions
+
+
+class RolloutEngine:
+    """One vLLM engine. Run it as a Ray actor with :func:`start_engines` (an async actor: its requests
+    and a weight update run concurrently on the actor's event loop)."""
 
     def __init__(self, model_path: str, cfg: EngineConfig, seed: int, engine_id: int = 0):
         if cfg.device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
-        from vllm import LLM
-
         self.engine_id = engine_id
         self.max_model_len = cfg.max_model_len
         self.policy_version = 0
+        self.spec_fallback: str | None = None  # why the configured speculative decoding is off, if it is
+        self._ids = itertools.count()
+        self._in_flight = self._peak = self._done = self._tokens = 0
+        self._busy = 0.0
+        self._busy_since: float | None = None
         started = time.perf_counter()
         kwargs = engine_kwargs(model_path, cfg, seed, engine_id)
         try:
-            self.llm = LLM(**kwargs)
+            self.llm = _build_engine(kwargs)
             self.speculative = cfg.speculative_config is not None
         except Exception as err:  # noqa: BLE001 - any failure of the speculative build falls back
             if cfg.speculative_config is None:
@@ -138,32 +208,15 @@ class RolloutEngine:
                                   f"here ({type(err).__name__}: {err}); engine {engine_id} runs without it")
             log.warning(self.spec_fallback)
             kwargs.pop("speculative_config")
-            kwargs.pop("disable_log_stats")
-            self.llm = LLM(**kwargs)
+            kwargs.pop("per_request_spec_decode_metrics")
+            self.llm = _build_engine(kwargs)
+            self.speculative = False
         self.load_seconds = time.perf_counter() - started
-        self._spec_seen = self._spec_counters()
 
-    def ready(self) -> dict:
+    async def ready(self) -> dict:
+        await self.llm.update_weight_version(str(self.policy_version))  # label the first tokens
         return {"engine_id": self.engine_id, "load_seconds": self.load_seconds, "pid": os.getpid(),
                 "speculative": self.speculative, "spec_fallback": self.spec_fallback}
-
-    def _spec_counters(self) -> SpecStats | None:
-        """vLLM's cumulative spec-decode counters (summed over their labels); None when drafts are off."""
-        if not self.speculative:
-            return None
-        counts = dict.fromkeys(SPEC_COUNTERS.values(), 0)
-        for metric in self.llm.get_metrics():
-            if metric.name in SPEC_COUNTERS:
-                counts[SPEC_COUNTERS[metric.name]] += metric.value
-        return SpecStats(**counts)
-
-    def _spec_delta(self) -> SpecStats | None:
-        """The spec-decode counts since the previous call (one generate call's worth)."""
-        now = self._spec_counters()
-        if now is None:
-            return None
-        delta, self._spec_seen = now - self._spec_seen, now
-        return delta
 
     def _check_lengths(self, prompts: list[list[int]], room: int) -> None:
         for i, prompt in enumerate(prompts):
@@ -173,63 +226,104 @@ class RolloutEngine:
                     f"engine.max_model_len={self.max_model_len}"
                 )
 
-    def _sample(self, prompts: list[list[int]], n: int, sampling: Sampling) -> list:
-        from vllm import SamplingParams, TokensPrompt
+    def _track(self, sequences: int) -> None:
+        """Count sequences in (positive) or out (negative) of flight, and the busy time."""
+        now = time.perf_counter()
+        if self._in_flight == 0 and sequences > 0:
+            self._busy_since = now
+        self._in_flight += sequences
+        self._peak = max(self._peak, self._in_flight)
+        if self._in_flight == 0 and self._busy_since is not None:
+            self._busy += now - self._busy_since
+            self._busy_since = None
 
+    async def _request(self, prompt: list[int], params):
+        """One request to the engine; returns its final output."""
+        from vllm import TokensPrompt
+
+        final = None
+        self._track(params.n)
+        try:
+            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt), params,
+                                               f"{self.engine_id}-{next(self._ids)}"):
+                final = out
+        finally:
+            self._track(-params.n)
+        self._done += params.n
+        self._tokens += sum(len(c.token_ids) for c in final.outputs)
+        return final
+
+    async def _sample(self, prompts: list[list[int]], n: int, sampling: Sampling) -> list:
         self._check_lengths(prompts, 1)
-        per_prompt = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
-        # A later turn of an episode may have less room left than max_tokens: it gets what is left.
-        params = [
-            SamplingParams(
-                n=n,
-                temperature=s.temperature,
-                top_p=s.top_p,
-                max_tokens=min(s.max_tokens, self.max_model_len - len(p)),
-                logprobs=0,  # 0 = only the sampled token's logprob
-            )
-            for p, s in zip(prompts, per_prompt)
-        ]
-        return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        params = sampling_params(prompts, n, sampling, self.max_model_len)
+        return await asyncio.gather(*(self._request(p, sp) for p, sp in zip(prompts, params)))
 
-    def generate(self, prompts: list[list[int]], n: int, sampling: Sampling) -> Generation:
-        """``n`` completions for each tokenised prompt, with the sampled tokens' logprobs."""
+    async def generate(self, prompts: list[list[int]], n: int, sampling: Sampling) -> Generation:
+        """``n`` completions for each tokenised prompt, with the sampled tokens' logprobs and versions."""
         groups = []
-        for out in self._sample(prompts, n, sampling):
+        for out in await self._sample(prompts, n, sampling):
             group = []
             for c in out.outputs:
                 ids = list(c.token_ids)
                 lps = [step[tok].logprob for tok, step in zip(ids, c.logprobs)]
-                group.append(Completion(ids, lps, c.text, c.finish_reason or "length", self.engine_id))
+                versions = version_per_token(c.weight_versions, len(ids), self.policy_version)
+                group.append(Completion(ids, lps, c.text, c.finish_reason or "length", self.engine_id, versions,
+                                        SpecStats.of_request(c.spec_decode_metrics)))
             groups.append(group)
-        return Generation(groups, self._spec_delta())
+        return Generation(groups, SpecStats.total([c.spec for g in groups for c in g]))
 
-    def timed_generate(self, prompts: list[list[int]], n: int, sampling: Sampling) -> tuple[int, float, SpecStats | None]:
-        """(completion tokens, seconds, spec stats) of vLLM's own generate call: the raw baseline for benchmarks."""
+    async def timed_generate(self, prompts: list[list[int]], n: int, sampling: Sampling) -> tuple[int, float, SpecStats | None]:
+        """(completion tokens, seconds, spec stats) of vLLM's own generate calls: the raw baseline for benchmarks."""
         started = time.perf_counter()
-        outputs = self._sample(prompts, n, sampling)
+        outputs = await self._sample(prompts, n, sampling)
         seconds = time.perf_counter() - started
-        return sum(len(c.token_ids) for out in outputs for c in out.outputs), seconds, self._spec_delta()
+        completions = [c for out in outputs for c in out.outputs]
+        return (sum(len(c.token_ids) for c in completions), seconds,
+                SpecStats.total([SpecStats.of_request(c.spec_decode_metrics) for c in completions]))
 
-    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+    async def score(self, sequences: list[list[int]]) -> list[list[float]]:
         """Logprob of every token after the first given its prefix (teacher forcing)."""
-        from vllm import SamplingParams, TokensPrompt
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         self._check_lengths(sequences, 1)
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
-        self._spec_delta()  # a scoring call's drafts (if any) belong to no rollout
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, output_kind=RequestOutputKind.FINAL_ONLY)
+        outputs = await asyncio.gather(*(self._request(s, params) for s in sequences))
         return [
             [step[tok].logprob for tok, step in zip(seq[1:], out.prompt_logprobs[1:])]
             for seq, out in zip(sequences, outputs)
         ]
 
-    def load_weights(self, blob: bytes, version: int) -> float:
-        """Load a packed state dict into the live engine; returns the seconds it took."""
+    async def load_weights(self, blob: bytes, version: int, recompute_kv: bool = False) -> WeightUpdate:
+        """Load a packed state dict into the live engine while its requests wait in place.
+
+        The scheduler pauses with every request kept; the workers load the tensors; the engine's
+        weight label becomes ``version``, so every token sampled from here on records it; then the
+        requests go on. ``recompute_kv``: drop all cached KV, so running requests recompute their
+        context with the new weights (otherwise they keep the KV computed before the update, and
+        prefix-cache hits may too, until the cache turns over).
+        """
         started = time.perf_counter()
-        self.llm.collective_rpc("gymrl_load_weights", args=(blob,))
-        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
-        self.policy_version = version
-        return time.perf_counter() - started
+        in_flight = self._in_flight
+        await self.llm.pause_generation(mode="keep", clear_cache=recompute_kv)
+        try:
+            loading = time.perf_counter()
+            await self.llm.collective_rpc("gymrl_load_weights", args=(blob,))
+            load_seconds = time.perf_counter() - loading
+            # Nothing in flight: the whole prefix cache can go (with requests running this is a no-op).
+            await self.llm.reset_prefix_cache()
+            await self.llm.update_weight_version(str(version))
+            self.policy_version = version
+        finally:
+            await self.llm.resume_generation()
+        return WeightUpdate(self.engine_id, version, time.perf_counter() - started, load_seconds, in_flight, recompute_kv)
+
+    def stats(self) -> EngineStats:
+        busy = self._busy + (time.perf_counter() - self._busy_since if self._busy_since is not None else 0.0)
+        reading = EngineStats(self.engine_id, self._in_flight, self._peak, self._done, self._tokens, busy,
+                              self.policy_version)
+        self._peak = self._in_flight
+        return reading
 
     def version(self) -> int:
         return self.policy_version
@@ -254,31 +348,76 @@ def start_engines(model_path: str, cfg: EngineConfig, seed: int) -> list:
 
 
 class EnginePool:
-    """Spreads prompt groups over engine actors (a group stays on one engine, for its prefix cache)."""
+    """Spreads prompt groups over engine actors and pushes weights into all of them.
+
+    A group (the G samples of one prompt) stays on one engine, for its prefix cache; a new group goes
+    to the engine with the fewest sequences this pool has in flight there, and a later turn of an
+    episode goes back to the engine that sampled its first turn (``engine_ids``). Safe to call from
+    several threads at once (a weight push while rollouts are running, say).
+    """
 
     def __init__(self, actors: list):
         self.actors = actors
+        self._lock = threading.Lock()
+        self._load = [0] * len(actors)  # sequences this pool has in flight on each engine
+        self._last: list[EngineStats] | None = None
 
-    def generate(self, prompts: list[list[int]], n: int, sampling: Sampling) -> Generation:
-        """``sampling``: one for all prompts, or a list with one per prompt. The spec stats are the sum
-        over the engines that took part (None when speculative decoding is off)."""
-        shards = [(a, list(range(i, len(prompts), len(self.actors)))) for i, a in enumerate(self.actors)]
-        shards = [(actor, shard) for actor, shard in shards if shard]
+    def _assign(self, n: int, engine_ids: list[int | None]) -> list[int]:
+        with self._lock:
+            chosen = []
+            for pinned in engine_ids:
+                engine = pinned if pinned is not None else min(range(len(self.actors)), key=self._load.__getitem__)
+                self._load[engine] += n
+                chosen.append(engine)
+            return chosen
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: Sampling,
+                 engine_ids: list[int | None] | None = None) -> Generation:
+        """``sampling``: one for all prompts, or a list with one per prompt. ``engine_ids``: the engine
+        each prompt must go to (None: the least loaded). The spec stats are the sum over the engines
+        that took part (None when speculative decoding is off)."""
+        chosen = self._assign(n, engine_ids or [None] * len(prompts))
+        shards = {e: [j for j, c in enumerate(chosen) if c == e] for e in sorted(set(chosen))}
         pick = (lambda shard: [sampling[j] for j in shard]) if isinstance(sampling, list) else (lambda shard: sampling)
-        futures = [actor.generate.remote([prompts[j] for j in shard], n, pick(shard)) for actor, shard in shards]
+        futures = [self.actors[e].generate.remote([prompts[j] for j in shard], n, pick(shard)) for e, shard in shards.items()]
+        try:
+            replies: list[Generation] = ray.get(futures)
+        finally:
+            with self._lock:
+                for e, shard in shards.items():
+                    self._load[e] -= n * len(shard)
         results: list[list[Completion]] = [[] for _ in prompts]
-        replies: list[Generation] = ray.get(futures)
-        for (_, shard), reply in zip(shards, replies):
+        for shard, reply in zip(shards.values(), replies):
             for j, group in zip(shard, reply.groups):
                 results[j] = group
         return Generation(results, SpecStats.total([r.spec for r in replies]))
 
-    def push_weights(self, blob: bytes, version: int) -> float:
-        """Load new weights into every engine; returns the wall time of the push."""
+    def push_weights(self, blob: bytes, version: int, recompute_kv: bool = False) -> float:
+        """Load new weights into every engine, requests in flight or not; returns the wall time."""
         started = time.perf_counter()
-        ref = ray.put(blob)
-        ray.get([a.load_weights.remote(ref, version) for a in self.actors])
+        self.update_weights(blob, version, recompute_kv)
         return time.perf_counter() - started
+
+    def update_weights(self, blob: bytes, version: int, recompute_kv: bool = False) -> list[WeightUpdate]:
+        """Load new weights into every engine at once; returns how each took them."""
+        ref = ray.put(blob)  # one copy in the object store, read by every engine
+        return ray.get([a.load_weights.remote(ref, version, recompute_kv) for a in self.actors])
 
     def score(self, sequences: list[list[int]]) -> list[list[float]]:
         return ray.get(self.actors[0].score.remote(sequences))
+
+    def stats(self) -> list[EngineStats]:
+        return ray.get([a.stats.remote() for a in self.actors])
+
+    def step_metrics(self) -> dict[str, float]:
+        """Per engine since the previous call: tokens/s while busy, and the peak queue depth (sequences
+        in flight at once); the first call covers the engines' whole life."""
+        now = self.stats()
+        before = self._last or [EngineStats(s.engine_id, 0, 0, 0, 0, 0.0, 0) for s in now]
+        self._last = now
+        metrics = {}
+        for old, new in zip(before, now):
+            busy = new.busy_seconds - old.busy_seconds
+            metrics[f"engine_tokens_per_s/{new.engine_id}"] = (new.tokens - old.tokens) / busy if busy > 0 else 0.0
+            metrics[f"engine_queue_depth/{new.engine_id}"] = float(new.peak_in_flight)
+        return metrics

@@ -35,11 +35,17 @@ class Rollout:
     finish_reason: str  # stop | length | max_turns | context_full
     reward: float
     reason: str
-    policy_version: int
-    engine_id: int = 0  # the engine that sampled its first turn
+    policy_version: int  # the oldest policy version that sampled any of its tokens
+    engine_id: int = 0  # the engine that sampled its turns
     breakdown: dict[str, float] = field(default_factory=dict)
     turns: list[dict[str, Any]] = field(default_factory=list)  # chat messages after the prompt, for traces
     temperature: float = 1.0  # sampled at (tool tasks: sampling.tool_temperature); the trainer scores at it too
+    versions: list[int] = field(default_factory=list)  # per completion token: the version that sampled it
+    spec: SpecStats | None = None  # its turns' speculative drafts (None: off)
+
+    def __post_init__(self) -> None:
+        if not self.versions:  # built without per-token versions (a test, a replay): all policy_version
+            self.versions = [self.policy_version] * len(self.completion_ids)
 
     @property
     def num_model_tokens(self) -> int:
@@ -87,6 +93,8 @@ class EpisodeState:
         self.completion_ids: list[int] = []
         self.mask: list[int] = []
         self.logprobs: list[float] = []
+        self.versions: list[int] = []  # the environment's tokens get the version of the turn before them
+        self.spec: list[SpecStats | None] = []
         self.turns: list[dict[str, Any]] = []  # assistant and tool messages, as chat messages
         self.items: list[dict[str, Any]] = []  # the same turns as Responses-API output items
         self.pending_calls: list = []
@@ -98,10 +106,16 @@ class EpisodeState:
     def ids(self) -> list[int]:
         return self.prompt_ids + self.completion_ids
 
+    def oldest_version(self, default: int) -> int:
+        """The oldest policy version among the model's tokens (``default`` for an empty completion)."""
+        return min((v for v, m in zip(self.versions, self.mask) if m), default=default)
+
     def add_model_turn(self, c: Completion, parser: ToolCallParser | None) -> None:
         self.completion_ids += c.token_ids
         self.mask += [1] * len(c.token_ids)
         self.logprobs += c.logprobs
+        self.versions += c.versions
+        self.spec.append(c.spec)
         self.text, self.finish_reason = c.text, c.finish_reason
         if self.engine_id is None:
             self.engine_id = c.engine_id
@@ -135,6 +149,7 @@ class EpisodeState:
         self.completion_ids += env_ids
         self.mask += [0] * len(env_ids)
         self.logprobs += [0.0] * len(env_ids)
+        self.versions += [self.versions[-1] if self.versions else 0] * len(env_ids)
 
 
 def play_episode(env: Environment, task: Task, assistant_turns: list[str], parser: ToolCallParser) -> tuple[RewardResult, list[dict[str, Any]]]:
@@ -214,7 +229,9 @@ class RolloutRunner:
             if not active:
                 break
             started = time.perf_counter()
-            turn_reply = self.pool.generate([s.ids for s in active], 1, [s.sampling for s in active])
+            # A later turn goes back to the engine of the first: its prefix is in that engine's cache.
+            turn_reply = self.pool.generate([s.ids for s in active], 1, [s.sampling for s in active],
+                                            [s.engine_id for s in active])
             generate_seconds += time.perf_counter() - started
             completions = [g[0] for g in turn_reply.groups]
             spec.append(turn_reply.spec)
@@ -224,7 +241,8 @@ class RolloutRunner:
             verdicts = list(threads.map(lambda s: s.episode.verify(s.items), states))
         rollouts = [
             Rollout(s.task.id, s.task.env, s.prompt_ids, s.completion_ids, s.mask, s.logprobs, s.text, s.finish_reason,
-                    v.reward, v.reason, policy_version, s.engine_id or 0, v.breakdown, s.turns, s.sampling.temperature)
+                    v.reward, v.reason, s.oldest_version(policy_version), s.engine_id or 0, v.breakdown, s.turns,
+                    s.sampling.temperature, s.versions, SpecStats.total(s.spec))
             for s, v in zip(states, verdicts)
         ]
         return RolloutBatch(rollouts, group_size, generate_seconds, time.perf_counter() - started, tool_seconds,

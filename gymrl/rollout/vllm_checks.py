@@ -55,16 +55,13 @@ def check_speculative(spec: SpeculativeConfig) -> None:
 
 
 def check_engine_args(extra_args: dict) -> None:
-    """Every ``engine.extra_args`` key is an argument of ``vllm.LLM`` (its own or an ``EngineArgs`` field)."""
-    import inspect
+    """Every ``engine.extra_args`` key is a vLLM engine argument (an ``AsyncEngineArgs`` field)."""
+    from vllm import AsyncEngineArgs
 
-    from vllm import LLM
-    from vllm.engine.arg_utils import EngineArgs
-
-    known = {f.name for f in dataclasses.fields(EngineArgs)} | set(inspect.signature(LLM.__init__).parameters)
-    unknown = sorted(set(extra_args) - known)
+    unknown = sorted(set(extra_args) - {f.name for f in dataclasses.fields(AsyncEngineArgs)})
     if unknown:
-        raise ValueError(f"engine.extra_args: '{unknown[0]}' is not an argument of vllm.LLM in vLLM {vllm_version()}")
+        raise ValueError(f"engine.extra_args: '{unknown[0]}' is not a vLLM engine argument (AsyncEngineArgs) "
+                         f"in vLLM {vllm_version()}")
 
 
 def check_mtp(spec: SpeculativeConfig | None, model: CheckpointInfo) -> None:

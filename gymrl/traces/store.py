@@ -50,10 +50,10 @@ CREATE TABLE IF NOT EXISTS rollouts (
     completion_tokens INTEGER NOT NULL,  -- the model's tokens (the environment's excluded)
     policy_version INTEGER NOT NULL,
     engine_id INTEGER NOT NULL,
-    spec_acceptance REAL,             -- speculative decoding: accepted / proposed draft tokens, over the rollout's
-                                      -- whole batch (vLLM counts per engine, not per request; NULL: off)
+    spec_acceptance REAL,             -- speculative decoding: accepted / proposed draft tokens over the
+                                      -- rollout's turns (vLLM's per-request metrics; NULL: off)
     spec_mean_accepted REAL,          -- tokens per verify step, 1 + accepted / drafts (vLLM's mean acceptance
-                                      -- length), over the rollout's whole batch (NULL: off)
+                                      -- length), over the rollout's turns (NULL: off)
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS bodies (
@@ -137,8 +137,8 @@ class TraceRecord:
     versions: list[int]  # the policy version that made each completion token
     breakdown: dict[str, float]
     timings: dict[str, float]
-    spec_acceptance: float | None = None  # the batch's figure (see the rollouts table), not this rollout's own
-    spec_mean_accepted: float | None = None  # the batch's figure, like spec_acceptance
+    spec_acceptance: float | None = None  # this rollout's drafts: accepted / proposed
+    spec_mean_accepted: float | None = None  # this rollout's drafts: 1 + accepted / verify steps
     id: int | None = None
     created: float | None = None
 
@@ -229,9 +229,6 @@ class TraceWriter:
     def write_batch(self, batch: "RolloutBatch", tasks: list["Task"], step: int, split: str) -> None:
         """Every rollout of a batch, in order; ``tasks`` are the batch's tasks, one per group."""
         timings = {"generate": batch.generate_seconds, "tools": batch.tool_seconds, "verify": batch.verify_seconds}
-        # Spec-decode figures are the batch's (vLLM's counters are per engine): every rollout gets the same.
-        spec_acceptance = batch.spec.acceptance if batch.spec is not None else None
-        spec_mean_accepted = batch.spec.mean_accepted_length if batch.spec is not None else None
         for i, r in enumerate(batch.rollouts):
             task = tasks[i // batch.group_size]
             self.add_task(task.env, task.id, task.row)
@@ -240,9 +237,9 @@ class TraceWriter:
                 reason=r.reason, finish_reason=r.finish_reason, policy_version=r.policy_version,
                 engine_id=r.engine_id, prompt=task.messages, turns=r.turns, response=r.text,
                 prompt_ids=r.prompt_ids, completion_ids=r.completion_ids, mask=r.completion_mask,
-                logprobs=r.logprobs, versions=[r.policy_version] * len(r.completion_ids),
-                breakdown=r.breakdown, timings=timings, spec_acceptance=spec_acceptance,
-                spec_mean_accepted=spec_mean_accepted,
+                logprobs=r.logprobs, versions=r.versions, breakdown=r.breakdown, timings=timings,
+                spec_acceptance=r.spec.acceptance if r.spec is not None else None,
+                spec_mean_accepted=r.spec.mean_accepted_length if r.spec is not None else None,
             ))
 
     def close(self) -> None:

@@ -105,7 +105,8 @@ class GRPOTrainer:
 
     def push_weights(self) -> float:
         """Pack the trainer's weights and load them into every live engine."""
-        return self.s.pool.push_weights(pack_state_dict(self.policy.state_dict()), self.version)
+        return self.s.pool.push_weights(pack_state_dict(self.policy.state_dict()), self.version,
+                                        self.cfg.engine.recompute_kv_on_update)
 
 
 def per_env(batch: RolloutBatch, key: str, value=lambda r: r.reward) -> dict[str, float]:
@@ -177,6 +178,7 @@ def train(session: Session, progress=None) -> dict:
             "push_seconds": push_seconds,
             "tokens_per_second": batch.num_tokens / max(batch.generate_seconds, 1e-9),
         } | per_env(batch, "reward") | per_env(batch, "completion_length", lambda r: r.num_model_tokens)
+        record |= session.pool.step_metrics()  # tokens/s and peak queue depth of each engine
         if batch.spec is not None:  # speculative decoding on: how the drafts fared over the step's rollouts
             record |= {"spec_acceptance": batch.spec.acceptance,
                        "spec_mean_accepted_length": batch.spec.mean_accepted_length}
