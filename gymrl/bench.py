@@ -195,6 +195,7 @@ def run_pool_bench(cfg, out: Path, repeats: int = 3, engines: int = 2) -> Table:
     pool = EnginePool(start_engines(str(path.resolve()), engine_cfg, cfg.seed))
     state = policy.state_dict()
     blob = pack_state_dict(state)
+    copy: list[float] = []
     try:
         for actor in pool.actors:  # warm-up: first requests pay one-off costs
             ray.get(actor.timed_generate.remote(prompts, n, sampling))
@@ -209,7 +210,7 @@ def run_pool_bench(cfg, out: Path, repeats: int = 3, engines: int = 2) -> Table:
             reply = pool.generate(prompts * engines, n, sampling)
             pooled.append(sum(len(c.token_ids) for g in reply.groups for c in g) / (time.perf_counter() - started))
 
-        idle, busy, copy = [], [], []
+        idle, busy = [], []
         for _ in range(repeats):
             version = pool.stats()[0].policy_version + 1
             idle += pool.update_weights(blob, version)
@@ -219,13 +220,16 @@ def run_pool_bench(cfg, out: Path, repeats: int = 3, engines: int = 2) -> Table:
                 time.sleep(0.002)
             busy += pool.update_weights(blob, version + 1)
             worker.join()
-            started = time.perf_counter()
-            copies = {k: v.clone() for k, v in state.items()}
-            copy.append(time.perf_counter() - started)
-            del copies
     finally:
         for actor in pool.actors:
             ray.kill(actor)
+    time.sleep(1.0)  # the engines' processes gone: the copy is timed on a quiet machine
+    for _ in range(11):  # cheap: 10 timed copies (the first is a warm-up), their median reported
+        started = time.perf_counter()
+        copies = {k: v.clone() for k, v in state.items()}
+        copy.append(time.perf_counter() - started)
+        del copies
+    copy = copy[1:]
 
     results = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version()},
