@@ -85,6 +85,21 @@ def run_bench(session: Session, out: Path, repeats: int = 3) -> Table:
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 
 
+def _model_and_prompts(cfg) -> tuple[Path, object, list[list[int]]]:
+    """The config's model (built if it is a tiny one), the trainer's policy, and the first env's first
+    ``prompts_per_step`` train prompts as token ids: what the engine-only suites measure with."""
+    from gymrl.envs.registry import load_environment
+    from gymrl.models.checkpoint import load_policy
+    from gymrl.rollout.runner import encode_prompt
+    from gymrl.session import resolve_model_path
+
+    envs = [load_environment(e.name, e.args) for e in cfg.envs]
+    path = resolve_model_path(cfg.model, envs, [e.weight for e in cfg.envs])
+    policy, tokenizer = load_policy(path)
+    tasks = envs[0].tasks("train")[: cfg.train.prompts_per_step]
+    return path, policy, [encode_prompt(tokenizer, t, cfg.rollout.chat_template_kwargs) for t in tasks]
+
+
 def run_spec_bench(cfg, out: Path, repeats: int = 3) -> Table:
     """Decode tokens/s of vLLM's own generate without and with speculative decoding, same prompts, same
     model, one engine at a time (started, measured, killed), and the drafts' acceptance. Two workloads:
@@ -92,18 +107,11 @@ def run_spec_bench(cfg, out: Path, repeats: int = 3) -> Table:
     import vllm
 
     from gymrl.config import SamplingConfig, SpeculativeConfig
-    from gymrl.envs.registry import load_environment
-    from gymrl.models.checkpoint import load_policy
     from gymrl.rollout.engine import SpecStats, start_engines
-    from gymrl.rollout.runner import encode_prompt
     from gymrl.rollout.vllm_checks import check_speculative
-    from gymrl.session import init_ray, resolve_model_path
+    from gymrl.session import init_ray
 
-    envs = [load_environment(e.name, e.args) for e in cfg.envs]
-    path = resolve_model_path(cfg.model, envs, [e.weight for e in cfg.envs])
-    _, tokenizer = load_policy(path)
-    tasks = envs[0].tasks("train")[: cfg.train.prompts_per_step]
-    prompts = [encode_prompt(tokenizer, t, cfg.rollout.chat_template_kwargs) for t in tasks]
+    path, _, prompts = _model_and_prompts(cfg)
     spec = cfg.engine.speculative_config or SpeculativeConfig(**NGRAM)
     check_speculative(spec)
     workloads = {"greedy": (1, SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=cfg.sampling.max_tokens)),
@@ -176,18 +184,11 @@ def run_pool_bench(cfg, out: Path, repeats: int = 3, engines: int = 2) -> Table:
     import torch
     import vllm
 
-    from gymrl.envs.registry import load_environment
-    from gymrl.models.checkpoint import load_policy
     from gymrl.rollout.engine import EnginePool, start_engines
-    from gymrl.rollout.runner import encode_prompt
     from gymrl.rollout.weight_sync import pack_state_dict
-    from gymrl.session import init_ray, resolve_model_path
+    from gymrl.session import init_ray
 
-    envs = [load_environment(e.name, e.args) for e in cfg.envs]
-    path = resolve_model_path(cfg.model, envs, [e.weight for e in cfg.envs])
-    policy, tokenizer = load_policy(path)
-    tasks = envs[0].tasks("train")[: cfg.train.prompts_per_step]
-    prompts = [encode_prompt(tokenizer, t, cfg.rollout.chat_template_kwargs) for t in tasks]
+    path, policy, prompts = _model_and_prompts(cfg)
     n, sampling = cfg.train.group_size, cfg.sampling
     init_ray(cfg)
     cpus = min(cfg.engine.cpus_per_engine, (cfg.ray_num_cpus or engines) / engines)

@@ -98,7 +98,7 @@ class EngineStats:
 
     engine_id: int
     in_flight: int  # sequences submitted and not finished now (the engine's queue depth)
-    peak_in_flight: int  # the most in flight at once since the previous reading
+    peak_in_flight: int  # the most in flight at once since the last reading that opened a new peak window
     sequences_done: int
     tokens: int  # completion tokens generated
     busy_seconds: float  # wall time with at least one sequence in flight
@@ -318,15 +318,15 @@ class RolloutEngine:
             await self.llm.resume_generation()
         return WeightUpdate(self.engine_id, version, time.perf_counter() - started, load_seconds, in_flight, recompute_kv)
 
-    def stats(self) -> EngineStats:
+    def stats(self, new_peak_window: bool = False) -> EngineStats:
+        """The counters now. ``new_peak_window``: start measuring ``peak_in_flight`` afresh after this
+        reading (the per-step metrics do; a plain look at the engine leaves it alone)."""
         busy = self._busy + (time.perf_counter() - self._busy_since if self._busy_since is not None else 0.0)
         reading = EngineStats(self.engine_id, self._in_flight, self._peak, self._done, self._tokens, busy,
                               self.policy_version)
-        self._peak = self._in_flight
+        if new_peak_window:
+            self._peak = self._in_flight
         return reading
-
-    def version(self) -> int:
-        return self.policy_version
 
 
 def start_engines(model_path: str, cfg: EngineConfig, seed: int) -> list:
@@ -406,13 +406,13 @@ class EnginePool:
     def score(self, sequences: list[list[int]]) -> list[list[float]]:
         return ray.get(self.actors[0].score.remote(sequences))
 
-    def stats(self) -> list[EngineStats]:
-        return ray.get([a.stats.remote() for a in self.actors])
+    def stats(self, new_peak_window: bool = False) -> list[EngineStats]:
+        return ray.get([a.stats.remote(new_peak_window) for a in self.actors])
 
     def step_metrics(self) -> dict[str, float]:
         """Per engine since the previous call: tokens/s while busy, and the peak queue depth (sequences
         in flight at once); the first call covers the engines' whole life."""
-        now = self.stats()
+        now = self.stats(new_peak_window=True)
         before = self._last or [EngineStats(s.engine_id, 0, 0, 0, 0, 0.0, 0) for s in now]
         self._last = now
         metrics = {}
