@@ -80,6 +80,7 @@ class CheckpointInfo:
     weight_bytes: int | None
     weight_dtypes: list[str]
     has_tokenizer: bool
+    mla: bool = False  # DeepSeek-style multi-head latent attention (the config names a kv_lora_rank)
 
 
 def mtp_layers(config: dict) -> tuple[int, str | None]:
@@ -116,5 +117,6 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
             dtypes.add(entry["dtype"])
     layers, field = mtp_layers(config)
     tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    mla = any(section.get("kv_lora_rank") is not None for section in (config, config.get("text_config") or {}))
     return CheckpointInfo(path, list(config.get("architectures") or []), str(config.get("model_type", "?")), layers,
-                          field, params if files else None, nbytes if files else None, sorted(dtypes), tokenizer)
+                          field, params if files else None, nbytes if files else None, sorted(dtypes), tokenizer, mla)
