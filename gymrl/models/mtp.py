@@ -121,8 +121,9 @@ def train_mtp_layer(model, data: SftData, steps: int, lr: float, batch_size: int
     report = {"steps": steps, "agreement_before": round(agreement(model, layer, data, held), 4)}
     if steps:
         layer.train()
-        report["final_loss_ema"] = round(fit(layer.parameters(), lambda idx: mtp_loss(model, layer, data, idx), train_rows,
-                                             steps, lr, batch_size, seed, "tiny-model MTP head"), 4)
+        ema = fit(layer.parameters(), lambda idx: mtp_loss(model, layer, data, idx), train_rows, steps, lr,
+                  batch_size, seed, "tiny-model MTP head")
+        report["final_loss_ema"] = round(ema, 4)
         layer.eval()
     report["agreement_after"] = round(agreement(model, layer, data, held), 4)
     for p in model.parameters():

@@ -73,7 +73,9 @@ class TinyModelSpec(BaseModel):
     )
     hidden_size: int = Field(default=128, ge=8, description="Width of the residual stream.")
     num_hidden_layers: int = Field(default=2, ge=1, description="Transformer blocks.")
-    num_attention_heads: int = Field(default=2, ge=1, description="Query heads (qwen2: hidden_size / heads is the head dim).")
+    num_attention_heads: int = Field(
+        default=2, ge=1, description="Query heads (qwen2: hidden_size / heads is the head dim)."
+    )
     num_key_value_heads: int = Field(
         default=2, ge=1, description="qwen2: key/value heads (GQA when fewer than query heads)."
     )
@@ -96,10 +98,13 @@ class TinyModelSpec(BaseModel):
         default=800, ge=0, description="AdamW steps of supervised warm-up (0 = random model; deepseek_v3 default 600)."
     )
     warmup_lr: float = Field(default=3e-3, gt=0, description="Peak warm-up learning rate (cosine decay to zero).")
-    warmup_batch_size: int = Field(default=64, ge=1, description="Sequences per warm-up (and MTP) step (deepseek_v3 default 32).")
+    warmup_batch_size: int = Field(
+        default=64, ge=1, description="Sequences per warm-up (and MTP) step (deepseek_v3 default 32)."
+    )
     mtp_steps: int = Field(
         default=200, ge=0,
-        description="deepseek_v3: AdamW steps training the MTP layer on the frozen warmed-up model (0 = a random MTP layer).",
+        description="deepseek_v3: AdamW steps training the MTP layer on the frozen warmed-up model (0 = a random "
+        "MTP layer).",
     )
     mtp_lr: float = Field(default=3e-3, gt=0, description="deepseek_v3: peak learning rate of the MTP layer.")
 
@@ -118,7 +123,8 @@ class TinyModelSpec(BaseModel):
                 raise ValueError(f"{stray[0]} applies to architecture {arch} only, not {self.architecture}")
         if self.architecture == "deepseek_v3":
             if self.tie_word_embeddings:
-                raise ValueError("deepseek_v3 needs tie_word_embeddings false: vLLM's DeepSeek model has no tied LM head")
+                raise ValueError("deepseek_v3 needs tie_word_embeddings false: vLLM's DeepSeek model has no tied "
+                                 "LM head")
             return self
         if self.hidden_size != self.num_attention_heads * self.head_dim:
             raise ValueError(
