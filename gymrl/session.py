@@ -23,8 +23,8 @@ from gymrl.models.tiny import build_tiny_model
 from gymrl.rollout.engine import EnginePool, start_engines
 from gymrl.rollout.runner import RolloutRunner, check_prompts_fit
 from gymrl.rollout.tool_calls import parser_class
-from gymrl.rollout.vllm_checks import (check_engine_args, check_mtp, check_speculative, reasoning_parser_class,
-                                      reasoning_plugin_path)
+from gymrl.rollout.vllm_checks import (check_cpu_mla, check_engine_args, check_mtp, check_speculative,
+                                      reasoning_parser_class, reasoning_plugin_path)
 
 
 class WarmupMix:
@@ -123,8 +123,10 @@ def start_session(cfg: RunConfig) -> Session:
     model_path = resolve_model_path(cfg.model, list(envs.values()), [e.weight for e in cfg.envs])
     if cfg.rollout.reasoning_parser is not None:
         reasoning_parser_class(cfg.rollout.reasoning_parser, reasoning_plugin_path(cfg, model_path))
+    info = inspect_checkpoint(model_path)
     if spec is not None:
-        check_mtp(spec, inspect_checkpoint(model_path))
+        check_mtp(spec, info)
+    check_cpu_mla(cfg.engine, info.mla)
     policy, tokenizer = load_policy(model_path)
     check_prompts_fit(tokenizer, tasks, cfg.sampling.max_tokens, cfg.engine.max_model_len,
                       cfg.rollout.chat_template_kwargs)

