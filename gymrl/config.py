@@ -181,6 +181,22 @@ class TrainConfig(Section):
     epsilon_high: float = Field(default=0.2, ge=0, description="Upper clip range (DAPO's clip-higher uses 0.28).")
     beta: float = Field(default=0.0, ge=0, description="KL coefficient to the initial policy (0 = no reference model).")
     micro_batch_size: int = Field(default=64, ge=1, description="Sequences per forward/backward pass.")
+    max_staleness: int = Field(
+        default=0, ge=0,
+        description="How many policy versions older than the trainer a sample may be. 0 = synchronous (each batch "
+        "is sampled by the weights it trains); k > 0 lets rollouts run up to k steps ahead while the trainer steps "
+        "(async). Older samples are dropped and regenerated.",
+    )
+    push_every: int = Field(default=1, ge=1, description="Push the weights into the engines every this many steps "
+                            "(in flight: running requests continue on the new weights). At most max_staleness + 1.")
+    is_correction: Literal["none", "tis"] = Field(
+        default="tis",
+        description="Off-policy correction: tis weighs each token's loss by min(pi/pi_behaviour, is_cap) "
+        "(truncated importance sampling with the logprobs recorded at generation); none uses the behaviour "
+        "logprobs as the clipped ratio's old policy.",
+    )
+    is_cap: float = Field(default=2.0, ge=1, description="Upper bound of the TIS importance weight.")
+    tensorboard: bool = Field(default=True, description="Also write the step metrics as TensorBoard events (run_dir/tensorboard).")
 
 
 class EvalConfig(Section):
@@ -222,6 +238,10 @@ class RunConfig(Section):
             raise ValueError("engine.speculative_config: on the CPU build, speculative decoding is only right for "
                              "greedy sampling (temperature 0); sampled rollouts get NaN logprobs. Use it on cuda, "
                              "or turn it off for training")
+        if self.train.push_every > self.train.max_staleness + 1:
+            raise ValueError(f"train.push_every={self.train.push_every} needs train.max_staleness >= "
+                             f"{self.train.push_every - 1}: between pushes the engines' weights fall that many "
+                             "versions behind, and every sample would be too stale to use")
         if self.sampling.max_tokens >= self.engine.max_model_len:
             raise ValueError(
                 f"sampling.max_tokens ({self.sampling.max_tokens}) must be smaller than "

@@ -55,7 +55,8 @@ def _fixture() -> dict[str, torch.Tensor]:
 
 
 def _trl_loss(
-    cfg: GRPOLossConfig, x: dict[str, torch.Tensor], logps: torch.Tensor, num_items: int | None
+    cfg: GRPOLossConfig, x: dict[str, torch.Tensor], logps: torch.Tensor, num_items: int | None,
+    is_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, list[float]]]:
     """Run TRL 1.16.0 ``GRPOTrainer._compute_loss`` (grpo_trainer.py:3020) on a stand-in trainer."""
     metrics: dict[str, list[float]] = defaultdict(list)
@@ -72,8 +73,8 @@ def _trl_loss(
         epsilon_high=cfg.epsilon_high,
         max_completion_length=cfg.max_completion_length or T,
         args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
-        use_vllm=False,
-        vllm_importance_sampling_correction=False,
+        use_vllm=is_ratio is not None,
+        vllm_importance_sampling_correction=is_ratio is not None,
         model=SimpleNamespace(training=True),
         current_gradient_accumulation_steps=1,
         accelerator=SimpleNamespace(num_processes=1, reduce=lambda t, reduction: t, gather=lambda t: t),
@@ -92,6 +93,8 @@ def _trl_loss(
     }
     if cfg.beta != 0.0:
         inputs["ref_per_token_logps"] = x["ref"]
+    if is_ratio is not None:
+        inputs["importance_sampling_ratio"] = is_ratio
     loss = _trl_grpo_trainer()._compute_loss(stub, None, inputs)
     return loss, metrics
 
@@ -255,3 +258,60 @@ def test_kl_needs_reference_logps() -> None:
     x = _fixture()
     with pytest.raises(ValueError, match="ref_logps"):
         grpo_loss(x["logps"], x["old"], x["adv"], x["mask"], GRPOLossConfig(beta=0.04))
+
+
+def _behaviour(x: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Behaviour logprobs off the old policy by up to +-1 nat, so some importance weights pass the cap of 2."""
+    g = torch.Generator().manual_seed(99)
+    return x["old"] + 2.0 * (torch.rand(x["old"].shape, generator=g) - 0.5)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_truncated_importance_sampling_matches_trl(beta: float) -> None:
+    """TIS weighs the clipped surrogate by min(exp(old - behaviour), cap) before the KL term, as TRL does with
+    ``vllm_importance_sampling_mode="token_truncate"``."""
+    x = _fixture()
+    behaviour = _behaviour(x)
+    cfg = GRPOLossConfig("dapo", EPS_LOW, EPS_HIGH, beta, is_correction="tis", is_cap=2.0)
+    logps = x["logps"].clone().requires_grad_(True)
+    loss, stats = grpo_loss(logps, x["old"], x["adv"], x["mask"], cfg, ref_logps=x["ref"], behaviour_logps=behaviour)
+    (grad,) = torch.autograd.grad(loss, logps)
+    ratio = torch.clamp(torch.exp(x["old"] - behaviour), max=2.0)
+    trl_logps = x["logps"].clone().requires_grad_(True)
+    trl_loss, _ = _trl_loss(cfg, x, trl_logps, None, is_ratio=ratio)
+    (trl_grad,) = torch.autograd.grad(trl_loss, trl_logps)
+    torch.testing.assert_close(loss.detach(), trl_loss.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, trl_grad, atol=1e-6, rtol=0)
+    plain, _ = grpo_loss(x["logps"], x["old"], x["adv"], x["mask"], _cfg("dapo", beta), ref_logps=x["ref"])
+    assert abs(loss.item() - plain.item()) > 1e-3  # the weights did something
+    own = x["mask"].bool()
+    assert stats["is_weight_max"] == pytest.approx(2.0)  # truncated at the cap
+    assert 0 < stats["is_truncated_fraction"] < 1
+    assert stats["is_weight_min"] == pytest.approx(ratio[own].min().item())
+    assert stats["is_weight_mean"] == pytest.approx(ratio[own].mean().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_tis_without_staleness_is_the_on_policy_loss_exactly(loss_type: LossType) -> None:
+    """Samples from the policy being updated (behaviour == old) get weight 1: loss and gradient equal the
+    uncorrected loss bit for bit, so sync training is the same code path with a staleness of 0."""
+    x = _fixture()
+    plain_cfg = _cfg(loss_type, 0.04)
+    tis_cfg = GRPOLossConfig(loss_type, EPS_LOW, EPS_HIGH, 0.04, plain_cfg.max_completion_length, is_correction="tis")
+    results = []
+    for cfg, behaviour in ((plain_cfg, None), (tis_cfg, x["old"].clone())):
+        logps = x["logps"].clone().requires_grad_(True)
+        loss, stats = grpo_loss(logps, x["old"], x["adv"], x["mask"], cfg, ref_logps=x["ref"], behaviour_logps=behaviour)
+        results.append((loss.detach(), torch.autograd.grad(loss, logps)[0], stats))
+    (loss, grad, _), (tis_loss, tis_grad, tis_stats) = results
+    assert torch.equal(loss, tis_loss) and torch.equal(grad, tis_grad)
+    assert tis_stats["is_weight_min"] == tis_stats["is_weight_max"] == 1.0
+    assert tis_stats["is_truncated_fraction"] == 0.0
+
+
+def test_tis_needs_behaviour_logps_and_a_cap_of_at_least_one() -> None:
+    x = _fixture()
+    with pytest.raises(ValueError, match="behaviour_logps"):
+        grpo_loss(x["logps"], x["old"], x["adv"], x["mask"], GRPOLossConfig(is_correction="tis"))
+    with pytest.raises(ValueError, match="is_cap"):
+        GRPOLossConfig(is_correction="tis", is_cap=0.5)

@@ -19,8 +19,8 @@ def fake_session(cfg):
 def test_multi_env_config_is_valid_and_samples_by_weight():
     cfg = load_config(ROOT / "configs" / "multi_env.yaml")
     assert [e.name for e in cfg.envs] == ["arithmetic", "math", "sudoku"]
-    sampler = TaskSampler(fake_session(cfg), seed=0)
-    counts = Counter(t.env for _ in range(200) for t in sampler.sample(16))
+    sampler = TaskSampler(fake_session(cfg), seed=0, per_step=16)
+    counts = Counter(t.env for b in range(200) for t in sampler.batch(b))
     total = sum(counts.values())
     assert abs(counts["arithmetic"] / total - 0.5) < 0.05
     assert abs(counts["math"] / total - 0.25) < 0.05 and abs(counts["sudoku"] / total - 0.25) < 0.05
@@ -28,9 +28,12 @@ def test_multi_env_config_is_valid_and_samples_by_weight():
 
 def test_sampler_is_deterministic_and_distinct_within_an_env():
     cfg = load_config(ROOT / "configs" / "demo.yaml")
-    a = [t.id for t in TaskSampler(fake_session(cfg), seed=3).sample(16)]
-    b = [t.id for t in TaskSampler(fake_session(cfg), seed=3).sample(16)]
+    sampler = TaskSampler(fake_session(cfg), seed=3, per_step=16)
+    a = [t.id for t in sampler.batch(5)]
+    b = [t.id for t in TaskSampler(fake_session(cfg), seed=3, per_step=16).batch(5)]  # batch 5 without 0-4
     assert a == b and len(set(a)) == 16
+    assert [sampler.task_of(5 * 16 + i).id for i in range(16)] == a
+    assert a != [t.id for t in sampler.batch(6)]
     held_out = {t.id for t in load_environment("arithmetic").tasks("eval")}
     assert not held_out & set(a)
 

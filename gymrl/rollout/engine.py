@@ -151,9 +151,12 @@ def _build_engine(kwargs: dict):
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
 
-def sampling_params(prompts: list[list[int]], n: int, sampling: Sampling, max_model_len: int) -> list:
+def sampling_params(prompts: list[list[int]], n: int, sampling: Sampling, max_model_len: int,
+                    seeds: list[int | None] | None = None) -> list:
     """vLLM's SamplingParams of each prompt: ``n`` samples with the sampled token's logprob, the final
-    output only. A later turn of an episode may have less room left than max_tokens: it gets what is left."""
+    output only. A later turn of an episode may have less room left than max_tokens: it gets what is left.
+    ``seeds``: one per prompt (vLLM gives the i-th of its n samples seed + i), so a request samples the same
+    tokens whatever else the engine is running; None draws from the engine's generator."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -166,8 +169,9 @@ def sampling_params(prompts: list[list[int]], n: int, sampling: Sampling, max_mo
             max_tokens=min(s.max_tokens, max_model_len - len(p)),
             logprobs=0,  # 0 = only the sampled token's logprob
             output_kind=RequestOutputKind.FINAL_ONLY,
+            seed=seed,
         )
-        for p, s in zip(prompts, per_prompt)
+        for p, s, seed in zip(prompts, per_prompt, seeds or [None] * len(prompts))
     ]
 
 
@@ -253,15 +257,17 @@ class RolloutEngine:
         self._tokens += sum(len(c.token_ids) for c in final.outputs)
         return final
 
-    async def _sample(self, prompts: list[list[int]], n: int, sampling: Sampling) -> list:
+    async def _sample(self, prompts: list[list[int]], n: int, sampling: Sampling,
+                      seeds: list[int | None] | None = None) -> list:
         self._check_lengths(prompts, 1)
-        params = sampling_params(prompts, n, sampling, self.max_model_len)
+        params = sampling_params(prompts, n, sampling, self.max_model_len, seeds)
         return await asyncio.gather(*(self._request(p, sp) for p, sp in zip(prompts, params)))
 
-    async def generate(self, prompts: list[list[int]], n: int, sampling: Sampling) -> Generation:
+    async def generate(self, prompts: list[list[int]], n: int, sampling: Sampling,
+                       seeds: list[int | None] | None = None) -> Generation:
         """``n`` completions for each tokenised prompt, with the sampled tokens' logprobs and versions."""
         groups = []
-        for out in await self._sample(prompts, n, sampling):
+        for out in await self._sample(prompts, n, sampling, seeds):
             group = []
             for c in out.outputs:
                 ids = list(c.token_ids)
@@ -372,14 +378,17 @@ class EnginePool:
             return chosen
 
     def generate(self, prompts: list[list[int]], n: int, sampling: Sampling,
-                 engine_ids: list[int | None] | None = None) -> Generation:
+                 engine_ids: list[int | None] | None = None, seeds: list[int | None] | None = None) -> Generation:
         """``sampling``: one for all prompts, or a list with one per prompt. ``engine_ids``: the engine
-        each prompt must go to (None: the least loaded). The spec stats are the sum over the engines
-        that took part (None when speculative decoding is off)."""
+        each prompt must go to (None: the least loaded). ``seeds``: each prompt's sampling seed (None: the
+        engine's generator). The spec stats are the sum over the engines that took part (None when
+        speculative decoding is off)."""
         chosen = self._assign(n, engine_ids or [None] * len(prompts))
         shards = {e: [j for j, c in enumerate(chosen) if c == e] for e in sorted(set(chosen))}
         pick = (lambda shard: [sampling[j] for j in shard]) if isinstance(sampling, list) else (lambda shard: sampling)
-        futures = [self.actors[e].generate.remote([prompts[j] for j in shard], n, pick(shard)) for e, shard in shards.items()]
+        seeds = seeds or [None] * len(prompts)
+        futures = [self.actors[e].generate.remote([prompts[j] for j in shard], n, pick(shard), [seeds[j] for j in shard])
+                   for e, shard in shards.items()]
         try:
             replies: list[Generation] = ray.get(futures)
         finally:

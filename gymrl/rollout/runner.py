@@ -66,6 +66,14 @@ class RolloutBatch:
         """Tokens the policy generated (the environment's are not counted)."""
         return sum(r.num_model_tokens for r in self.rollouts)
 
+    @staticmethod
+    def concat(batches: list["RolloutBatch"]) -> "RolloutBatch":
+        """Batches of one group size as one, in order; times add up (concurrent batches overlap: the
+        caller measures their wall span itself)."""
+        return RolloutBatch([r for b in batches for r in b.rollouts], batches[0].group_size,
+                            sum(b.generate_seconds for b in batches), sum(b.verify_seconds for b in batches),
+                            sum(b.tool_seconds for b in batches), SpecStats.total([b.spec for b in batches]))
+
 
 def encode_prompt(tokenizer, task: Task, template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """Prompt token ids: the task's messages (and tools) through the model's chat template."""
@@ -152,6 +160,12 @@ class EpisodeState:
         self.versions += [self.versions[-1] if self.versions else 0] * len(env_ids)
 
 
+def turn_seed(episode_seed: int, turn: int) -> int:
+    """The seed of an episode's later turn: fixed by the episode's seed and the turn, and unlike the seeds
+    vLLM gives the other samples of the group (episode_seed + i)."""
+    return hash((episode_seed, turn)) & 0x7FFF_FFFF
+
+
 def play_episode(env: Environment, task: Task, assistant_turns: list[str], parser: ToolCallParser) -> tuple[RewardResult, list[dict[str, Any]]]:
     """Play fixed assistant turns (a gold answer, a scripted agent) against the real server, running
     their tool calls; returns the verdict and the turns with the server's tool results."""
@@ -188,8 +202,11 @@ class RolloutRunner:
             ids = self._prompt_cache[key] = encode_prompt(self.tokenizer, task, self.cfg.chat_template_kwargs)
         return ids
 
-    def run(self, tasks: list[Task], group_size: int, sampling: SamplingConfig, policy_version: int) -> RolloutBatch:
-        """``sampling`` for tasks without tools; tasks with tools get ``sampling.for_tools()`` on every turn."""
+    def run(self, tasks: list[Task], group_size: int, sampling: SamplingConfig, policy_version: int,
+            seed: int | None = None) -> RolloutBatch:
+        """``sampling`` for tasks without tools; tasks with tools get ``sampling.for_tools()`` on every turn.
+        ``seed`` fixes every sampled token: episode k (task k // group_size) samples its first turn with
+        seed + k and later turns with seeds derived from it, whatever else the engines are doing."""
         parser = self.parser if any(t.tools for t in tasks) else None
         tool_sampling = sampling.for_tools()
 
@@ -199,10 +216,12 @@ class RolloutRunner:
         with ThreadPoolExecutor(8) as threads:
             episodes = list(threads.map(lambda t: self.envs[t.env].open_episode(t), [t for t in tasks for _ in range(group_size)]))
         states = [EpisodeState(e.task, self.prompt_ids(e.task), e, sampling_of(e.task)) for e in episodes]
+        position = {id(s): k for k, s in enumerate(states)}  # an episode's index: its seed is seed + index
         generate_seconds = tool_seconds = 0.0
 
         started = time.perf_counter()
-        first = self.pool.generate([self.prompt_ids(t) for t in tasks], group_size, [sampling_of(t) for t in tasks])
+        first = self.pool.generate([self.prompt_ids(t) for t in tasks], group_size, [sampling_of(t) for t in tasks],
+                                   seeds=None if seed is None else [seed + j * group_size for j in range(len(tasks))])
         generate_seconds += time.perf_counter() - started
         spec = [first.spec]
         active, completions = states, [c for group in first.groups for c in group]
@@ -230,8 +249,9 @@ class RolloutRunner:
                 break
             started = time.perf_counter()
             # A later turn goes back to the engine of the first: its prefix is in that engine's cache.
+            turn_seeds = None if seed is None else [turn_seed(seed + position[id(s)], turn) for s in active]
             turn_reply = self.pool.generate([s.ids for s in active], 1, [s.sampling for s in active],
-                                            [s.engine_id for s in active])
+                                            [s.engine_id for s in active], turn_seeds)
             generate_seconds += time.perf_counter() - started
             completions = [g[0] for g in turn_reply.groups]
             spec.append(turn_reply.spec)

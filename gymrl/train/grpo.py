@@ -21,9 +21,8 @@ token count rescaled to one accumulation window per rank:
 
 TRL 1.16.0 options deliberately NOT implemented here: loss types ``cispo``, ``sapo``, ``vespo`` and ``luspo``;
 ``importance_sampling_level="sequence"`` (GSPO); ``delta`` (upper clamp of the unclipped ratio, two-sided
-clipping); ``use_bias_correction_kl`` (KL times the importance ratio); vLLM importance-sampling correction
-(``vllm_importance_sampling_correction`` / ``vllm_importance_sampling_mode``, truncated or masked, token or
-sequence level); off-policy sequence masking (``off_policy_mask_threshold``); high-entropy token masking
+clipping); ``use_bias_correction_kl`` (KL times the importance ratio); the masked and sequence-level modes of
+vLLM importance-sampling correction (only ``token_truncate`` is here, as ``is_correction="tis"``); off-policy sequence masking (``off_policy_mask_threshold``); high-entropy token masking
 (``top_entropy_quantile``); the entropy bonus; the MoE router aux loss; ``scale_rewards="batch"`` and
 ``multi_objective_aggregation="normalize_then_sum"`` for advantages.
 """
@@ -36,6 +35,7 @@ from typing import Literal, get_args
 import torch
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+IsCorrection = Literal["none", "tis"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,11 @@ class GRPOLossConfig:
     epsilon_high: float = 0.2  # ratio clipped above at 1 + epsilon_high (DAPO's clip-higher uses e.g. 0.28)
     beta: float = 0.0  # KL coefficient to a reference policy (k3 estimator); 0 = no KL, no reference needed
     max_completion_length: int | None = None  # Dr.GRPO's constant normaliser; required for "dr_grpo"
+    # Off-policy correction for samples drawn by another policy (a stale version, or the engine's numerics):
+    # "tis" weighs each token's policy loss by min(pi_old / pi_behaviour, is_cap) (truncated importance sampling,
+    # Yao et al. 2025; TRL's vllm_importance_sampling_mode="token_truncate"); "none" leaves it out.
+    is_correction: IsCorrection = "none"
+    is_cap: float = 2.0
 
     def __post_init__(self) -> None:
         # Fail at configuration time, not at the first optimiser step after a long rollout.
@@ -57,6 +62,10 @@ class GRPOLossConfig:
                 "loss_type='dr_grpo' normalises by batch_size * max_completion_length, so "
                 f"max_completion_length must be a positive int (got {self.max_completion_length!r})"
             )
+        if self.is_correction not in get_args(IsCorrection):
+            raise ValueError(f"is_correction must be one of {get_args(IsCorrection)}, got {self.is_correction!r}")
+        if self.is_cap < 1.0:
+            raise ValueError(f"is_cap must be >= 1 (a cap below 1 down-weights on-policy tokens), got {self.is_cap}")
 
 
 def _nanstd(x: torch.Tensor) -> torch.Tensor:
@@ -103,9 +112,17 @@ def grpo_loss(
     cfg: GRPOLossConfig,
     ref_logps: torch.Tensor | None = None,
     num_items_in_batch: int | None = None,
+    behaviour_logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """logps (requires grad), old_logps (behaviour policy, detached), ref_logps, mask: [B, T] float/bool; advantages: [B].
-    Returns the scalar loss and stats: {"clip_fraction", "ratio_mean", "kl_mean" (when beta>0)}.
+    """logps (requires grad), old_logps (the policy before this update, detached), ref_logps, behaviour_logps
+    (what the engine sampled with), mask: [B, T] float/bool; advantages: [B]. Returns the scalar loss and stats:
+    {"clip_fraction", "ratio_mean", "kl_mean" (when beta>0), "is_weight_mean/min/max", "is_truncated_fraction"
+    (with is_correction="tis")}.
+
+    With ``is_correction="tis"`` the policy term of every token is multiplied by the truncated importance weight
+    ``min(exp(old - behaviour), is_cap)`` (a constant), as TRL does after its clipped surrogate and before the
+    KL term. When the samples are on-policy (``behaviour == old``) every weight is exactly 1 and the loss is the
+    on-policy loss, bit for bit.
 
     Token-level PPO clipped surrogate ``-min(r*A, clip(r, 1-eps_low, 1+eps_high)*A)`` with ``r = exp(logp - old)``
     (GRPO; asymmetric bounds from DAPO), plus ``beta * (exp(ref-logp) - (ref-logp) - 1)`` (Schulman's k3 KL
@@ -131,6 +148,12 @@ def grpo_loss(
     coef_1 = torch.exp(logps - old_logps.detach())
     coef_2 = torch.clamp(coef_1, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
     per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    is_weight = None
+    if cfg.is_correction == "tis":
+        if behaviour_logps is None or behaviour_logps.shape != logps.shape:
+            raise ValueError("is_correction='tis' needs behaviour_logps of the [B, T] shape of logps")
+        is_weight = torch.clamp(torch.exp(old_logps.detach() - behaviour_logps.detach()), max=cfg.is_cap)
+        per_token_loss = per_token_loss * is_weight
 
     per_token_kl: torch.Tensor | None = None
     if cfg.beta != 0.0:
@@ -168,4 +191,10 @@ def grpo_loss(
         stats = {"clip_fraction": masked_mean(clipped.to(mask.dtype)), "ratio_mean": masked_mean(coef_1)}
         if per_token_kl is not None:
             stats["kl_mean"] = masked_mean(per_token_kl)
+        if is_weight is not None:
+            own = mask.bool()
+            weights = is_weight[own] if own.any() else torch.ones(1)
+            stats |= {"is_weight_mean": masked_mean(is_weight), "is_weight_min": weights.min().item(),
+                      "is_weight_max": weights.max().item(),
+                      "is_truncated_fraction": masked_mean((is_weight >= cfg.is_cap).to(mask.dtype))}
     return loss, stats

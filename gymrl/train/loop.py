@@ -1,9 +1,10 @@
-"""Synchronous GRPO: sample a batch of tasks, roll out G completions each on the engines, score them,
-take one optimizer step on the policy, push the new weights into the live engines, repeat.
+"""GRPO: groups of G rollouts arrive from the producer's threads, the trainer takes one optimizer step per
+``prompts_per_step`` groups, and pushes the new weights into the live engines every ``push_every`` steps.
 
-The behaviour logprobs recorded by vLLM serve as the old policy in the clipped ratio; in this sync loop
-they come from the current weights, so the ratio starts at 1 up to engine/trainer numerics (the
-``logprob_gap`` metric tracks that difference).
+With ``max_staleness=0`` this is synchronous GRPO (each batch sampled by the weights it trains); with k > 0
+rollouts keep flowing while the trainer steps, and samples more than k versions old are dropped. Either way
+the loss corrects for the gap between the policy and the behaviour logprobs recorded by vLLM (TIS by
+default); the ``logprob_gap`` and ``is_weight_*`` metrics show how large that gap is.
 """
 
 import copy
@@ -11,7 +12,8 @@ import json
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +26,7 @@ from gymrl.rollout.weight_sync import pack_policy
 from gymrl.session import Session
 from gymrl.train.grpo import GRPOLossConfig, group_advantages, grpo_loss
 from gymrl.train.metrics import MetricsLog, plot_lengths, plot_rewards
+from gymrl.train.producer import Group, RolloutProducer
 from gymrl.traces.store import TRACE_FILE, TraceWriter, run_metadata
 from gymrl.train.policy import pad_batch, token_logprobs
 
@@ -34,6 +37,7 @@ class StepResult:
     kl_mean: float  # 0 when beta == 0
     logprob_gap: float
     train_seconds: float
+    is_stats: dict[str, float] = field(default_factory=dict)  # importance weights (is_correction="tis")
 
 
 class GRPOTrainer:
@@ -55,6 +59,8 @@ class GRPOTrainer:
             epsilon_high=cfg.train.epsilon_high,
             beta=cfg.train.beta,
             max_completion_length=cfg.sampling.max_tokens,
+            is_correction=cfg.train.is_correction,
+            is_cap=cfg.train.is_cap,
         )
         self.version = 0
 
@@ -74,21 +80,28 @@ class GRPOTrainer:
         mb = self.cfg.train.micro_batch_size
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = clip_sum = kl_sum = gap_sum = 0.0
+        weights: list[tuple[float, dict[str, float]]] = []  # (tokens, stats) of each micro-batch
         for start in range(0, len(rollouts), mb):
             part = rollouts[start : start + mb]
             ids, attn, mask = pad_batch([r.prompt_ids for r in part], [r.completion_ids for r in part], pad_id,
                                         [r.completion_mask for r in part])
-            old = torch.zeros_like(mask)
+            behaviour = torch.zeros_like(mask)
             for i, r in enumerate(part):
                 begin = len(r.prompt_ids) - 1
-                old[i, begin : begin + len(r.logprobs)] = torch.tensor(r.logprobs)
+                behaviour[i, begin : begin + len(r.logprobs)] = torch.tensor(r.logprobs)
             temperature = torch.tensor([r.temperature for r in part])  # tool tasks may sample at their own
             logps = token_logprobs(self.policy, ids, attn, temperature)
             ref = None
             if self.reference is not None:
                 with torch.no_grad():
                     ref = token_logprobs(self.reference, ids, attn, temperature)
-            loss, stats = grpo_loss(logps, old, advantages[start : start + mb], mask, self.loss_cfg, ref_logps=ref)
+            # One optimizer step per batch: the policy before the update is the one computing logps, so with TIS
+            # the clipped ratio is 1 and the importance weight carries the behaviour gap; without, the behaviour
+            # logprobs are the ratio's old policy.
+            tis = self.loss_cfg.is_correction == "tis"
+            old = logps.detach() if tis else behaviour
+            loss, stats = grpo_loss(logps, old, advantages[start : start + mb], mask, self.loss_cfg, ref_logps=ref,
+                                    behaviour_logps=behaviour if tis else None)
             # Weight each micro-batch so the accumulated gradient equals the full-batch loss's.
             tokens = float(mask.sum())
             per_token = self.loss_cfg.loss_type in ("bnpo", "dapo")
@@ -97,16 +110,30 @@ class GRPOTrainer:
             loss_sum += float(loss.detach()) * weight
             clip_sum += stats["clip_fraction"] * weight
             kl_sum += stats.get("kl_mean", 0.0) * weight
-            gap_sum += float(((logps.detach() - old).abs() * mask).sum())
+            gap_sum += float(((logps.detach() - behaviour).abs() * mask).sum())
+            if tis:
+                weights.append((tokens, stats))
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.train.max_grad_norm)
         self.optimizer.step()
         self.version += 1
-        return StepResult(loss_sum, clip_sum, kl_sum, gap_sum / total_tokens, time.perf_counter() - started)
+        return StepResult(loss_sum, clip_sum, kl_sum, gap_sum / total_tokens, time.perf_counter() - started,
+                          importance_stats(weights))
 
     def push_weights(self) -> float:
         """Pack the trainer's weights and load them into every live engine."""
         return self.s.pool.push_weights(pack_policy(self.policy), self.version,
                                         self.cfg.engine.recompute_kv_on_update)
+
+
+def importance_stats(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
+    """The micro-batches' importance-weight stats as one batch's: token-weighted means, overall min and max."""
+    tokens = sum(t for t, _ in parts)
+    if not parts or tokens == 0:
+        return {}
+    return {"is_weight_mean": sum(t * s["is_weight_mean"] for t, s in parts) / tokens,
+            "is_weight_min": min(s["is_weight_min"] for _, s in parts),
+            "is_weight_max": max(s["is_weight_max"] for _, s in parts),
+            "is_truncated_fraction": sum(t * s["is_truncated_fraction"] for t, s in parts) / tokens}
 
 
 def per_env(batch: RolloutBatch, key: str, value=lambda r: r.reward) -> dict[str, float]:
@@ -118,21 +145,56 @@ def per_env(batch: RolloutBatch, key: str, value=lambda r: r.reward) -> dict[str
 
 
 class TaskSampler:
-    """Each step's tasks: environments drawn by weight, then distinct tasks within each environment."""
+    """Each step's tasks: environments drawn by weight, then distinct tasks within each environment. Batch b
+    depends on the seed and b only, so the task of any group index is known without replaying the run."""
 
-    def __init__(self, session: Session, seed: int):
-        self.rng = random.Random(seed)
+    def __init__(self, session: Session, seed: int, per_step: int):
+        self.seed = seed
+        self.per_step = per_step
         self.pools = {e.name: session.envs[e.name].tasks("train") for e in session.cfg.envs}
         self.weights = [e.weight for e in session.cfg.envs]
+        self._batches: dict[int, list[Task]] = {}
 
-    def sample(self, n: int) -> list[Task]:
-        names = self.rng.choices(list(self.pools), weights=self.weights, k=n)
+    def batch(self, b: int) -> list[Task]:
+        if b not in self._batches:
+            self._batches[b] = self._draw(b)
+        return self._batches[b]
+
+    def _draw(self, b: int) -> list[Task]:
+        rng = random.Random(f"{self.seed}/{b}")
+        names = rng.choices(list(self.pools), weights=self.weights, k=self.per_step)
         tasks = []
         for name in self.pools:
             k = names.count(name)
             pool = self.pools[name]
-            tasks += self.rng.sample(pool, k) if k <= len(pool) else self.rng.choices(pool, k=k)
+            tasks += rng.sample(pool, k) if k <= len(pool) else rng.choices(pool, k=k)
         return tasks
+
+    def task_of(self, index: int) -> Task:
+        return self.batch(index // self.per_step)[index % self.per_step]
+
+
+def collect(producer: RolloutProducer, version: int, count: int, max_staleness: int) -> tuple[list[Group], int, float]:
+    """``count`` groups fresh enough for a trainer at ``version``, in start order; the number dropped as too
+    stale; the seconds the trainer waited."""
+    started = time.perf_counter()
+    groups, dropped = [], 0
+    while len(groups) < count:
+        group = producer.get()
+        if version - group.policy_version > max_staleness:
+            producer.dropped(group)
+            dropped += 1
+            continue
+        producer.consumed(group)
+        groups.append(group)
+    return sorted(groups, key=lambda g: g.index), dropped, time.perf_counter() - started
+
+
+def staleness_metrics(groups: list[Group], version: int) -> dict[str, float]:
+    """How many versions behind the trainer each sample was: mean, max and a histogram (samples per value)."""
+    per_sample = [version - r.policy_version for g in groups for r in g.batch.rollouts]
+    return {"staleness_mean": statistics.fmean(per_sample), "staleness_max": max(per_sample)} | {
+        f"staleness/{k}": n for k, n in sorted(Counter(per_sample).items())}
 
 
 def train(session: Session, progress=None) -> dict:
@@ -143,52 +205,77 @@ def train(session: Session, progress=None) -> dict:
     (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     eval_tasks = [t for e in cfg.envs for t in session.envs[e.name].tasks("eval")[: cfg.eval.max_tasks]]
     torch.manual_seed(cfg.seed)
-    sampler = TaskSampler(session, cfg.seed)
+    per_step, max_staleness = cfg.train.prompts_per_step, cfg.train.max_staleness
+    sampler = TaskSampler(session, cfg.seed, per_step)
     trainer = GRPOTrainer(session)
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.train.tensorboard else None)
     traces = TraceWriter(run_dir / TRACE_FILE, run_metadata(json.loads(cfg.model_dump_json())))
     started = time.perf_counter()
     initial, eval_batch = trainer.evaluate(eval_tasks)
     traces.write_batch(eval_batch, eval_tasks, 0, "eval")
     log.write({"step": 0, "policy_version": 0} | initial)
     evaluation = initial
-    for step in range(1, cfg.train.steps + 1):
-        tasks = sampler.sample(cfg.train.prompts_per_step)
-        batch = session.runner.run(tasks, cfg.train.group_size, cfg.sampling, trainer.version)
-        traces.write_batch(batch, tasks, step, "train")
-        result = trainer.step(batch)
-        push_seconds = trainer.push_weights()
-        rewards = [r.reward for r in batch.rollouts]
-        record = {
-            "step": step,
-            "policy_version": trainer.version,
-            "reward_mean": statistics.fmean(rewards),
-            "reward_std": statistics.pstdev(rewards),
-            "loss": result.loss,
-            "clip_fraction": result.clip_fraction,
-            "kl": result.kl_mean,
-            "logprob_gap": result.logprob_gap,
-            "completion_tokens": batch.num_tokens,
-            "mean_completion_length": batch.num_tokens / len(rewards),
-            "generate_seconds": batch.generate_seconds,
-            "verify_seconds": batch.verify_seconds,
-            "tool_seconds": batch.tool_seconds,
-            "mean_turns": statistics.fmean(sum(t["role"] == "assistant" for t in r.turns) for r in batch.rollouts),
-            "train_seconds": result.train_seconds,
-            "push_seconds": push_seconds,
-            "tokens_per_second": batch.num_tokens / max(batch.generate_seconds, 1e-9),
-        } | per_env(batch, "reward") | per_env(batch, "completion_length", lambda r: r.num_model_tokens)
-        record |= session.pool.step_metrics()  # tokens/s and peak queue depth of each engine
-        if batch.spec is not None:  # speculative decoding on: how the drafts fared over the step's rollouts
-            record |= {"spec_acceptance": batch.spec.acceptance,
-                       "spec_mean_accepted_length": batch.spec.mean_accepted_length}
-        if step % cfg.eval.every == 0 or step == cfg.train.steps:
-            evaluation, eval_batch = trainer.evaluate(eval_tasks)
-            traces.write_batch(eval_batch, eval_tasks, step, "eval")
-            record |= evaluation
-        log.write(record)
-        if progress is not None:
-            progress(step, record, evaluation["eval_reward"])
+    producer = RolloutProducer(session.runner, sampler.task_of, group_size=cfg.train.group_size,
+                               sampling=cfg.sampling, prompts_per_step=per_step, max_staleness=max_staleness,
+                               seed=cfg.seed, pushed_version=trainer.version)
+    producer.start()
+    try:
+        for step in range(1, cfg.train.steps + 1):
+            step_started = time.perf_counter()
+            queue_depth = producer.queue.qsize()
+            groups, dropped, wait_seconds = collect(producer, trainer.version, per_step, max_staleness)
+            batch = RolloutBatch.concat([g.batch for g in groups])
+            batch.generate_seconds = max(g.finished for g in groups) - min(g.started for g in groups)
+            traces.write_batch(batch, [sampler.task_of(g.index) for g in groups], step, "train")
+            staleness = staleness_metrics(groups, trainer.version)
+            result = trainer.step(batch)
+            evaluating = step % cfg.eval.every == 0 or step == cfg.train.steps
+            push_seconds = 0.0
+            if step % cfg.train.push_every == 0 or evaluating:  # an evaluation measures the newest weights
+                push_seconds = trainer.push_weights()
+                producer.weights_pushed(trainer.version)
+            rewards = [r.reward for r in batch.rollouts]
+            record = {
+                "step": step,
+                "policy_version": trainer.version,
+                "reward_mean": statistics.fmean(rewards),
+                "reward_std": statistics.pstdev(rewards),
+                "loss": result.loss,
+                "clip_fraction": result.clip_fraction,
+                "kl": result.kl_mean,
+                "logprob_gap": result.logprob_gap,
+                "completion_tokens": batch.num_tokens,
+                "mean_completion_length": batch.num_tokens / len(rewards),
+                "generate_seconds": batch.generate_seconds,
+                "verify_seconds": batch.verify_seconds,
+                "tool_seconds": batch.tool_seconds,
+                "mean_turns": statistics.fmean(sum(t["role"] == "assistant" for t in r.turns) for r in batch.rollouts),
+                "train_seconds": result.train_seconds,
+                "push_seconds": push_seconds,
+                "wait_seconds": wait_seconds,
+                "queue_depth": queue_depth,
+                "dropped_groups": dropped,
+                "dropped_fraction": dropped / (dropped + per_step),
+                "tokens_per_second": batch.num_tokens / max(batch.generate_seconds, 1e-9),
+            } | staleness | result.is_stats | per_env(batch, "reward") | per_env(
+                batch, "completion_length", lambda r: r.num_model_tokens)
+            record |= session.pool.step_metrics()  # tokens/s and peak queue depth of each engine
+            if batch.spec is not None:  # speculative decoding on: how the drafts fared over the step's rollouts
+                record |= {"spec_acceptance": batch.spec.acceptance,
+                           "spec_mean_accepted_length": batch.spec.mean_accepted_length}
+            record["step_seconds"] = time.perf_counter() - step_started  # the evaluation is not part of the step
+            record["samples_per_second"] = len(rewards) / record["step_seconds"]
+            if evaluating:
+                eval_started = time.perf_counter()
+                evaluation, eval_batch = trainer.evaluate(eval_tasks)
+                traces.write_batch(eval_batch, eval_tasks, step, "eval")
+                record |= evaluation | {"eval_seconds": time.perf_counter() - eval_started}
+            log.write(record)
+            if progress is not None:
+                progress(step, record, evaluation["eval_reward"])
+    finally:
+        producer.stop()
+        log.close()
     traces.close()
     save_policy(trainer.policy, session.tokenizer, run_dir / "checkpoint")
     summary = {

@@ -1,0 +1,143 @@
+"""Rollouts made on worker threads while the trainer steps: groups flow into a bounded queue, and a group
+starts only while its samples can still be fresh enough to train on.
+
+Each group (G samples of one task) gets an index in start order; its task and its sampling seed follow
+from the index alone, so a resumed run draws the same groups. A group may start while the groups not
+dropped so far number at most ``(pushed_version + max_staleness + 1) * prompts_per_step``: with
+``max_staleness=0`` the next step's groups start only once the last step's weights are in the engines,
+which is synchronous GRPO; with k > 0 generation runs up to k steps ahead of the trainer.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gymrl.config import SamplingConfig
+from gymrl.envs.base import Task
+from gymrl.rollout.runner import RolloutBatch, RolloutRunner
+
+
+@dataclass
+class Group:
+    """One task's G rollouts, with where and when they were made."""
+
+    index: int  # start order; fixes the task and the sampling seed
+    batch: RolloutBatch  # one task's group_size rollouts
+    started: float  # perf_counter at start and at finish (generation spans of a step)
+    finished: float
+
+    @property
+    def policy_version(self) -> int:
+        """The oldest policy version that sampled any of its tokens."""
+        return min(r.policy_version for r in self.batch.rollouts)
+
+
+@dataclass
+class Cursor:
+    """Where the producer's index sequence stands, for checkpoints: every index below ``next`` not listed
+    in ``done`` is still to be made (again, on resume)."""
+
+    next: int
+    done: list[int]  # indices >= the lowest unfinished one that were consumed or dropped
+
+
+def group_seed(run_seed: int, index: int) -> int:
+    """The sampling seed of a group: a function of the run's seed and the group's index only."""
+    return zlib.crc32(f"{run_seed}/{index}".encode()) << 8  # 256 seeds per group: the G samples get seed + i
+
+
+class RolloutProducer:
+    def __init__(self, runner: RolloutRunner, task_of: Callable[[int], Task], *, group_size: int,
+                 sampling: SamplingConfig, prompts_per_step: int, max_staleness: int, seed: int,
+                 pushed_version: int = 0, consumed: int = 0, cursor: Cursor | None = None):
+        self.runner = runner
+        self.task_of = task_of
+        self.group_size = group_size
+        self.sampling = sampling
+        self.per_step = prompts_per_step
+        self.max_staleness = max_staleness
+        self.seed = seed
+        self.capacity = (max_staleness + 1) * prompts_per_step
+        self.queue: queue.Queue[Group | BaseException] = queue.Queue(maxsize=self.capacity)
+        self._cond = threading.Condition()
+        self._pushed = pushed_version
+        self._kept = consumed  # groups started and not dropped: consumed, queued or in flight
+        self._next = cursor.next if cursor else consumed
+        self._done = set(cursor.done) if cursor else set()
+        self._skip = set(self._done)  # finished before a resume: not made again
+        self._in_flight: set[int] = set()
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._work, name=f"rollout-{i}", daemon=True)
+                         for i in range(self.capacity)]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        """Start no more groups; the ones in flight finish on their own (their engines are shut down)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def get(self) -> Group:
+        """The next finished group, in completion order; a worker's error is raised here."""
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            self.stop()
+            raise item
+        return item
+
+    def consumed(self, group: Group) -> None:
+        with self._cond:
+            self._done.add(group.index)
+
+    def dropped(self, group: Group) -> None:
+        """A group too stale to train on: its slot goes to a new group."""
+        with self._cond:
+            self._done.add(group.index)
+            self._kept -= 1
+            self._cond.notify_all()
+
+    def weights_pushed(self, version: int) -> None:
+        with self._cond:
+            self._pushed = version
+            self._cond.notify_all()
+
+    def cursor(self) -> Cursor:
+        with self._cond:
+            low = min(self._in_flight | {i for i in range(self._next) if i not in self._done}, default=self._next)
+            return Cursor(low, sorted(i for i in self._done if i >= low))
+
+    def _claim(self) -> tuple[int, int] | None:
+        """Wait for a free slot; returns (index, engine version) of the group to make, or None when stopping."""
+        with self._cond:
+            while not self._stopping and self._kept >= (self._pushed + self.max_staleness + 1) * self.per_step:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            while self._next in self._skip:
+                self._next += 1
+            index, self._next = self._next, self._next + 1
+            self._kept += 1
+            self._in_flight.add(index)
+            return index, self._pushed
+
+    def _work(self) -> None:
+        while (claim := self._claim()) is not None:
+            index, version = claim
+            started = time.perf_counter()
+            try:
+                batch = self.runner.run([self.task_of(index)], self.group_size, self.sampling, version,
+                                        seed=group_seed(self.seed, index))
+            except BaseException as error:  # noqa: BLE001 - handed to the trainer, which raises it
+                self.queue.put(error)
+                return
+            with self._cond:
+                self._in_flight.discard(index)
+            self.queue.put(Group(index, batch, started, time.perf_counter()))
