@@ -1,12 +1,14 @@
 """``gymrl bench``: raw vLLM vs harness rollout throughput, weight-push time and trainer step time;
 decode speed with and without speculative decoding (``--suite spec``); an engine pool against its
-engines alone, and the pause window of in-flight weight updates (``--suite pool``).
+engines alone, and the pause window of in-flight weight updates (``--suite pool``); async against
+sync GRPO (``--suite async``).
 
 All figures come from one process and one engine, so the ratio compares like with like on a noisy
 machine. Results go to ``results.json`` (machine-readable) and ``results.md`` (a short table).
 """
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -457,3 +459,78 @@ def run_trace_bench(out: Path, rollouts: int = 100_000, repeats: int = 5) -> Tab
     for a, b in rows:
         table.add_row(a, b)
     return table
+
+
+def run_async_bench(cfg, out: Path, steps: int = 20, max_staleness: int = 1) -> Table:
+    """Async against sync GRPO on one config, in one process on one engine: the same number of steps from
+    the same initial weights, first with ``max_staleness=0`` (sync) then ``max_staleness`` (async). The
+    trainer gets one torch thread and the engine its one Ray CPU, so on two cores generation and training
+    can overlap. From the sync run's phases, the ideal speed-up of overlapping them is (gen + train) /
+    max(gen, train); the achieved one is the sync step time over the async one. Held-out greedy reward is
+    measured at the start and after the last step of each run (the same samples consumed by both)."""
+    import copy
+
+    import torch
+
+    from gymrl.rollout.weight_sync import pack_policy
+    from gymrl.session import start_session
+    from gymrl.train.loop import train
+    from gymrl.train.metrics import read_metrics
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    session = start_session(cfg)
+    initial = copy.deepcopy(session.policy.state_dict())
+    runs: dict[str, dict] = {}
+    try:
+        for mode, staleness in (("sync", 0), ("async", max_staleness)):
+            session.policy.load_state_dict(initial)
+            session.pool.push_weights(pack_policy(session.policy), 0)
+            session.cfg = cfg.model_copy(update={
+                "run_dir": out / "async_bench" / mode,
+                "train": cfg.train.model_copy(update={"steps": steps, "max_staleness": staleness, "tensorboard": False}),
+                "eval": cfg.eval.model_copy(update={"every": steps})})
+            summary = train(session)
+            rows = [r for r in read_metrics(session.cfg.run_dir / "metrics.jsonl") if "reward_mean" in r][1:]  # step 1 warms up
+            samples = steps * cfg.train.prompts_per_step * cfg.train.group_size
+            runs[mode] = {
+                "max_staleness": staleness,
+                "step_s": statistics.fmean(r["step_seconds"] for r in rows),
+                "samples_per_s": statistics.fmean(r["samples_per_second"] for r in rows),
+                "generate_s": statistics.fmean(r["generate_seconds"] for r in rows),
+                "train_s": statistics.fmean(r["train_seconds"] + r["push_seconds"] for r in rows),
+                "wait_s": statistics.fmean(r["wait_seconds"] for r in rows),
+                "dropped_groups": sum(r["dropped_groups"] for r in rows),
+                "staleness_mean": statistics.fmean(r["staleness_mean"] for r in rows),
+                "initial_eval_reward": summary["initial_eval_reward"],
+                "final_eval_reward": summary["final_eval_reward"],
+                "samples_consumed": samples,
+                "eval_gain_per_1k_samples": 1000 * summary["eval_reward_gain"] / samples,
+            }
+    finally:
+        session.close()
+        torch.set_num_threads(threads)
+    sync, fast = runs["sync"], runs["async"]
+    ideal = (sync["generate_s"] + sync["train_s"]) / max(sync["generate_s"], sync["train_s"])
+    achieved = sync["step_s"] / fast["step_s"]
+    results = {"steps": steps, "runs": runs, "ideal_speedup": ideal, "achieved_speedup": achieved,
+               "achieved_over_ideal": achieved / ideal,
+               "config": {"prompts_per_step": cfg.train.prompts_per_step, "group_size": cfg.train.group_size,
+                          "trainer_torch_threads": 1, "engine_cpus": cfg.engine.cpus_per_engine},
+               "machine": {"platform": platform.platform(), "cpus": len(os.sched_getaffinity(0))}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "async.json").write_text(json.dumps(results, indent=2))
+    rows = [
+        ("wall per step, sync / async (s)", f"{sync['step_s']:.2f} / {fast['step_s']:.2f}"),
+        ("samples/s, sync / async", f"{sync['samples_per_s']:.1f} / {fast['samples_per_s']:.1f}"),
+        ("sync phases: generate / train+push (s)", f"{sync['generate_s']:.2f} / {sync['train_s']:.2f}"),
+        ("ideal speed-up (gen+train)/max(gen,train)", f"{ideal:.2f}"),
+        ("achieved speed-up (sync step / async step)", f"{achieved:.2f}"),
+        ("achieved / ideal", f"{achieved / ideal:.2f}"),
+        ("async: mean staleness, groups dropped", f"{fast['staleness_mean']:.2f}, {fast['dropped_groups']}"),
+        ("held-out reward after the run, sync / async",
+         f"{sync['final_eval_reward']:.3f} / {fast['final_eval_reward']:.3f} (from {sync['initial_eval_reward']:.3f})"),
+        ("held-out gain per 1k samples, sync / async",
+         f"{sync['eval_gain_per_1k_samples']:.3f} / {fast['eval_gain_per_1k_samples']:.3f}"),
+    ]
+    return _table(out / "async.md", rows, f"gymrl bench --suite async: {steps} steps each, max_staleness 0 vs {max_staleness}")

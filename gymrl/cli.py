@@ -98,12 +98,13 @@ def bench(
     suite: str = typer.Option("all", help="core (engine, weight push, trainer step), envs (rewards, sandbox, /verify), "
                                           "traces (trace store writes and queries), spec (decode tokens/s with and "
                                           "without speculative decoding, acceptance), pool (engine pool vs its "
-                                          "engines alone, in-flight weight updates) or all."),
+                                          "engines alone, in-flight weight updates), async (async vs sync GRPO: "
+                                          "step time, overlap, held-out reward) or all."),
 ) -> None:
     """Benchmarks: raw vLLM vs harness rollout tokens/s, weight push, trainer step; speculative decoding;
     reward, env-server and trace-store speed."""
-    if suite not in ("core", "envs", "traces", "spec", "pool", "all"):
-        _fail(ValueError(f"--suite must be core, envs, traces, spec, pool or all, got '{suite}'"))
+    if suite not in ("core", "envs", "traces", "spec", "pool", "async", "all"):
+        _fail(ValueError(f"--suite must be core, envs, traces, spec, pool, async or all, got '{suite}'"))
     if suite in ("traces", "all"):
         from gymrl.bench import run_trace_bench
 
@@ -134,6 +135,17 @@ def bench(
             _fail(err)
         console.print(f"results: {out / 'spec.json'}, {out / 'spec.md'}")
         if suite == "spec":
+            return
+    if suite in ("async", "all"):
+        from gymrl.bench import run_async_bench
+
+        try:
+            with console.status("GRPO sync then async from the same weights..."):
+                Console().print(run_async_bench(cfg, out))
+        except USER_ERRORS + (EnvServerError,) as err:
+            _fail(err)
+        console.print(f"results: {out / 'async.json'}, {out / 'async.md'}")
+        if suite == "async":
             return
     if suite in ("pool", "all"):
         from gymrl.bench import run_pool_bench

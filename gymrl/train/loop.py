@@ -230,6 +230,8 @@ def train(session: Session, progress=None) -> dict:
             staleness = staleness_metrics(groups, trainer.version)
             result = trainer.step(batch)
             evaluating = step % cfg.eval.every == 0 or step == cfg.train.steps
+            if step == cfg.train.steps:
+                producer.stop(wait=False)  # the last push must not start groups that no step will use
             push_seconds = 0.0
             if step % cfg.train.push_every == 0 or evaluating:  # an evaluation measures the newest weights
                 push_seconds = trainer.push_weights()

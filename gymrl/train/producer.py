@@ -70,7 +70,6 @@ class RolloutProducer:
         self._next = cursor.next if cursor else consumed
         self._done = set(cursor.done) if cursor else set()
         self._skip = set(self._done)  # finished before a resume: not made again
-        self._in_flight: set[int] = set()
         self._stopping = False
         self._threads = [threading.Thread(target=self._work, name=f"rollout-{i}", daemon=True)
                          for i in range(self.capacity)]
@@ -79,17 +78,23 @@ class RolloutProducer:
         for t in self._threads:
             t.start()
 
-    def stop(self) -> None:
-        """Start no more groups; the ones in flight finish on their own (their engines are shut down)."""
+    def stop(self, wait: bool = True, timeout: float = 300.0) -> None:
+        """Start no more groups; with ``wait``, let the ones in flight finish (their results are dropped), so
+        no request of this producer is left running on the engines."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        if wait:
+            deadline = time.monotonic() + timeout
+            for t in self._threads:
+                if t.is_alive():
+                    t.join(max(0.0, deadline - time.monotonic()))
 
     def get(self) -> Group:
         """The next finished group, in completion order; a worker's error is raised here."""
         item = self.queue.get()
         if isinstance(item, BaseException):
-            self.stop()
+            self.stop(wait=False)
             raise item
         return item
 
@@ -111,7 +116,7 @@ class RolloutProducer:
 
     def cursor(self) -> Cursor:
         with self._cond:
-            low = min(self._in_flight | {i for i in range(self._next) if i not in self._done}, default=self._next)
+            low = min((i for i in range(self._next) if i not in self._done), default=self._next)
             return Cursor(low, sorted(i for i in self._done if i >= low))
 
     def _claim(self) -> tuple[int, int] | None:
@@ -125,7 +130,6 @@ class RolloutProducer:
                 self._next += 1
             index, self._next = self._next, self._next + 1
             self._kept += 1
-            self._in_flight.add(index)
             return index, self._pushed
 
     def _work(self) -> None:
@@ -139,5 +143,6 @@ class RolloutProducer:
                 self.queue.put(error)
                 return
             with self._cond:
-                self._in_flight.discard(index)
+                if self._stopping:
+                    return
             self.queue.put(Group(index, batch, started, time.perf_counter()))
