@@ -172,6 +172,9 @@ class TrainConfig(Section):
     group_size: int = Field(default=8, ge=2, description="Samples per task (G); advantages are relative to the group.")
     learning_rate: float = Field(default=1e-6, gt=0, description="AdamW learning rate (1e-6 suits real LLMs; the tiny demo uses 3e-4).")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        default="constant", description="Learning rate after warm-up: constant, or decaying to 0 at the last step.")
+    warmup_steps: int = Field(default=0, ge=0, description="Steps of linear learning-rate warm-up from 0.")
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
         default="dapo", description="Loss aggregation: grpo (per-sequence mean), bnpo, dr_grpo (constant), dapo (token mean)."

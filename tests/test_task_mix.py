@@ -53,3 +53,12 @@ def test_duplicate_env_is_rejected():
 
     with pytest.raises(ConfigError, match="each environment may appear once"):
         load_config(ROOT / "configs" / "demo.yaml", {"envs": [{"name": "math"}, {"name": "math"}]})
+
+
+def test_learning_rate_schedules():
+    from gymrl.train.loop import lr_factor
+
+    assert [lr_factor("constant", 0, 10, s) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    assert [lr_factor("linear", 3, 10, s) for s in range(3)] == [0.25, 0.5, 0.75]  # warm-up from near 0
+    assert lr_factor("linear", 0, 10, 5) == 0.5 and lr_factor("linear", 0, 10, 10) == 0.0
+    assert lr_factor("cosine", 0, 10, 0) == 1.0 and abs(lr_factor("cosine", 0, 10, 5) - 0.5) < 1e-12

@@ -8,7 +8,9 @@ default); the ``logprob_gap`` and ``is_weight_*`` metrics show how large that ga
 """
 
 import copy
+import functools
 import json
+import math
 import random
 import statistics
 import time
@@ -50,6 +52,8 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
         )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, functools.partial(lr_factor, cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.steps))
         self.reference = None
         if cfg.train.beta > 0:
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
@@ -115,6 +119,7 @@ class GRPOTrainer:
                 weights.append((tokens, stats))
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.train.max_grad_norm)
         self.optimizer.step()
+        self.scheduler.step()
         self.version += 1
         return StepResult(loss_sum, clip_sum, kl_sum, gap_sum / total_tokens, time.perf_counter() - started,
                           importance_stats(weights))
@@ -123,6 +128,16 @@ class GRPOTrainer:
         """Pack the trainer's weights and load them into every live engine."""
         return self.s.pool.push_weights(pack_policy(self.policy), self.version,
                                         self.cfg.engine.recompute_kv_on_update)
+
+
+def lr_factor(schedule: str, warmup: int, total: int, step: int) -> float:
+    """The learning rate's multiplier before optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def importance_stats(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
@@ -228,6 +243,7 @@ def train(session: Session, progress=None) -> dict:
             batch.generate_seconds = max(g.finished for g in groups) - min(g.started for g in groups)
             traces.write_batch(batch, [sampler.task_of(g.index) for g in groups], step, "train")
             staleness = staleness_metrics(groups, trainer.version)
+            learning_rate = trainer.scheduler.get_last_lr()[0]  # what this step uses
             result = trainer.step(batch)
             evaluating = step % cfg.eval.every == 0 or step == cfg.train.steps
             if step == cfg.train.steps:
@@ -243,6 +259,7 @@ def train(session: Session, progress=None) -> dict:
                 "reward_mean": statistics.fmean(rewards),
                 "reward_std": statistics.pstdev(rewards),
                 "loss": result.loss,
+                "learning_rate": learning_rate,
                 "clip_fraction": result.clip_fraction,
                 "kl": result.kl_mean,
                 "logprob_gap": result.logprob_gap,
