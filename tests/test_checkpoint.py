@@ -6,6 +6,7 @@ error; the stop-signal helper; the HF export, loaded by transformers and served 
 import errno
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,9 @@ import pytest
 import ray
 import torch
 from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
+from gymrl.cli import app
 from gymrl.models.checkpoint import load_policy
 from gymrl.rollout.engine import start_engines
 from gymrl.session import init_ray
@@ -246,6 +249,33 @@ def test_export_loads_in_transformers(exported):
         assert torch.equal(model(t.ids).logits, t.policy(t.ids).logits)
     with pytest.raises(FileExistsError, match=f"export folder '{out}' exists and is not empty"):
         export_hf(out.parent / "checkpoints" / "step_000001", out)
+
+
+def cli(*args):
+    return CliRunner().invoke(app, ["export", *map(str, args)], env={"COLUMNS": "250", "NO_COLOR": "1"})
+
+
+def test_export_cli(exported, tmp_path):
+    _, out, files = exported
+    run = out.parent
+    result = cli(run, tmp_path / "latest")
+    assert result.exit_code == 0, result.output
+    assert f"exporting {run / 'checkpoints' / 'step_000001'} -> {tmp_path / 'latest'}" in result.output
+    assert sorted(os.listdir(tmp_path / "latest")) == files
+    assert cli(run, tmp_path / "one", "--step", 1).exit_code == 0
+    for args, message in [((run, tmp_path / "x", "--step", 7), "no checkpoint of step 7 in .* \\(steps checkpointed: 1\\)"),
+                          ((run, tmp_path / "latest"), "is not empty"),
+                          ((tmp_path / "nowhere", tmp_path / "x"), "no run or checkpoint folder at"),
+                          ((tmp_path / "one", tmp_path / "x", "--step", 1), "--step picks a checkpoint of a run folder"),
+                          ((tmp_path, tmp_path / "x"), "has no checkpoints \\(checkpoints/step_\\*/ or checkpoint/\\)")]:
+        result = cli(*args)
+        error = result.output.strip().splitlines()[-1]  # after the "exporting" line, when it got that far
+        assert result.exit_code == 2 and error.startswith("error: ") and re.search(message, error), result.output
+    # A run that ended without step checkpoints: its end-of-run checkpoint/ folder.
+    finished = tmp_path / "finished"
+    shutil.copytree(out, finished / "checkpoint")
+    assert cli(finished, tmp_path / "final").exit_code == 0
+    assert sorted(os.listdir(tmp_path / "final")) == files
 
 
 def test_export_serves_in_vllm(exported, demo_cfg):
