@@ -1,4 +1,4 @@
-"""The ``gymrl`` command: train, bench, envs, traces."""
+"""The ``gymrl`` command: train, export, bench, envs, traces."""
 
 import json
 from pathlib import Path
@@ -88,6 +88,25 @@ def train(
         _fail(err)
     console.print_json(json.dumps(summary))
     console.print(f"run directory: {cfg.run_dir} (metrics.jsonl, traces.db, reward_curve.png, length_curve.png, checkpoint/)")
+
+
+@app.command()
+def export(
+    source: Path = typer.Argument(..., help="A run folder (its latest checkpoint, or checkpoint/ when it has no "
+                                            "step checkpoints) or one checkpoint folder."),
+    out_dir: Path = typer.Argument(..., help="New or empty folder for the HF model."),
+    step: Optional[int] = typer.Option(None, "--step", help="Export this step's checkpoint of the run folder."),
+) -> None:
+    """Export a checkpoint as an HF safetensors model folder (transformers and vLLM load it)."""
+    from gymrl.train.checkpoint import CheckpointError, export_hf, find_checkpoint
+
+    try:
+        checkpoint = find_checkpoint(source, step)
+        console.print(f"exporting {checkpoint} -> {out_dir}", highlight=False)
+        files = export_hf(checkpoint, out_dir)
+    except USER_ERRORS + (FileExistsError, CheckpointError) as err:
+        _fail(err)
+    console.print(f"wrote {out_dir}: {', '.join(files)}", highlight=False)
 
 
 @app.command()

@@ -1,5 +1,6 @@
 """The trace store: every field round-trips, filters and pages select what they say, a killed writer
-loses nothing it committed, a torn WAL tail is skipped with a warning; the run's PNG plots."""
+loses nothing it committed, a torn WAL tail is skipped with a warning, a resumed run cuts the store and
+the metrics back to its checkpoint; the run's PNG plots."""
 
 import json
 import os
@@ -241,3 +242,41 @@ def test_reward_and_length_plots_per_environment(tmp_path):
     plot_lengths(metrics, tmp_path / "length_curve.png")
     for name in ("reward_curve.png", "length_curve.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / name).stat().st_size > 1000
+
+
+def test_a_resumed_run_truncates_the_traces_to_its_checkpoint(store):
+    path, writer = store
+    assert writer.offset() == 0
+    for step in (1, 1, 2):
+        writer.write(record(step=step))
+    offset = writer.offset()  # the checkpoint is taken here
+    writer.write(record(step=3))
+    writer.write(record(step=3))  # the interrupted run got this far
+    assert writer.truncate(offset) == 2 and writer.offset() == offset == 3
+    assert writer.write(record(step=3, sample=5)) == 4  # the resumed run's ids go on from the checkpoint
+    reader = TraceReader(path)
+    assert [(r["step"], r["sample"]) for r in reader.page()] == [(1, 2), (1, 2), (2, 2), (3, 5)]
+    assert reader.rollout(4).completion_ids == [10, 11, 12, 13, 14]
+    for table in ("bodies", "tokens"):  # no orphaned bodies or token arrays of the cut rollouts
+        assert reader.conn.execute(f"SELECT count(*), max(rollout_id) FROM {table}").fetchone()[:] == (4, 4)
+    reader.close()
+    with pytest.warns(UserWarning, match="ends at rollout 4, before the checkpoint's 9"):
+        assert writer.truncate(9) == 0
+
+
+def test_a_resumed_run_truncates_the_metrics_to_its_checkpoint(tmp_path):
+    from gymrl.train.metrics import MetricsLog, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    log.write({"step": 1})
+    offset = log.offset()  # the checkpoint is taken here
+    log.write({"step": 2})
+    with path.open("a") as f:
+        f.write('{"step": 3, "los')  # killed mid-line
+    log = MetricsLog(path, resume_at=offset)
+    log.write({"step": 2, "resumed": True})
+    assert read_metrics(path) == [{"step": 1}, {"step": 2, "resumed": True}]
+    with pytest.raises(ValueError, match=f"cannot resume '{path}' at byte 999: it has only"):
+        MetricsLog(path, resume_at=999)
+    assert MetricsLog(path).offset() == 0  # a new run starts an empty file

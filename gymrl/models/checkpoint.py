@@ -29,27 +29,54 @@ def load_policy(path: str | Path) -> tuple[torch.nn.Module, object]:
 
 
 def save_policy(model, tokenizer, path: str | Path) -> Path:
-    """Write the checkpoint to ``path`` atomically: built beside it, then renamed over any old one."""
+    """Write the checkpoint to ``path`` atomically: built beside it, flushed to disk, then renamed over any old one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    old = None
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp, save_jinja_files=False)
+        fsync_tree(tmp)
+        replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush every file and folder under ``path`` to disk. Done before the rename that publishes a folder:
+    otherwise a power loss can persist the rename but not the data, leaving a complete-looking folder of
+    empty or torn files."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            _fsync(Path(root, name))
+        _fsync(Path(root))
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Put the finished folder ``tmp`` at ``path`` by renames on one filesystem. An old ``path`` is moved
+    aside first and removed only once the new one is in place; if the rename fails it is put back."""
+    old = None
+    try:
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.rename(path, old)
         os.rename(tmp, path)
     except BaseException:
         if old is not None and not path.exists():
-            os.rename(old, path)  # put the previous checkpoint back
+            os.rename(old, path)  # put the previous one back
         raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-    return path
+    _fsync(path.parent)  # the rename itself is durable only once the parent folder is flushed
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def checkpoint_tensors(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -242,6 +242,21 @@ class TraceWriter:
                 spec_mean_accepted=r.spec.mean_accepted_length if r.spec is not None else None,
             ))
 
+    def offset(self) -> int:
+        """The id of the last rollout written (0 for none): the trace position a checkpoint records."""
+        return self.conn.execute("SELECT coalesce(max(id), 0) FROM rollouts").fetchone()[0]
+
+    def truncate(self, offset: int) -> int:
+        """Delete the rollouts written after :meth:`offset` returned ``offset`` (a resumed run writes them
+        again); returns how many. Ids then go on from ``offset + 1``. Task rows stay: they are keyed by task."""
+        last = self.offset()
+        if last < offset:  # committed rows are lost only to a power loss (synchronous=NORMAL)
+            warnings.warn(f"{self.path} ends at rollout {last}, before the checkpoint's {offset}", stacklevel=2)
+        with self.conn:
+            self.conn.execute("DELETE FROM tokens WHERE rollout_id > ?", (offset,))
+            self.conn.execute("DELETE FROM bodies WHERE rollout_id > ?", (offset,))
+            return self.conn.execute("DELETE FROM rollouts WHERE id > ?", (offset,)).rowcount
+
     def close(self) -> None:
         self.conn.close()
 

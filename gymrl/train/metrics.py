@@ -6,17 +6,32 @@ from pathlib import Path
 
 
 class MetricsLog:
-    """metrics.jsonl, and the same numbers as TensorBoard scalars when ``tensorboard_dir`` is given."""
+    """metrics.jsonl, and the same numbers as TensorBoard scalars when ``tensorboard_dir`` is given.
+    ``resume_at``: keep the file up to this byte offset (an :meth:`offset` saved with a checkpoint) and
+    append after it, so the rows an interrupted run wrote after its checkpoint are not duplicated (and
+    TensorBoard's events after that step are purged); None starts an empty file."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, resume_at: int | None = None,
+                 resume_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
         self.tensorboard = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(tensorboard_dir))
+            purge = None if resume_step is None else resume_step + 1
+            self.tensorboard = SummaryWriter(str(tensorboard_dir), purge_step=purge)
+        if resume_at is None:
+            self.path.write_text("")
+            return
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if resume_at > size:  # every row is fsynced when written: the file was replaced or cut since
+            raise ValueError(f"cannot resume '{self.path}' at byte {resume_at}: it has only {size} bytes")
+        os.truncate(self.path, resume_at)
+
+    def offset(self) -> int:
+        """Bytes written so far (all of them on disk): where a resumed run picks up."""
+        return self.path.stat().st_size
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
