@@ -52,14 +52,27 @@ def train(
     help_config: bool = typer.Option(False, "--help-config", help="List every config key with its default."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the config and print where everything would run; "
                                                           "start nothing, load no weights."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its latest "
+                                          "checkpoint, with its saved config (--set may change keys, e.g. train.steps)."),
 ) -> None:
-    """Run GRPO on the configured environment and model."""
+    """Run GRPO on the configured environment and model. SIGTERM or Ctrl-C stops after the current step
+    with a checkpoint; `--resume RUN_DIR` continues from it."""
     if help_config:
         _print_config_help()
         return
-    if config is None:
-        _fail(ConfigError("give a config file, e.g. gymrl train configs/demo.yaml"))
+    if config is None and resume is None:
+        _fail(ConfigError("give a config file, e.g. gymrl train configs/demo.yaml, or --resume RUN_DIR"))
+    if config is not None and resume is not None:
+        _fail(ConfigError("--resume takes the run's own config (RUN_DIR/config.json): give one or the other"))
+    checkpoint = None
     try:
+        if resume is not None:
+            from gymrl.train.checkpoint import latest_checkpoint
+
+            config = resume / "config.json"
+            checkpoint = latest_checkpoint(resume)
+            if checkpoint is None:
+                raise FileNotFoundError(f"nothing to resume in '{resume}': no checkpoint under {resume / 'checkpoints'}")
         cfg = load_config(config, _overrides(set_))
     except USER_ERRORS as err:
         _fail(err)
@@ -73,6 +86,7 @@ def train(
         render(plan, str(config), Console())
         return
     from gymrl.session import start_session
+    from gymrl.train.checkpoint import CheckpointError
     from gymrl.train.loop import train as run_training
     from gymrl.train.progress import TrainProgress
 
@@ -81,10 +95,10 @@ def train(
             session = start_session(cfg)
         try:
             with TrainProgress(cfg.train.steps, console) as progress:
-                summary = run_training(session, progress.update)
+                summary = run_training(session, progress.update, checkpoint)
         finally:
             session.close()
-    except USER_ERRORS + (EnvServerError,) as err:
+    except USER_ERRORS + (EnvServerError, CheckpointError) as err:
         _fail(err)
     console.print_json(json.dumps(summary))
     console.print(f"run directory: {cfg.run_dir} (metrics.jsonl, traces.db, reward_curve.png, length_curve.png, checkpoint/)")

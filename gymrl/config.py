@@ -199,6 +199,9 @@ class TrainConfig(Section):
         "logprobs as the clipped ratio's old policy.",
     )
     is_cap: float = Field(default=2.0, ge=1, description="Upper bound of the TIS importance weight.")
+    checkpoint_every: int = Field(default=50, ge=0, description="Write a resumable checkpoint every this many steps "
+                                  "(run_dir/checkpoints; 0 = only when stopped by SIGTERM or Ctrl-C).")
+    keep_checkpoints: int = Field(default=2, ge=1, description="How many of the newest checkpoints to keep.")
     tensorboard: bool = Field(default=True, description="Also write the step metrics as TensorBoard events (run_dir/tensorboard).")
 
 

@@ -28,7 +28,8 @@ from gymrl.rollout.weight_sync import pack_policy
 from gymrl.session import Session
 from gymrl.train.grpo import GRPOLossConfig, group_advantages, grpo_loss
 from gymrl.train.metrics import MetricsLog, plot_lengths, plot_rewards
-from gymrl.train.producer import Group, RolloutProducer
+from gymrl.train.checkpoint import StopSignal, load_checkpoint, save_checkpoint
+from gymrl.train.producer import Cursor, Group, RolloutProducer
 from gymrl.traces.store import TRACE_FILE, TraceWriter, run_metadata
 from gymrl.train.policy import pad_batch, token_logprobs
 
@@ -212,8 +213,10 @@ def staleness_metrics(groups: list[Group], version: int) -> dict[str, float]:
         f"staleness/{k}": n for k, n in sorted(Counter(per_sample).items())}
 
 
-def train(session: Session, progress=None) -> dict:
-    """Run the configured number of steps; returns the run summary (also written to the run dir)."""
+def train(session: Session, progress=None, resume: Path | None = None) -> dict:
+    """Run the configured number of steps, or the rest of them from the checkpoint ``resume``; returns the run
+    summary (also written to the run dir). SIGTERM or Ctrl-C ends the run after the current step, with a
+    checkpoint."""
     cfg = session.cfg
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -222,83 +225,108 @@ def train(session: Session, progress=None) -> dict:
     torch.manual_seed(cfg.seed)
     per_step, max_staleness = cfg.train.prompts_per_step, cfg.train.max_staleness
     sampler = TaskSampler(session, cfg.seed, per_step)
-    trainer = GRPOTrainer(session)
-    log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.train.tensorboard else None)
+    trainer = GRPOTrainer(session)  # its reference policy (beta > 0) is the initial one, even on resume
+    saved = None
+    if resume is not None:
+        saved = load_checkpoint(resume, trainer.policy, trainer.optimizer, trainer.scheduler)
+        trainer.version = saved["policy_version"]
+        trainer.push_weights()  # the engines started from model.path
+    log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.train.tensorboard else None,
+                     resume_at=saved and saved["metrics_offset"], resume_step=saved and saved["step"])
     traces = TraceWriter(run_dir / TRACE_FILE, run_metadata(json.loads(cfg.model_dump_json())))
     started = time.perf_counter()
-    initial, eval_batch = trainer.evaluate(eval_tasks)
-    traces.write_batch(eval_batch, eval_tasks, 0, "eval")
-    log.write({"step": 0, "policy_version": 0} | initial)
-    evaluation = initial
+    if saved is None:
+        initial, eval_batch = trainer.evaluate(eval_tasks)
+        traces.write_batch(eval_batch, eval_tasks, 0, "eval")
+        log.write({"step": 0, "policy_version": 0} | initial)
+        evaluation, first_step = initial, 1
+    else:
+        traces.truncate(saved["trace_offset"])  # what the interrupted run wrote after its checkpoint
+        initial, evaluation, first_step = saved["initial_eval"], saved["eval"], saved["step"] + 1
     producer = RolloutProducer(session.runner, sampler.task_of, group_size=cfg.train.group_size,
                                sampling=cfg.sampling, prompts_per_step=per_step, max_staleness=max_staleness,
-                               seed=cfg.seed, pushed_version=trainer.version)
+                               seed=cfg.seed, pushed_version=trainer.version, consumed=(first_step - 1) * per_step,
+                               cursor=Cursor(**saved["cursor"]) if saved else None)
     producer.start()
-    try:
-        for step in range(1, cfg.train.steps + 1):
-            step_started = time.perf_counter()
-            queue_depth = producer.queue.qsize()
-            groups, dropped, wait_seconds = collect(producer, trainer.version, per_step, max_staleness)
-            batch = RolloutBatch.concat([g.batch for g in groups])
-            batch.generate_seconds = max(g.finished for g in groups) - min(g.started for g in groups)
-            traces.write_batch(batch, [sampler.task_of(g.index) for g in groups], step, "train")
-            staleness = staleness_metrics(groups, trainer.version)
-            learning_rate = trainer.scheduler.get_last_lr()[0]  # what this step uses
-            result = trainer.step(batch)
-            evaluating = step % cfg.eval.every == 0 or step == cfg.train.steps
-            if step == cfg.train.steps:
-                producer.stop(wait=False)  # the last push must not start groups that no step will use
-            push_seconds = 0.0
-            if step % cfg.train.push_every == 0 or evaluating:  # an evaluation measures the newest weights
-                push_seconds = trainer.push_weights()
-                producer.weights_pushed(trainer.version)
-            rewards = [r.reward for r in batch.rollouts]
-            record = {
-                "step": step,
-                "policy_version": trainer.version,
-                "reward_mean": statistics.fmean(rewards),
-                "reward_std": statistics.pstdev(rewards),
-                "loss": result.loss,
-                "learning_rate": learning_rate,
-                "clip_fraction": result.clip_fraction,
-                "kl": result.kl_mean,
-                "logprob_gap": result.logprob_gap,
-                "completion_tokens": batch.num_tokens,
-                "mean_completion_length": batch.num_tokens / len(rewards),
-                "generate_seconds": batch.generate_seconds,
-                "verify_seconds": batch.verify_seconds,
-                "tool_seconds": batch.tool_seconds,
-                "mean_turns": statistics.fmean(sum(t["role"] == "assistant" for t in r.turns) for r in batch.rollouts),
-                "train_seconds": result.train_seconds,
-                "push_seconds": push_seconds,
-                "wait_seconds": wait_seconds,
-                "queue_depth": queue_depth,
-                "dropped_groups": dropped,
-                "dropped_fraction": dropped / (dropped + per_step),
-                "tokens_per_second": batch.num_tokens / max(batch.generate_seconds, 1e-9),
-            } | staleness | result.is_stats | per_env(batch, "reward") | per_env(
-                batch, "completion_length", lambda r: r.num_model_tokens)
-            record |= session.pool.step_metrics()  # tokens/s and peak queue depth of each engine
-            if batch.spec is not None:  # speculative decoding on: how the drafts fared over the step's rollouts
-                record |= {"spec_acceptance": batch.spec.acceptance,
-                           "spec_mean_accepted_length": batch.spec.mean_accepted_length}
-            record["step_seconds"] = time.perf_counter() - step_started  # the evaluation is not part of the step
-            record["samples_per_second"] = len(rewards) / record["step_seconds"]
-            if evaluating:
-                eval_started = time.perf_counter()
-                evaluation, eval_batch = trainer.evaluate(eval_tasks)
-                traces.write_batch(eval_batch, eval_tasks, step, "eval")
-                record |= evaluation | {"eval_seconds": time.perf_counter() - eval_started}
-            log.write(record)
-            if progress is not None:
-                progress(step, record, evaluation["eval_reward"])
-    finally:
-        producer.stop()
-        log.close()
+    step = first_step - 1
+    finished = False
+    with StopSignal() as stop:
+        try:
+            for step in range(first_step, cfg.train.steps + 1):
+                step_started = time.perf_counter()
+                queue_depth = producer.queue.qsize()
+                groups, dropped, wait_seconds = collect(producer, trainer.version, per_step, max_staleness)
+                batch = RolloutBatch.concat([g.batch for g in groups])
+                batch.generate_seconds = max(g.finished for g in groups) - min(g.started for g in groups)
+                traces.write_batch(batch, [sampler.task_of(g.index) for g in groups], step, "train")
+                staleness = staleness_metrics(groups, trainer.version)
+                learning_rate = trainer.scheduler.get_last_lr()[0]  # what this step uses
+                result = trainer.step(batch)
+                evaluating = step % cfg.eval.every == 0 or step == cfg.train.steps
+                if step == cfg.train.steps or stop.requested:
+                    producer.stop(wait=False)  # the last push must not start groups that no step will use
+                push_seconds = 0.0
+                if step % cfg.train.push_every == 0 or evaluating:  # an evaluation measures the newest weights
+                    push_seconds = trainer.push_weights()
+                    producer.weights_pushed(trainer.version)
+                rewards = [r.reward for r in batch.rollouts]
+                record = {
+                    "step": step,
+                    "policy_version": trainer.version,
+                    "reward_mean": statistics.fmean(rewards),
+                    "reward_std": statistics.pstdev(rewards),
+                    "loss": result.loss,
+                    "learning_rate": learning_rate,
+                    "clip_fraction": result.clip_fraction,
+                    "kl": result.kl_mean,
+                    "logprob_gap": result.logprob_gap,
+                    "completion_tokens": batch.num_tokens,
+                    "mean_completion_length": batch.num_tokens / len(rewards),
+                    "generate_seconds": batch.generate_seconds,
+                    "verify_seconds": batch.verify_seconds,
+                    "tool_seconds": batch.tool_seconds,
+                    "mean_turns": statistics.fmean(sum(t["role"] == "assistant" for t in r.turns) for r in batch.rollouts),
+                    "train_seconds": result.train_seconds,
+                    "push_seconds": push_seconds,
+                    "wait_seconds": wait_seconds,
+                    "queue_depth": queue_depth,
+                    "dropped_groups": dropped,
+                    "dropped_fraction": dropped / (dropped + per_step),
+                    "tokens_per_second": batch.num_tokens / max(batch.generate_seconds, 1e-9),
+                } | staleness | result.is_stats | per_env(batch, "reward") | per_env(
+                    batch, "completion_length", lambda r: r.num_model_tokens)
+                record |= session.pool.step_metrics()  # tokens/s and peak queue depth of each engine
+                if batch.spec is not None:  # speculative decoding on: how the drafts fared over the step's rollouts
+                    record |= {"spec_acceptance": batch.spec.acceptance,
+                               "spec_mean_accepted_length": batch.spec.mean_accepted_length}
+                record["step_seconds"] = time.perf_counter() - step_started  # the evaluation is not part of the step
+                record["samples_per_second"] = len(rewards) / record["step_seconds"]
+                if evaluating:
+                    eval_started = time.perf_counter()
+                    evaluation, eval_batch = trainer.evaluate(eval_tasks)
+                    traces.write_batch(eval_batch, eval_tasks, step, "eval")
+                    record |= evaluation | {"eval_seconds": time.perf_counter() - eval_started}
+                log.write(record)
+                if progress is not None:
+                    progress(step, record, evaluation["eval_reward"])
+                every = cfg.train.checkpoint_every
+                if stop.requested or (every and step % every == 0):
+                    save_checkpoint(run_dir, step, trainer.policy, session.tokenizer, trainer.optimizer, trainer.scheduler,
+                                    {"policy_version": trainer.version, "cursor": vars(producer.cursor()),
+                                     "trace_offset": traces.offset(), "metrics_offset": log.offset(),
+                                     "initial_eval": initial, "eval": evaluation}, keep=cfg.train.keep_checkpoints)
+                if stop.requested:
+                    break
+            finished = True
+        finally:
+            producer.stop(wait=finished)  # on an error, do not wait for the groups in flight
+            log.close()
     traces.close()
     save_policy(trainer.policy, session.tokenizer, run_dir / "checkpoint")
     summary = {
-        "steps": cfg.train.steps,
+        "steps": step,
+        "interrupted": step < cfg.train.steps,
+        "resumed_from": str(resume) if resume is not None else None,
         "initial_eval_reward": initial["eval_reward"],
         "final_eval_reward": evaluation["eval_reward"],
         "eval_reward_gain": evaluation["eval_reward"] - initial["eval_reward"],
