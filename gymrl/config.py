@@ -166,6 +166,26 @@ class RolloutConfig(Section):
     )
 
 
+class LoraConfig(Section):
+    """LoRA adapters on the policy (peft): the trainer trains only them; the engines and the saved checkpoint
+    get the merged weights."""
+
+    r: int = Field(default=16, ge=1, description="LoRA rank.")
+    alpha: float = Field(default=32.0, gt=0, description="LoRA alpha: the adapters' update is scaled by alpha / r.")
+    dropout: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="Dropout on the adapters' input in training steps; above 0 the trainer's logprobs in a step "
+        "differ from the engine's (logprob_gap).",
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Linear modules that get adapters, by name or dotted suffix (peft's matching). Checked against "
+        "the model before the engines start: each name set here must match a module; of the default list "
+        "(attention and MLP projections), at least one.",
+    )
+
+
 class TrainConfig(Section):
     steps: int = Field(default=100, ge=1, description="Optimizer steps (one rollout batch each).")
     prompts_per_step: int = Field(default=16, ge=1, description="Distinct tasks per step.")
@@ -184,6 +204,11 @@ class TrainConfig(Section):
     epsilon_high: float = Field(default=0.2, ge=0, description="Upper clip range (DAPO's clip-higher uses 0.28).")
     beta: float = Field(default=0.0, ge=0, description="KL coefficient to the initial policy (0 = no reference model).")
     micro_batch_size: int = Field(default=64, ge=1, description="Sequences per forward/backward pass.")
+    lora: LoraConfig | None = Field(
+        default=None,
+        description="Train LoRA adapters instead of all weights, e.g. {r: 16, alpha: 32} (or --set train.lora.r=16); "
+        "None = full fine-tuning.",
+    )
     max_staleness: int = Field(
         default=0, ge=0,
         description="How many policy versions older than the trainer a sample may be. 0 = synchronous (each batch "

@@ -128,6 +128,10 @@ def start_session(cfg: RunConfig) -> Session:
         check_mtp(spec, info)
     check_cpu_mla(cfg.engine, info.mla)
     policy, tokenizer = load_policy(model_path)
+    if cfg.train.lora is not None:  # a bad target_modules fails now, not after the engines start
+        from gymrl.train.lora import check_targets
+
+        check_targets(policy, cfg.train.lora)
     check_prompts_fit(tokenizer, tasks, cfg.sampling.max_tokens, cfg.engine.max_model_len,
                       cfg.rollout.chat_template_kwargs)
     servers = start_env_servers(cfg, envs, Path(cfg.run_dir) / "env_logs")

@@ -100,6 +100,14 @@ def test_cli_prompt_longer_than_context_gives_one_line_error(tmp_path, demo_mode
     _assert_one_line_error(proc, "exceeds engine.max_model_len=24")
 
 
+def test_cli_bad_lora_targets_give_one_line_error(demo_model, tmp_path):
+    # Checked against the loaded model, before the environment server, Ray or vLLM start (nothing in run_dir).
+    proc = _gymrl("train", str(DEMO), "--set", "train.lora.target_modules=[query, value]",
+                  "--set", f"model.cache_dir={ROOT / '.cache' / 'models'}", "--set", f"run_dir={tmp_path / 'run'}")
+    _assert_one_line_error(proc, "train.lora.target_modules", "match no linear module", "q_proj")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_unknown_tool_call_parser_gives_one_line_error():
     proc = _gymrl("train", str(ROOT / "configs" / "tool_use.yaml"), "--set", "rollout.tool_call_parser=qwen9",
                   "--set", "model.path=/nonexistent")

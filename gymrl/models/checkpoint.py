@@ -29,7 +29,11 @@ def load_policy(path: str | Path) -> tuple[torch.nn.Module, object]:
 
 
 def save_policy(model, tokenizer, path: str | Path) -> Path:
-    """Write the checkpoint to ``path`` atomically: built beside it, flushed to disk, then renamed over any old one."""
+    """Write the checkpoint to ``path`` atomically: built beside it, flushed to disk, then renamed over any old one. A LoRA policy
+    is saved merged, as a plain HF model (transformers loads it without peft, vLLM serves it)."""
+    from gymrl.train.lora import plain_model
+
+    model = plain_model(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))

@@ -11,12 +11,14 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from gymrl.models.checkpoint import checkpoint_tensors
+from gymrl.train.lora import base_model, merged_state_dict
 
 
 def pack_policy(model) -> bytes:
     """The trainer's policy as one blob, under checkpoint names (vLLM loads it like a checkpoint, so weights that
-    transformers keeps fused, such as DeepSeek-V3's experts, go split as ``save_pretrained`` writes them)."""
-    return pack_state_dict(checkpoint_tensors(model, _untied(model.state_dict())))
+    transformers keeps fused, such as DeepSeek-V3's experts, go split as ``save_pretrained`` writes them). A LoRA
+    policy goes as its merged weights under the base model's names: the engines serve a plain model."""
+    return pack_state_dict(checkpoint_tensors(base_model(model), _untied(merged_state_dict(model))))
 
 
 def pack_state_dict(state_dict: dict[str, torch.Tensor]) -> bytes:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from gymrl.models.checkpoint import fsync_tree, load_policy, replace_dir, save_policy
+from gymrl.train.lora import adapter_state, is_lora
 
 CHECKPOINTS = "checkpoints"
 POLICY = "policy"
@@ -126,7 +127,7 @@ def save_checkpoint(run_dir: str | Path, step: int, policy, tokenizer, optimizer
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
         save_policy(policy, tokenizer, tmp / POLICY)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(),
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "adapter": adapter_state(policy),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "rng": rng_state(), "state": state}, tmp / TRAINER_STATE)
         fsync_tree(tmp)
@@ -165,8 +166,13 @@ def load_checkpoint(path: str | Path, policy, optimizer, scheduler) -> dict:
         raise CheckpointError(f"checkpoint '{path}' {has} scheduler state, and the run "
                               f"{'has a' if scheduler is not None else 'has no'} scheduler")
     try:
-        weights, _ = load_policy(path / POLICY)
-        policy.load_state_dict(weights.state_dict())
+        if saved.get("adapter") is not None:  # a LoRA policy: its base is the run's model, its adapters are here
+            unexpected = policy.load_state_dict(saved["adapter"], strict=False).unexpected_keys
+            if unexpected or not is_lora(policy):
+                raise ValueError(f"the checkpoint holds LoRA adapters that this policy does not have: {unexpected[:3]}")
+        else:
+            weights, _ = load_policy(path / POLICY)
+            policy.load_state_dict(weights.state_dict())
         optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(saved["scheduler"])

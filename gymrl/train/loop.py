@@ -27,6 +27,7 @@ from gymrl.rollout.runner import RolloutBatch
 from gymrl.rollout.weight_sync import pack_policy
 from gymrl.session import Session
 from gymrl.train.grpo import GRPOLossConfig, group_advantages, grpo_loss
+from gymrl.train.lora import apply_lora
 from gymrl.train.metrics import MetricsLog, plot_lengths, plot_rewards
 from gymrl.train.checkpoint import StopSignal, load_checkpoint, save_checkpoint
 from gymrl.train.producer import Cursor, Group, RolloutProducer
@@ -48,16 +49,17 @@ class GRPOTrainer:
         self.s = session
         cfg = session.cfg
         self.cfg = cfg
-        self.policy = session.policy
+        self.reference = None
+        if cfg.train.beta > 0:  # the initial policy, copied before any LoRA adapter goes in
+            self.reference = copy.deepcopy(session.policy).eval().requires_grad_(False)
+        self.policy = session.policy if cfg.train.lora is None else apply_lora(session.policy, cfg.train.lora)
         self.policy.train()
         self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
+            [p for p in self.policy.parameters() if p.requires_grad],  # with LoRA, the adapters only
+            lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, functools.partial(lr_factor, cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.steps))
-        self.reference = None
-        if cfg.train.beta > 0:
-            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.loss_cfg = GRPOLossConfig(
             loss_type=cfg.train.loss_type,
             epsilon_low=cfg.train.epsilon_low,
