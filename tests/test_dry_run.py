@@ -254,7 +254,7 @@ class FakePool:
     def __init__(self):
         self.calls = []
 
-    def generate(self, prompts, n, sampling):
+    def generate(self, prompts, n, sampling, engine_ids=None, seeds=None):
         self.calls.append(sampling)
         return Generation([[Completion([5, 2], [-0.1, -0.2], "<answer>8</answer>", "stop")] * n for _ in prompts])
 

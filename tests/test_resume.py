@@ -27,7 +27,7 @@ def runs(reset_session, tmp_path_factory):
     def configure(name: str) -> None:
         session.cfg = cfg.model_copy(update={
             "run_dir": base / name,
-            "train": cfg.train.model_copy(update={"steps": STEPS, "checkpoint_every": 0}),
+            "train": cfg.train.model_copy(update={"steps": STEPS, "checkpoint_every": 0, "seeded_sampling": True}),
             "eval": cfg.eval.model_copy(update={"every": STEPS})})
 
     def terminate_at_cut(step, record, eval_reward):

@@ -248,7 +248,8 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
     producer = RolloutProducer(session.runner, sampler.task_of, group_size=cfg.train.group_size,
                                sampling=cfg.sampling, prompts_per_step=per_step, max_staleness=max_staleness,
                                seed=cfg.seed, pushed_version=trainer.version, consumed=(first_step - 1) * per_step,
-                               cursor=Cursor(**saved["cursor"]) if saved else None)
+                               cursor=Cursor(**saved["cursor"]) if saved else None,
+                               seeded=cfg.train.seeded_sampling)
     producer.start()
     step = first_step - 1
     finished = False

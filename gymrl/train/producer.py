@@ -54,7 +54,7 @@ def group_seed(run_seed: int, index: int) -> int:
 class RolloutProducer:
     def __init__(self, runner: RolloutRunner, task_of: Callable[[int], Task], *, group_size: int,
                  sampling: SamplingConfig, prompts_per_step: int, max_staleness: int, seed: int,
-                 pushed_version: int = 0, consumed: int = 0, cursor: Cursor | None = None):
+                 pushed_version: int = 0, consumed: int = 0, cursor: Cursor | None = None, seeded: bool = True):
         self.runner = runner
         self.task_of = task_of
         self.group_size = group_size
@@ -62,6 +62,7 @@ class RolloutProducer:
         self.per_step = prompts_per_step
         self.max_staleness = max_staleness
         self.seed = seed
+        self.seeded = seeded
         self.capacity = (max_staleness + 1) * prompts_per_step
         self.queue: queue.Queue[Group | BaseException] = queue.Queue(maxsize=self.capacity)
         self._cond = threading.Condition()
@@ -138,7 +139,7 @@ class RolloutProducer:
             started = time.perf_counter()
             try:
                 batch = self.runner.run([self.task_of(index)], self.group_size, self.sampling, version,
-                                        seed=group_seed(self.seed, index))
+                                        seed=group_seed(self.seed, index) if self.seeded else None)
             except BaseException as error:  # noqa: BLE001 - handed to the trainer, which raises it
                 self.queue.put(error)
                 return
