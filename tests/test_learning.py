@@ -15,19 +15,24 @@ STEPS = 15
 MIN_GAIN = 0.4
 
 
-@pytest.fixture(scope="module")
-def short_run(reset_session, tmp_path_factory):
+def _short_run(reset_session, run_dir, **train_keys):
+    """STEPS steps of the shared session from the initial weights, evaluated every 5; yields (session, summary)."""
     session = reset_session()
     cfg = session.cfg
     session.cfg = cfg.model_copy(
-        update={"run_dir": tmp_path_factory.mktemp("learning") / "run",
-                "train": cfg.train.model_copy(update={"steps": STEPS}),
+        update={"run_dir": run_dir,
+                "train": cfg.train.model_copy(update={"steps": STEPS} | train_keys),
                 "eval": cfg.eval.model_copy(update={"every": 5})}
     )
     try:
         yield session, train(session)
     finally:
         session.cfg = cfg
+
+
+@pytest.fixture(scope="module")
+def short_run(reset_session, tmp_path_factory):
+    yield from _short_run(reset_session, tmp_path_factory.mktemp("learning") / "run")
 
 
 def test_held_out_reward_rises(short_run):
@@ -58,17 +63,7 @@ def test_run_writes_metrics_plot_summary_and_checkpoint(short_run):
 @pytest.fixture(scope="module")
 def async_run(reset_session, tmp_path_factory):
     """The same run with rollouts one version ahead of the trainer (max_staleness=1)."""
-    session = reset_session()
-    cfg = session.cfg
-    session.cfg = cfg.model_copy(
-        update={"run_dir": tmp_path_factory.mktemp("async") / "run",
-                "train": cfg.train.model_copy(update={"steps": STEPS, "max_staleness": 1}),
-                "eval": cfg.eval.model_copy(update={"every": 5})}
-    )
-    try:
-        yield session, train(session)
-    finally:
-        session.cfg = cfg
+    yield from _short_run(reset_session, tmp_path_factory.mktemp("async") / "run", max_staleness=1)
 
 
 def test_async_run_learns_from_stale_samples(async_run):
