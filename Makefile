@@ -42,6 +42,7 @@ test: setup $(CHROMIUM)
 
 bench: setup
 	$(BIN)/gymrl bench configs/demo.yaml
+	$(BIN)/gymrl bench configs/mtp_rl_cpu.yaml --suite mtp
 
 clean:
 	rm -rf runs bench_results .pytest_cache

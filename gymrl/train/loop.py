@@ -19,20 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from gymrl.config import SamplingConfig
 from gymrl.envs.base import Task
-from gymrl.models.checkpoint import save_policy
+from gymrl.models.checkpoint import inspect_checkpoint, save_policy
+from gymrl.models.mtp import draft_kl, draft_logits, load_mtp_layer
+from gymrl.rollout.engine import SpecStats
 from gymrl.rollout.runner import RolloutBatch
 from gymrl.rollout.weight_sync import pack_policy
 from gymrl.session import Session
 from gymrl.train.grpo import GRPOLossConfig, group_advantages, grpo_loss
 from gymrl.train.lora import apply_lora
-from gymrl.train.metrics import MetricsLog, plot_lengths, plot_rewards
+from gymrl.train.metrics import MetricsLog, plot_acceptance, plot_lengths, plot_rewards
 from gymrl.train.checkpoint import StopSignal, load_checkpoint, save_checkpoint
 from gymrl.train.producer import Cursor, Group, RolloutProducer
 from gymrl.traces.store import TRACE_FILE, TraceWriter, run_metadata
-from gymrl.train.policy import pad_batch, token_logprobs
+from gymrl.train.policy import logprobs_from_logits, pad_batch, token_logprobs
 
 @dataclass
 class StepResult:
@@ -42,6 +45,7 @@ class StepResult:
     logprob_gap: float
     train_seconds: float
     is_stats: dict[str, float] = field(default_factory=dict)  # importance weights (is_correction="tis")
+    mtp_stats: dict[str, float] = field(default_factory=dict)  # the MTP layer's loss and agreement, when it trains
 
 
 class GRPOTrainer:
@@ -54,10 +58,18 @@ class GRPOTrainer:
             self.reference = copy.deepcopy(session.policy).eval().requires_grad_(False)
         self.policy = session.policy if cfg.train.lora is None else apply_lora(session.policy, cfg.train.lora)
         self.policy.train()
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.policy.parameters() if p.requires_grad],  # with LoRA, the adapters only
-            lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
-        )
+        # A checkpoint's MTP layer rides along (saved with every checkpoint, so the engines can draft with it); it
+        # trains, and goes out with every push, only with train.mtp_loss_weight > 0.
+        info = inspect_checkpoint(session.model_path)
+        self.mtp = load_mtp_layer(session.policy, session.model_path) if info.model_type == "deepseek_v3" and \
+            info.mtp_layers else None
+        self.mtp_weight = cfg.train.mtp_loss_weight if self.mtp is not None else 0.0
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]  # with LoRA, the adapters only
+        if self.mtp_weight > 0:
+            groups.append({"params": list(self.mtp.parameters()), "lr": cfg.train.mtp_learning_rate})
+        elif self.mtp is not None:
+            self.mtp.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, functools.partial(lr_factor, cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.steps))
         self.loss_cfg = GRPOLossConfig(
@@ -75,7 +87,8 @@ class GRPOTrainer:
         """Mean reward of greedy answers on held-out tasks, overall and per environment, and the rollouts."""
         greedy = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=self.cfg.sampling.max_tokens)
         batch = self.s.runner.run(tasks, 1, greedy, self.version)
-        return {"eval_reward": statistics.fmean(r.reward for r in batch.rollouts)} | per_env(batch, "eval_reward"), batch
+        return {"eval_reward": statistics.fmean(r.reward for r in batch.rollouts)} | per_env(batch, "eval_reward") | {
+            f"eval_{k}": v for k, v in spec_metrics(batch).items() if "/" not in k}, batch
 
     def step(self, batch: RolloutBatch) -> StepResult:
         started = time.perf_counter()
@@ -88,6 +101,7 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = clip_sum = kl_sum = gap_sum = 0.0
         weights: list[tuple[float, dict[str, float]]] = []  # (tokens, stats) of each micro-batch
+        mtp_sums: list[tuple[torch.Tensor, float, float]] = []  # (KL sum, agreeing positions, positions)
         for start in range(0, len(rollouts), mb):
             part = rollouts[start : start + mb]
             ids, attn, mask = pad_batch([r.prompt_ids for r in part], [r.completion_ids for r in part], pad_id,
@@ -97,7 +111,13 @@ class GRPOTrainer:
                 begin = len(r.prompt_ids) - 1
                 behaviour[i, begin : begin + len(r.logprobs)] = torch.tensor(r.logprobs)
             temperature = torch.tensor([r.temperature for r in part])  # tool tasks may sample at their own
-            logps = token_logprobs(self.policy, ids, attn, temperature)
+            if self.mtp_weight > 0:  # the same forward as the policy's, keeping the hidden states for the MTP layer
+                hidden = self.policy.model(input_ids=ids, attention_mask=attn).last_hidden_state
+                logits = self.policy.lm_head(hidden)
+                mtp_sums.append(self._mtp_sums(ids, hidden, logits, mask))
+            else:
+                logits = self.policy(input_ids=ids, attention_mask=attn).logits
+            logps = logprobs_from_logits(logits, ids, temperature)
             ref = None
             if self.reference is not None:
                 with torch.no_grad():
@@ -113,7 +133,10 @@ class GRPOTrainer:
             tokens = float(mask.sum())
             per_token = self.loss_cfg.loss_type in ("bnpo", "dapo")
             weight = tokens / total_tokens if per_token else len(part) / len(rollouts)
-            (loss * weight).backward()
+            objective = loss * weight
+            if self.mtp_weight > 0:  # the MTP layer's own graph: it adds no gradient to the policy's weights
+                objective = objective + self.mtp_weight * mtp_sums[-1][0] / total_tokens
+            objective.backward()
             loss_sum += float(loss.detach()) * weight
             clip_sum += stats["clip_fraction"] * weight
             kl_sum += stats.get("kl_mean", 0.0) * weight
@@ -121,15 +144,34 @@ class GRPOTrainer:
             if tis:
                 weights.append((tokens, stats))
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.train.max_grad_norm)
+        mtp_stats = {}
+        if self.mtp_weight > 0:  # clipped on its own, so the policy's clipping is what it is without the MTP loss
+            torch.nn.utils.clip_grad_norm_(self.mtp.parameters(), self.cfg.train.max_grad_norm)
+            positions = max(1.0, sum(n for _, _, n in mtp_sums))
+            mtp_stats = {"mtp_loss": sum(float(k.detach()) for k, _, _ in mtp_sums) / positions,
+                         "mtp_agreement": sum(a for _, a, _ in mtp_sums) / positions}
         self.optimizer.step()
         self.scheduler.step()
         self.version += 1
         return StepResult(loss_sum, clip_sum, kl_sum, gap_sum / total_tokens, time.perf_counter() - started,
-                          importance_stats(weights))
+                          importance_stats(weights), mtp_stats)
+
+    def _mtp_sums(self, ids: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor,
+                  mask: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        """The MTP loss on one micro-batch's rollouts: (sum over positions of KL(policy || draft), positions where
+        the draft's top token is the policy's, positions). The draft at t predicts token t+2, which the policy
+        predicts at t+1 (``logits[:, t+1]``, its sampling distribution); positions count where that token is the
+        policy's own (``mask[:, t+1]``: not prompt, tool output or padding)."""
+        draft = draft_logits(self.policy, self.mtp, ids, hidden)
+        target = logits[:, 1:].detach()
+        where = F.pad(mask[:, 1:], (0, 1))
+        kl = (draft_kl(draft, target) * where).sum()
+        agree = float(((draft.argmax(-1) == target.argmax(-1)).float() * where).sum())
+        return kl, agree, float(where.sum())
 
     def push_weights(self) -> float:
         """Pack the trainer's weights and load them into every live engine."""
-        return self.s.pool.push_weights(pack_policy(self.policy), self.version,
+        return self.s.pool.push_weights(pack_policy(self.policy, self.mtp if self.mtp_weight > 0 else None), self.version,
                                         self.cfg.engine.recompute_kv_on_update)
 
 
@@ -160,6 +202,20 @@ def per_env(batch: RolloutBatch, key: str, value=lambda r: r.reward) -> dict[str
     for r in batch.rollouts:
         by_env.setdefault(r.env, []).append(value(r))
     return {f"{key}/{env}": statistics.fmean(values) for env, values in sorted(by_env.items())}
+
+
+def spec_metrics(batch: RolloutBatch) -> dict[str, float]:
+    """How speculative drafts fared over the batch's rollouts, overall and per environment: accepted / proposed
+    draft tokens and the mean accepted length (tokens per verify step). Empty when decoding had no drafts."""
+    by_env: dict[str, SpecStats | None] = {}
+    for r in batch.rollouts:
+        by_env[r.env] = SpecStats.total([by_env.get(r.env), r.spec])
+    out = {}
+    for suffix, stats in [("", batch.spec)] + [(f"/{env}", s) for env, s in sorted(by_env.items())]:
+        if stats is not None and stats.drafts:
+            out |= {f"spec_acceptance{suffix}": stats.acceptance,
+                    f"spec_mean_accepted_length{suffix}": stats.mean_accepted_length}
+    return out
 
 
 class TaskSampler:
@@ -230,7 +286,7 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
     trainer = GRPOTrainer(session)  # its reference policy (beta > 0) is the initial one, even on resume
     saved = None
     if resume is not None:
-        saved = load_checkpoint(resume, trainer.policy, trainer.optimizer, trainer.scheduler)
+        saved = load_checkpoint(resume, trainer.policy, trainer.optimizer, trainer.scheduler, trainer.mtp)
         trainer.version = saved["policy_version"]
         trainer.push_weights()  # the engines started from model.path
     log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.train.tensorboard else None,
@@ -299,9 +355,7 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
                 } | staleness | result.is_stats | per_env(batch, "reward") | per_env(
                     batch, "completion_length", lambda r: r.num_model_tokens)
                 record |= session.pool.step_metrics()  # tokens/s and peak queue depth of each engine
-                if batch.spec is not None:  # speculative decoding on: how the drafts fared over the step's rollouts
-                    record |= {"spec_acceptance": batch.spec.acceptance,
-                               "spec_mean_accepted_length": batch.spec.mean_accepted_length}
+                record |= spec_metrics(batch) | result.mtp_stats
                 record["step_seconds"] = time.perf_counter() - step_started  # the evaluation is not part of the step
                 record["samples_per_second"] = len(rewards) / record["step_seconds"]
                 if evaluating:
@@ -317,7 +371,8 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
                     save_checkpoint(run_dir, step, trainer.policy, session.tokenizer, trainer.optimizer, trainer.scheduler,
                                     {"policy_version": trainer.version, "cursor": vars(producer.cursor()),
                                      "trace_offset": traces.offset(), "metrics_offset": log.offset(),
-                                     "initial_eval": initial, "eval": evaluation}, keep=cfg.train.keep_checkpoints)
+                                     "initial_eval": initial, "eval": evaluation}, keep=cfg.train.keep_checkpoints,
+                                    mtp_layer=trainer.mtp)
                 if stop.requested:
                     break
             finished = True
@@ -325,7 +380,7 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
             producer.stop(wait=finished)  # on an error, do not wait for the groups in flight
             log.close()
     traces.close()
-    save_policy(trainer.policy, session.tokenizer, run_dir / "checkpoint")
+    save_policy(trainer.policy, session.tokenizer, run_dir / "checkpoint", trainer.mtp)
     summary = {
         "steps": step,
         "interrupted": step < cfg.train.steps,
@@ -342,4 +397,5 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_rewards(log.path, run_dir / "reward_curve.png")
     plot_lengths(log.path, run_dir / "length_curve.png")
+    plot_acceptance(log.path, run_dir / "acceptance_curve.png")
     return summary

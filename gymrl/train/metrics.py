@@ -121,3 +121,28 @@ def plot_lengths(metrics_path: Path, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def plot_acceptance(metrics_path: Path, out: Path) -> bool:
+    """Speculative decoding's mean accepted length (tokens per verify step) over the steps, on the training
+    rollouts (per environment when there are several) and on the greedy held-out evaluations, as a PNG. False
+    (nothing written) when the run had no drafts."""
+    rows = read_metrics(metrics_path)
+    if not any("spec_mean_accepted_length" in r for r in rows):
+        return False
+    plt = _pyplot()
+    envs = _envs(rows, "spec_mean_accepted_length")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*_series(rows, "spec_mean_accepted_length"), label="train rollouts (sampled)", alpha=0.8)
+    for env in envs if len(envs) > 1 else []:
+        ax.plot(*_series(rows, f"spec_mean_accepted_length/{env}"), label=env, alpha=0.6)
+    ax.plot(*_series(rows, "eval_spec_mean_accepted_length"), "o-", label="held-out (greedy)", markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean accepted length (tokens per verify step)")
+    ax.set_ylim(bottom=1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return True

@@ -27,7 +27,13 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
     """logprob of token t+1 given tokens <= t, for every position: shape [B, T-1]. ``temperature`` is one
     for the batch or one per row (shape [B]): each sequence is scored at the temperature it was sampled with."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    return logprobs_from_logits(model(input_ids=input_ids, attention_mask=attention_mask).logits, input_ids, temperature)
+
+
+def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor,
+                         temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """:func:`token_logprobs` from the model's logits [B, T, V] (for callers that need the logits too)."""
+    logits = logits[:, :-1].float()
     if isinstance(temperature, torch.Tensor):
         logits = logits / temperature.to(logits).view(-1, 1, 1)
     elif temperature != 1.0:
