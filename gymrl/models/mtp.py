@@ -69,11 +69,11 @@ def new_mtp_layer(model, seed: int) -> MTPLayer:
         torch.manual_seed(seed)
         layer = MTPLayer(model.config).to(torch.float32)
         layer.apply(model._init_weights)
-    return layer
+    return layer.to(model.device)
 
 
-def _causal_mask(length: int) -> torch.Tensor:
-    return torch.full((length, length), float("-inf")).triu(1)[None, None]
+def _causal_mask(length: int, device: torch.device) -> torch.Tensor:
+    return torch.full((length, length), float("-inf"), device=device).triu(1)[None, None]
 
 
 def _drafts(model, layer: MTPLayer, data: SftData, idx: torch.Tensor):
@@ -84,10 +84,10 @@ def _drafts(model, layer: MTPLayer, data: SftData, idx: torch.Tensor):
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # after the final norm
         target = model.lm_head(hidden[:, 1:])
         length = ids.shape[1] - 1
-        positions = torch.arange(length)[None].expand(ids.shape[0], -1)
+        positions = torch.arange(length, device=ids.device)[None].expand(ids.shape[0], -1)
         rope = model.model.rotary_emb(hidden, positions)
         next_embeds = model.model.embed_tokens(ids[:, 1:])
-    drafted = layer.draft(hidden[:, :-1], next_embeds, positions, rope, _causal_mask(length))
+    drafted = layer.draft(hidden[:, :-1], next_embeds, positions, rope, _causal_mask(length, ids.device))
     logits = model.lm_head(drafted)
     # Token t+2 must be one the model generates (its own turns); the last position has no t+2.
     where = F.pad(labels[:, 2:] != -100, (0, 1), value=False)
@@ -135,7 +135,7 @@ def write_mtp_layer(model, layer: MTPLayer, checkpoint: Path) -> list[str]:
     """Add the layer to the checkpoint's ``model.safetensors`` as ``model.layers.{num_hidden_layers}.*``, its
     experts split per expert as ``save_pretrained`` writes the main model's. Returns the names written."""
     first = model.config.num_hidden_layers
-    tensors = checkpoint_tensors(model, {f"model.layers.{first}.{name}": t.detach()
+    tensors = checkpoint_tensors(model, {f"model.layers.{first}.{name}": t.detach().cpu()
                                          for name, t in layer.state_dict().items()})
     file = Path(checkpoint) / "model.safetensors"
     if not file.is_file():
