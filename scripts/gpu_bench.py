@@ -271,7 +271,7 @@ def main() -> None:
     if args.part == "build":
         import torch
 
-        res["machine"]["gpu"] = torch.cuda.get_device_name(0)
+        res["machine"]["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
         res["build"] = part_build(cfg, work)
     elif args.part == "engines":
         ks = [int(k) for k in args.spec.split(",")]
