@@ -99,9 +99,10 @@ def _pushes(pool, policy, prompts, repeats: int) -> dict:
     """The same bf16 weights pushed into the live engine two ways, and a check that each lands."""
     import torch
 
+    from gymrl.models.checkpoint import checkpoint_tensors
     from gymrl.rollout.weight_sync import cuda_ipc_payload, pack_flat, pack_state_dict
 
-    state = policy.state_dict()
+    state = checkpoint_tensors(policy, policy.state_dict())  # vLLM reloads checkpoint names (experts split)
     seqs = [p + p[:8] for p in prompts[:4]]
     base = pool.score(seqs)
 
@@ -189,7 +190,10 @@ def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: i
                     harness.append(sum(len(c.token_ids) for g in gen.groups for c in g) / (time.perf_counter() - t0))
                 r["raw_tokens_per_s"], r["pool_tokens_per_s"] = _median(raw), _median(harness)
                 r["pool_over_raw"] = statistics.median(h / w for h, w in zip(harness, raw))
-                r["weight_push"] = _pushes(pool, policy, greedy[0], repeats)
+                try:
+                    r["weight_push"] = _pushes(pool, policy, greedy[0], repeats)
+                except Exception as err:  # noqa: BLE001 - keep the throughput figures
+                    r["weight_push_error"] = f"{type(err).__name__}: {err}"[-2000:]
             results[key] = r
         except Exception as err:  # noqa: BLE001
             results[key] = {"error": f"{type(err).__name__}: {err}"[:2000]}
@@ -235,7 +239,7 @@ def markdown(res: dict) -> str:
         rows += [("raw vLLM in the actor / gymrl pool through Ray (tok/s)",
                   f"{r0['raw_tokens_per_s']['median']:,.0f} / {r0['pool_tokens_per_s']['median']:,.0f}"),
                  ("pool / raw", f"{r0['pool_over_raw']:.2f}")]
-        wp = r0["weight_push"]
+        wp = r0.get("weight_push", {})
         for label in ("bytes", "ipc") if torch.cuda.is_available() else ("bytes",):
             p = wp[label]
             rows.append((f"weight push, {label} ({p['weight_bytes'] / 1e9:.2f} GB bf16): s, GB/s, of which engine load s",
