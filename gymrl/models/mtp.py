@@ -70,11 +70,11 @@ def new_mtp_layer(model, seed: int) -> MTPLayer:
         torch.manual_seed(seed)
         layer = MTPLayer(model.config).to(torch.float32)
         layer.apply(model._init_weights)
-    return layer
+    return layer.to(model.device)
 
 
-def _causal_mask(length: int) -> torch.Tensor:
-    return torch.full((length, length), float("-inf")).triu(1)[None, None]
+def _causal_mask(length: int, device: torch.device) -> torch.Tensor:
+    return torch.full((length, length), float("-inf"), device=device).triu(1)[None, None]
 
 
 def draft_logits(model, layer: MTPLayer, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ def draft_logits(model, layer: MTPLayer, ids: torch.Tensor, hidden: torch.Tensor
     with torch.no_grad():
         rope = model.model.rotary_emb(hidden, positions)
         next_embeds = model.model.embed_tokens(ids[:, 1:])
-    drafted = layer.draft(hidden[:, :-1].detach(), next_embeds, positions, rope, _causal_mask(length))
+    drafted = layer.draft(hidden[:, :-1].detach(), next_embeds, positions, rope, _causal_mask(length, ids.device))
     return F.linear(drafted, model.lm_head.weight.detach())
 
 
@@ -152,7 +152,7 @@ def mtp_checkpoint_tensors(model, layer: MTPLayer) -> dict[str, torch.Tensor]:
     """The layer's tensors under checkpoint names, ``model.layers.{num_hidden_layers}.*``, experts split per expert
     as ``save_pretrained`` writes the main model's (the names and layout vLLM's MTP loader reads)."""
     first = model.config.num_hidden_layers
-    return checkpoint_tensors(model, {f"model.layers.{first}.{name}": t.detach()
+    return checkpoint_tensors(model, {f"model.layers.{first}.{name}": t.detach().cpu()
                                       for name, t in layer.state_dict().items()})
 
 

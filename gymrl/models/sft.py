@@ -25,6 +25,9 @@ class SftData:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
+    def to(self, device: str | torch.device) -> "SftData":
+        return SftData(self.ids.to(device), self.labels.to(device), self.mask.to(device))
+
 
 def encode_examples(tokenizer, examples, max_length: int, pad_id: int) -> SftData:
     """The warm-up examples as one padded batch; ValueError when a sequence is longer than ``max_length``."""

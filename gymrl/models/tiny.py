@@ -171,8 +171,11 @@ def is_complete(path: Path) -> bool:
     return path.is_dir() and all((path / f).is_file() for f in COMPLETE_FILES)
 
 
-def build_tiny_model(spec: TinyModelSpec, env: Any, cache_dir: Path) -> Path:
+def build_tiny_model(spec: TinyModelSpec, env: Any, cache_dir: Path, device: str | None = None) -> Path:
     """Build (or find in ``cache_dir``) the tiny policy for ``env``; returns its checkpoint folder.
+
+    ``device``: where the warm-up trains (None: cuda when there is one, so a few-hundred-million-parameter
+    spec builds in minutes on a GPU; the cache key leaves it out, like the machine).
 
     ``env`` needs ``name``, ``warmup_examples(n, seed)`` and, for the cache key, its settings as a
     ``config`` dict (``gymrl.envs.base.Environment`` and ``gymrl.session.WarmupMix`` have all three).
@@ -190,7 +193,7 @@ def build_tiny_model(spec: TinyModelSpec, env: Any, cache_dir: Path) -> Path:
             # and 3.8 s on two (OpenMP threads waiting on each other). The qwen2 build keeps the default, so
             # its weights stay what they were.
             torch.set_num_threads(1)
-        _build_into(spec, env, tmp)
+        _build_into(spec, env, tmp, device or ("cuda" if torch.cuda.is_available() else "cpu"))
         _publish(tmp, out)
     finally:
         torch.set_num_threads(threads)
@@ -213,7 +216,7 @@ def _publish(tmp: Path, out: Path) -> None:
     os.rename(tmp, out)
 
 
-def _build_into(spec: TinyModelSpec, env: Any, out: Path) -> None:
+def _build_into(spec: TinyModelSpec, env: Any, out: Path, device: str) -> None:
     started, cpu_started = time.perf_counter(), time.process_time()
     examples = env.warmup_examples(spec.warmup_examples, spec.seed)
     if not examples:
@@ -230,9 +233,9 @@ def _build_into(spec: TinyModelSpec, env: Any, out: Path) -> None:
 
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
         torch.manual_seed(spec.seed)
-        model = _new_model(spec, eos_id, pad_id)
+        model = _new_model(spec, eos_id, pad_id).to(device)
 
-    data = encode_examples(tokenizer, examples, spec.max_position_embeddings, pad_id)
+    data = encode_examples(tokenizer, examples, spec.max_position_embeddings, pad_id).to(device)
     report = _warmup(model, data, spec)
     mtp_layer = None
     if spec.architecture == "deepseek_v3":

@@ -64,6 +64,23 @@ class SpecStats:
         present = [p for p in parts if p is not None]
         return sum(present, SpecStats()) if present else None
 
+    def __sub__(self, other: "SpecStats") -> "SpecStats":
+        return SpecStats(self.drafts - other.drafts, self.draft_tokens - other.draft_tokens,
+                         self.accepted_tokens - other.accepted_tokens)
+
+    @staticmethod
+    def of_counters() -> "SpecStats":
+        """vLLM's process-wide spec-decode counters (Prometheus, summed over engines): the source on vLLM
+        builds without per-request spec-decode metrics (0.22, the GPU machine's); diff two readings."""
+        from vllm.v1.metrics.reader import Counter, get_metrics_snapshot
+
+        total: dict[str, float] = {}
+        for m in get_metrics_snapshot():
+            if isinstance(m, Counter):
+                total[m.name] = total.get(m.name, 0) + m.value
+        return SpecStats(*(int(total.get(f"vllm:spec_decode_num_{k}", 0))
+                           for k in ("drafts", "draft_tokens", "accepted_tokens")))
+
     @staticmethod
     def of_request(metrics) -> "SpecStats | None":
         """From vLLM's ``RequestSpecDecodeMetrics`` of one completion (a histogram of accepted drafts)."""
@@ -117,6 +134,15 @@ class WeightUpdate:
     recomputed_kv: bool
 
 
+def _has_engine_arg(name: str) -> bool:
+    """Whether this vLLM build takes engine argument ``name`` (0.22 on the GPU machine lacks some of 0.32's)."""
+    import dataclasses
+
+    from vllm import AsyncEngineArgs
+
+    return name in {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+
+
 def engine_kwargs(model_path: str, cfg: EngineConfig, seed: int, engine_id: int = 0) -> dict:
     """The engine arguments of one engine (``gymrl train --dry-run`` prints them)."""
     kwargs = dict(
@@ -135,7 +161,10 @@ def engine_kwargs(model_path: str, cfg: EngineConfig, seed: int, engine_id: int 
     )
     if cfg.speculative_config is not None:
         kwargs["speculative_config"] = cfg.speculative_config.model_dump()
-        kwargs["per_request_spec_decode_metrics"] = "summary"  # each completion says how its drafts fared
+        if _has_engine_arg("per_request_spec_decode_metrics"):
+            kwargs["per_request_spec_decode_metrics"] = "summary"  # each completion says how its drafts fared
+        else:  # older vLLM: the drafts are counted by its stat loggers (SpecStats.of_counters)
+            kwargs["disable_log_stats"] = False
     return kwargs
 
 
@@ -212,14 +241,21 @@ class RolloutEngine:
                                   f"here ({type(err).__name__}: {err}); engine {engine_id} runs without it")
             log.warning(self.spec_fallback)
             kwargs.pop("speculative_config")
-            kwargs.pop("per_request_spec_decode_metrics")
+            kwargs.pop("per_request_spec_decode_metrics", None)
             self.llm = _build_engine(kwargs)
             self.speculative = False
+        # vLLM without per-request spec-decode metrics (0.22): timed_generate counts the drafts process-wide.
+        self._count_spec = self.speculative and "per_request_spec_decode_metrics" not in kwargs
         self.load_seconds = time.perf_counter() - started
+
+    async def _label(self, version: int) -> None:
+        """Label the tokens sampled from now on with ``version`` (vLLM builds without labels: 0.22)."""
+        if hasattr(self.llm, "update_weight_version"):
+            await self.llm.update_weight_version(str(version))
 
     async def ready(self) -> dict:
         await self.llm.collective_rpc("gymrl_fix_kernels")  # before any request: see vllm_fixes.py
-        await self.llm.update_weight_version(str(self.policy_version))  # label the first tokens
+        await self._label(self.policy_version)  # label the first tokens
         return {"engine_id": self.engine_id, "load_seconds": self.load_seconds, "pid": os.getpid(),
                 "speculative": self.speculative, "spec_fallback": self.spec_fallback}
 
@@ -273,20 +309,26 @@ class RolloutEngine:
             for c in out.outputs:
                 ids = list(c.token_ids)
                 lps = [step[tok].logprob for tok, step in zip(ids, c.logprobs)]
-                versions = version_per_token(c.weight_versions, len(ids), self.policy_version)
+                versions = version_per_token(getattr(c, "weight_versions", None), len(ids), self.policy_version)
                 group.append(Completion(ids, lps, c.text, c.finish_reason or "length", self.engine_id, versions,
-                                        SpecStats.of_request(c.spec_decode_metrics)))
+                                        SpecStats.of_request(getattr(c, "spec_decode_metrics", None))))
             groups.append(group)
         return Generation(groups, SpecStats.total([c.spec for g in groups for c in g]))
 
     async def timed_generate(self, prompts: list[list[int]], n: int, sampling: Sampling) -> tuple[int, float, SpecStats | None]:
         """(completion tokens, seconds, spec stats) of vLLM's own generate calls: the raw baseline for benchmarks."""
+        counted = self._count_spec
+        before = SpecStats.of_counters() if counted else None
         started = time.perf_counter()
         outputs = await self._sample(prompts, n, sampling)
         seconds = time.perf_counter() - started
         completions = [c for out in outputs for c in out.outputs]
-        return (sum(len(c.token_ids) for c in completions), seconds,
-                SpecStats.total([SpecStats.of_request(c.spec_decode_metrics) for c in completions]))
+        if counted:
+            await asyncio.sleep(0.1)  # the last step's stats reach the loggers just after its outputs
+            spec = SpecStats.of_counters() - before
+        else:
+            spec = SpecStats.total([SpecStats.of_request(getattr(c, "spec_decode_metrics", None)) for c in completions])
+        return sum(len(c.token_ids) for c in completions), seconds, spec
 
     async def score(self, sequences: list[list[int]]) -> list[list[float]]:
         """Logprob of every token after the first given its prefix (teacher forcing)."""
@@ -301,12 +343,14 @@ class RolloutEngine:
             for seq, out in zip(sequences, outputs)
         ]
 
-    async def load_weights(self, blob: bytes, version: int, recompute_kv: bool = False) -> WeightUpdate:
+    async def load_weights(self, blob: bytes, version: int, recompute_kv: bool = False,
+                           method: str = "gymrl_load_weights") -> WeightUpdate:
         """Load a packed state dict into the live engine while its requests wait in place.
 
         The scheduler pauses with every request kept; the workers load the tensors; the engine's
         weight label becomes ``version``, so every token sampled from here on records it; then the
-        requests go on. ``recompute_kv``: drop all cached KV, so running requests recompute their
+        requests go on. ``method``: the worker method that takes ``blob`` (``gymrl_load_weights_ipc`` for a CUDA
+        IPC payload, :func:`gymrl.rollout.weight_sync.cuda_ipc_payload`). ``recompute_kv``: drop all cached KV, so running requests recompute their
         context with the new weights (otherwise they keep the KV computed before the update, and
         prefix-cache hits may too, until the cache turns over).
         """
@@ -315,11 +359,11 @@ class RolloutEngine:
         await self.llm.pause_generation(mode="keep", clear_cache=recompute_kv)
         try:
             loading = time.perf_counter()
-            await self.llm.collective_rpc("gymrl_load_weights", args=(blob,))
+            await self.llm.collective_rpc(method, args=(blob,))
             load_seconds = time.perf_counter() - loading
             # Nothing in flight: the whole prefix cache can go (with requests running this is a no-op).
             await self.llm.reset_prefix_cache()
-            await self.llm.update_weight_version(str(version))
+            await self._label(version)
             self.policy_version = version
         finally:
             await self.llm.resume_generation()
@@ -408,10 +452,11 @@ class EnginePool:
         self.update_weights(blob, version, recompute_kv)
         return time.perf_counter() - started
 
-    def update_weights(self, blob: bytes, version: int, recompute_kv: bool = False) -> list[WeightUpdate]:
+    def update_weights(self, blob: bytes, version: int, recompute_kv: bool = False,
+                       method: str = "gymrl_load_weights") -> list[WeightUpdate]:
         """Load new weights into every engine at once; returns how each took them."""
         ref = ray.put(blob)  # one copy in the object store, read by every engine
-        return ray.get([a.load_weights.remote(ref, version, recompute_kv) for a in self.actors])
+        return ray.get([a.load_weights.remote(ref, version, recompute_kv, method) for a in self.actors])
 
     def score(self, sequences: list[list[int]]) -> list[list[float]]:
         return ray.get(self.actors[0].score.remote(sequences))

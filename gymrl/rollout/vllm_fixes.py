@@ -29,7 +29,10 @@ def expand(output: torch.Tensor, input_val: torch.Tensor, cu_num_tokens: torch.T
 def fix_cpu_expand_kernel() -> bool:
     """Point the CPU build's expand-kernel override at :func:`expand` in this process; True if there was one to
     fix. A no-op where vLLM registered no CPU override (GPU workers; a process that started no engine)."""
-    from vllm.triton_utils.dispatcher import KernelOverride, _registry
+    try:
+        from vllm.triton_utils.dispatcher import KernelOverride, _registry
+    except ImportError:  # a vLLM without kernel overrides (0.22, the GPU machine's): nothing to fix
+        return False
     from vllm.v1.sample import rejection_sampler
 
     wrapper = rejection_sampler.expand_kernel

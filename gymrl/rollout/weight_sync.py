@@ -4,7 +4,13 @@ The trainer packs its state dict into one safetensors blob (one Ray object, no p
 engine's workers unpack it and load it in place with vLLM's ``reload_weights``. This class is
 installed into vLLM's workers through ``worker_extension_cls`` so ``collective_rpc`` can call it by
 name, with no pickled functions (vLLM otherwise needs VLLM_ALLOW_INSECURE_SERIALIZATION).
+
+On one GPU the bytes need not leave the device: :func:`pack_flat` lays the weights out in one flat CUDA buffer
+and :func:`cuda_ipc_payload` sends only its CUDA IPC handle and layout (a few kB); the workers map the same
+memory and reload from views of it (``gymrl_load_weights_ipc``), one device-to-device copy in all.
 """
+
+import pickle
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -44,6 +50,48 @@ def _untied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+Layout = list[tuple[str, str, list[int], int]]  # (name, dtype, shape, byte offset) of each tensor in a flat buffer
+
+
+def pack_flat(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> tuple[torch.Tensor, Layout]:
+    """The weights as one flat uint8 buffer on their own device (floating tensors cast to ``dtype`` when given),
+    and where each lies in it: one allocation and one handle to share, not one per tensor."""
+    tensors = {n: (t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach())
+               for n, t in _untied(state_dict).items()}
+    layout: Layout = []
+    offset = 0
+    for name, t in tensors.items():
+        offset = -(-offset // 16) * 16  # 16-byte aligned views
+        layout.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), offset))
+        offset += t.numel() * t.element_size()
+    device = next(iter(tensors.values())).device
+    flat = torch.empty(offset, dtype=torch.uint8, device=device)
+    for (_, _, _, start), t in zip(layout, tensors.values()):
+        flat[start : start + t.numel() * t.element_size()].copy_(t.contiguous().view(-1).view(torch.uint8))
+    return flat, layout
+
+
+def unpack_flat(flat: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+    """Views of ``flat`` as the named tensors of :func:`pack_flat` (no copy)."""
+    out = {}
+    for name, dtype, shape, start in layout:
+        dt = getattr(torch, dtype)
+        count = 1
+        for d in shape:
+            count *= d
+        out[name] = flat[start : start + count * dt.itemsize].view(dt).view(shape)
+    return out
+
+
+def cuda_ipc_payload(flat: torch.Tensor, layout: Layout) -> bytes:
+    """A CUDA buffer's IPC handle and layout as bytes for ``collective_rpc`` (vLLM mangles tensor arguments).
+    The caller keeps ``flat`` alive until the engines have loaded it. Assumes trainer and engine see the GPU under
+    the same index (one GPU, or the same CUDA_VISIBLE_DEVICES)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    return pickle.dumps((reduce_tensor(flat), layout))
+
+
 class WeightSyncExtension:
     """Mixed into vLLM's worker class; methods run inside every engine worker."""
 
@@ -81,6 +129,15 @@ class WeightSyncExtension:
         initialize_layerwise_reload(draft)
         draft.load_weights(iter(weights.items()))
         finalize_layerwise_reload(draft, self.vllm_config.speculative_config.draft_model_config)
+
+    def gymrl_load_weights_ipc(self, payload: bytes) -> int:
+        """Load from the trainer's flat CUDA buffer, mapped by its IPC handle (:func:`cuda_ipc_payload`)."""
+        (rebuild, args), layout = pickle.loads(payload)  # our own trainer's payload, sent over the engine's RPC
+        weights = unpack_flat(rebuild(*args), layout)
+        self.model_runner.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
+        self._refresh_tied_lm_head()
+        torch.cuda.synchronize()  # the copies out of the shared buffer are done before the trainer may free it
+        return len(weights)
 
     def _refresh_tied_lm_head(self) -> None:
         """Re-tie and re-prepare an lm_head that shares the input embedding.

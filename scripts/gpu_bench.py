@@ -1,0 +1,294 @@
+"""GPU measurements of gymrl in as few engine start-ups as fit a device call (docs/gpu.md, docs/benchmarks.md).
+
+    python3 scripts/gpu_bench.py build [--config C]          # copy bandwidth; build the model on the GPU
+    python3 scripts/gpu_bench.py engines --spec 0,1 [...]    # one engine per k: decode tok/s, acceptance;
+                                                            # k=0 also harness vs raw and the weight pushes
+
+Each part adds to WORK/results.json (WORK: --work, /tmp/gpubench by default, kept between calls while the
+machine is warm) and writes results.json + results.md into $OUT when set. All engines are gymrl's own
+(``start_engines``: a Ray actor hosting vLLM's AsyncLLM), with the config's engine keys.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # flashinfer is not on the GPU machine
+
+
+def _median(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def copy_bandwidth(gib: float = 2.0, repeats: int = 20) -> dict:
+    """Device-to-device copy of a ``gib`` GiB random buffer, timed with CUDA events (median)."""
+    import torch
+
+    n = int(gib * 2**30)
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    assert torch.equal(dst[:: 2**20], src[:: 2**20])
+    t = statistics.median(times)
+    return {"bytes": n, "seconds": t, "copied_GBps": n / t / 1e9, "read_plus_written_GBps": 2 * n / t / 1e9}
+
+
+def part_build(cfg, work: Path) -> dict:
+    import torch
+
+    from gymrl.envs.registry import load_environment
+    from gymrl.session import resolve_model_path
+
+    torch.set_float32_matmul_precision("high")  # TF32 for the float32 warm-up
+    bandwidth = copy_bandwidth() if torch.cuda.is_available() else None  # None: a CPU rehearsal
+    started = time.perf_counter()
+    envs = [load_environment(e.name, e.args) for e in cfg.envs]
+    path = resolve_model_path(cfg.model, envs, [e.weight for e in cfg.envs])
+    report = json.loads((path / "warmup.json").read_text())
+    from gymrl.models.checkpoint import inspect_checkpoint
+
+    info = inspect_checkpoint(path)
+    return {"copy_bandwidth": bandwidth, "model": {
+        "path": str(path), "architecture": info.architectures, "parameters_in_checkpoint": info.num_parameters,
+        "mtp_layers": info.mtp_layers, "build_seconds": time.perf_counter() - started, "warmup": report}}
+
+
+def _prompts(cfg, tokenizer, count: int) -> list[list[int]]:
+    from gymrl.envs.registry import load_environment
+    from gymrl.rollout.runner import encode_prompt
+
+    env = load_environment(cfg.envs[0].name, cfg.envs[0].args)
+    return [encode_prompt(tokenizer, t, cfg.rollout.chat_template_kwargs) for t in env.tasks("train")[:count]]
+
+
+def _rate(actor, prompts, n, sampling, repeats: int) -> dict:
+    import ray
+
+    from gymrl.rollout.engine import SpecStats
+
+    ray.get(actor.timed_generate.remote(prompts, n, sampling))  # warm-up
+    rates, stats, tokens = [], [], []
+    for _ in range(repeats):
+        t, s, spec = ray.get(actor.timed_generate.remote(prompts, n, sampling))
+        rates.append(t / s)
+        tokens.append(t)
+        stats.append(spec)
+    total = SpecStats.total(stats)
+    return {"tokens_per_s": _median(rates), "tokens_per_call": _median(tokens), "spec": None if total is None else {
+        "drafts": total.drafts, "draft_tokens": total.draft_tokens, "accepted_tokens": total.accepted_tokens,
+        "acceptance": total.acceptance, "mean_acceptance_length": total.mean_accepted_length}}
+
+
+def _pushes(pool, policy, prompts, repeats: int) -> dict:
+    """The same bf16 weights pushed into the live engine two ways, and a check that each lands."""
+    import torch
+
+    from gymrl.models.checkpoint import checkpoint_tensors
+    from gymrl.rollout.weight_sync import cuda_ipc_payload, pack_flat, pack_state_dict
+
+    state = checkpoint_tensors(policy, policy.state_dict())  # vLLM reloads checkpoint names (experts split)
+    seqs = [p + p[:8] for p in prompts[:4]]
+    base = pool.score(seqs)
+
+    def gap(scores) -> float:
+        return max(abs(a - b) for s, t in zip(scores, base) for a, b in zip(s, t))
+
+    out: dict = {}
+    version = 1
+    for label in ("bytes", "ipc") if torch.cuda.is_available() else ("bytes",):
+        total, load, pack = [], [], []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            if label == "bytes":  # the CPU path: safetensors blob through Ray, reload in the worker
+                blob, method = pack_state_dict(state), "gymrl_load_weights"
+                size = len(blob)
+            else:  # one GPU: one flat CUDA buffer, its IPC handle through Ray, reload from views of it
+                flat, layout = pack_flat(state)
+                torch.cuda.synchronize()
+                blob, method = cuda_ipc_payload(flat, layout), "gymrl_load_weights_ipc"
+                size = flat.numel()
+            pack.append(time.perf_counter() - started)
+            (update,) = pool.update_weights(blob, version, method=method)
+            total.append(time.perf_counter() - started)
+            load.append(update.load_seconds)
+            version += 1
+        out[label] = {"weight_bytes": size, "push_s": _median(total), "pack_s": _median(pack),
+                      "engine_load_s": _median(load), "push_GBps": size / statistics.median(total) / 1e9,
+                      "logprob_gap_after_same_weights": gap(pool.score(seqs))}
+    if not torch.cuda.is_available():
+        return out
+    # An IPC push of changed weights must change the engine's logprobs; the bytes path then restores them.
+    changed = {k: (v * 0.5 if k.endswith("embed_tokens.weight") else v) for k, v in state.items()}
+    flat, layout = pack_flat(changed)
+    pool.update_weights(cuda_ipc_payload(flat, layout), version, method="gymrl_load_weights_ipc")
+    out["ipc_changed_weights_logprob_gap"] = gap(pool.score(seqs))
+    pool.update_weights(pack_state_dict(state), version + 1)
+    out["restored_logprob_gap"] = gap(pool.score(seqs))
+    return out
+
+
+def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: int) -> dict:
+    import ray
+    import torch
+    import vllm
+
+    from gymrl.config import SamplingConfig, SpeculativeConfig
+    from gymrl.models.checkpoint import load_policy
+    from gymrl.rollout.engine import EnginePool, start_engines
+    from gymrl.session import init_ray
+
+    model = json.loads((work / "results.json").read_text())["build"]["model"]["path"]
+    policy, tokenizer = load_policy(model)
+    if torch.cuda.is_available():
+        policy = policy.to("cuda", torch.bfloat16)  # the trainer's copy, as a bf16 CUDA trainer holds it
+    greedy = (_prompts(cfg, tokenizer, greedy_prompts), 1,
+              SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=cfg.sampling.max_tokens))
+    sampled = (_prompts(cfg, tokenizer, cfg.train.prompts_per_step), cfg.train.group_size, cfg.sampling)
+    init_ray(cfg)
+    results: dict = {"versions": {"vllm": vllm.__version__, "torch": torch.__version__, "ray": ray.__version__}}
+    for k in ks:
+        spec = SpeculativeConfig(method="mtp", num_speculative_tokens=k) if k else None
+        engine_cfg = cfg.engine.model_copy(update={"speculative_config": spec, "num_engines": 1})
+        key = f"mtp_{k}"
+        started = time.perf_counter()
+        try:
+            pool = EnginePool(start_engines(model, engine_cfg, cfg.seed))
+        except Exception as err:  # noqa: BLE001 - record it and go on with the next k
+            results[key] = {"error": f"{type(err).__name__}: {err}"[:2000]}
+            continue
+        actor = pool.actors[0]
+        try:
+            info = ray.get(actor.ready.remote())
+            r = {"engine_start_s": time.perf_counter() - started, "load_seconds": info["load_seconds"],
+                 "speculative": info["speculative"], "spec_fallback": info["spec_fallback"],
+                 "greedy": _rate(actor, *greedy, repeats), "sampled": _rate(actor, *sampled, repeats)}
+            if k == 0:
+                prompts, n, sampling = sampled
+                raw, harness = [], []
+                for _ in range(repeats):
+                    t, s, _ = ray.get(actor.timed_generate.remote(prompts, n, sampling))
+                    raw.append(t / s)
+                    t0 = time.perf_counter()
+                    gen = pool.generate(prompts, n, sampling)
+                    harness.append(sum(len(c.token_ids) for g in gen.groups for c in g) / (time.perf_counter() - t0))
+                r["raw_tokens_per_s"], r["pool_tokens_per_s"] = _median(raw), _median(harness)
+                r["pool_over_raw"] = statistics.median(h / w for h, w in zip(harness, raw))
+                try:
+                    r["weight_push"] = _pushes(pool, policy, greedy[0], repeats)
+                except Exception as err:  # noqa: BLE001 - keep the throughput figures
+                    r["weight_push_error"] = f"{type(err).__name__}: {err}"[-2000:]
+            results[key] = r
+        except Exception as err:  # noqa: BLE001
+            results[key] = {"error": f"{type(err).__name__}: {err}"[:2000]}
+        finally:
+            ray.kill(actor)
+            time.sleep(5)  # the engine's processes gone and its GPU memory free before the next one
+        print(key, json.dumps(results[key])[:600], flush=True)
+    return results
+
+
+def markdown(res: dict) -> str:
+    rows = []
+    b = res.get("build", {})
+    if b and b["copy_bandwidth"]:
+        bw, m = b["copy_bandwidth"], b["model"]
+        rows += [("device-to-device copy, 2 GiB (GB/s copied; read+written)",
+                  f"{bw['copied_GBps']:.0f}; {bw['read_plus_written_GBps']:.0f}"),
+                 ("model: parameters (checkpoint, incl. MTP layer)", f"{m['parameters_in_checkpoint']:,}"),
+                 ("model build on the GPU (warm-up + MTP training) (s)", f"{m['build_seconds']:.0f}"),
+                 ("MTP draft agreement with the model, before / after training",
+                  f"{m['warmup'].get('mtp', {}).get('agreement_before')} / {m['warmup'].get('mtp', {}).get('agreement_after')}")]
+    eng = res.get("engines", {})
+    base = {w: eng.get("mtp_0", {}).get(w, {}).get("tokens_per_s", {}).get("median") for w in ("greedy", "sampled")}
+    for k in range(4):
+        r = eng.get(f"mtp_{k}")
+        if r is None:
+            continue
+        if "error" in r:
+            rows.append((f"mtp k={k}", "failed: " + r["error"][:200].replace("|", "/").replace("\n", " ")))
+            continue
+        for w in ("greedy", "sampled"):
+            x = r[w]
+            tps = x["tokens_per_s"]["median"]
+            cell = f"{tps:,.0f} tok/s"
+            if k and base[w]:
+                cell += f" ({tps / base[w]:.2f}x)"
+            if x["spec"]:
+                cell += f", acceptance {x['spec']['acceptance']:.3f}, mean acceptance length {x['spec']['mean_acceptance_length']:.2f}"
+            rows.append((f"{w}: decode, {'no speculative decoding' if k == 0 else f'MTP k={k}'}", cell))
+        rows.append((f"engine start, k={k} (s)", f"{r['engine_start_s']:.0f}"))
+    r0 = eng.get("mtp_0", {})
+    if "pool_over_raw" in r0:
+        rows += [("raw vLLM in the actor / gymrl pool through Ray (tok/s)",
+                  f"{r0['raw_tokens_per_s']['median']:,.0f} / {r0['pool_tokens_per_s']['median']:,.0f}"),
+                 ("pool / raw", f"{r0['pool_over_raw']:.2f}")]
+        wp = r0.get("weight_push", {})
+        for label in ("bytes", "ipc"):
+            p = wp[label]
+            rows.append((f"weight push, {label} ({p['weight_bytes'] / 1e9:.2f} GB bf16): s, GB/s, of which engine load s",
+                         f"{p['push_s']['median']:.3f}, {p['push_GBps']:.1f}, {p['engine_load_s']['median']:.3f}"))
+        if "ipc" in wp:
+            rows.append(("max logprob change: same weights bytes / ipc; changed via ipc; restored",
+                         f"{wp['bytes']['logprob_gap_after_same_weights']:.3g} / {wp['ipc']['logprob_gap_after_same_weights']:.3g}; "
+                         f"{wp['ipc_changed_weights_logprob_gap']:.3g}; {wp['restored_logprob_gap']:.3g}"))
+    return "\n".join(["| measure | value |", "| --- | --- |"] + [f"| {a} | {v} |" for a, v in rows]) + "\n"
+
+
+def main() -> None:
+    from gymrl.config import load_config
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("part", choices=("build", "engines", "report"))
+    p.add_argument("--config", default=str(ROOT / "configs" / "gpu_bench.yaml"))
+    p.add_argument("--work", default="/tmp/gpubench")
+    p.add_argument("--spec", default="0,1,2,3", help="num_speculative_tokens values (0 = off), one engine each")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--greedy-prompts", type=int, default=64)
+    p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (YAML value)")
+    args = p.parse_args()
+    import yaml
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    cfg = load_config(args.config, {"model.cache_dir": str(work / "models"), **overrides})
+    file = work / "results.json"
+    res = json.loads(file.read_text()) if file.exists() else {}
+    res.setdefault("machine", {"platform": platform.platform(), "python": platform.python_version()})
+    if args.part == "build":
+        import torch
+
+        res["machine"]["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        res["build"] = part_build(cfg, work)
+    elif args.part == "engines":
+        ks = [int(k) for k in args.spec.split(",")]
+        res.setdefault("engines", {}).update(part_engines(cfg, work, ks, args.repeats, args.greedy_prompts))
+    file.write_text(json.dumps(res, indent=2))
+    md = markdown(res)
+    (work / "results.md").write_text(md)
+    if os.environ.get("OUT"):
+        out = Path(os.environ["OUT"])
+        (out / "results.json").write_text(json.dumps(res, indent=2))
+        (out / "results.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
