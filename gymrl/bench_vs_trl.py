@@ -8,6 +8,7 @@ its weights are pushed into gymrl's engine. Step 1 of every run is a warm-up and
 """
 
 import copy
+import json
 import statistics
 from pathlib import Path
 
@@ -163,6 +164,7 @@ def run_vs_trl_bench(configs: list, out: Path, steps: int) -> Table:
         session = start_session(cfg)
         try:
             sizes.append(compare_with_trl(session, out / "vs-trl" / f"size{i}", steps))
+            (out / "vs-trl" / f"size{i}.json").write_text(json.dumps(sizes[-1], indent=2))  # kept if a later size fails
         finally:
             session.close()
         ray.shutdown()  # the next config's engine gets a fresh Ray (its own num_cpus)
