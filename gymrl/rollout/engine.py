@@ -196,6 +196,7 @@ def sampling_params(prompts: list[list[int]], n: int, sampling: Sampling, max_mo
             temperature=s.temperature,
             top_p=s.top_p,
             max_tokens=min(s.max_tokens, max_model_len - len(p)),
+            min_tokens=min(s.min_tokens, s.max_tokens, max_model_len - len(p)),
             logprobs=0,  # 0 = only the sampled token's logprob
             output_kind=RequestOutputKind.FINAL_ONLY,
             seed=seed,

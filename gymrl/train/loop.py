@@ -26,7 +26,7 @@ from gymrl.envs.base import Task
 from gymrl.models.checkpoint import inspect_checkpoint, save_policy
 from gymrl.models.mtp import draft_kl, draft_logits, load_mtp_layer
 from gymrl.rollout.engine import SpecStats
-from gymrl.rollout.runner import RolloutBatch
+from gymrl.rollout.runner import RolloutBatch, RolloutRunner
 from gymrl.rollout.weight_sync import pack_policy
 from gymrl.session import Session
 from gymrl.train.grpo import GRPOLossConfig, group_advantages, grpo_loss
@@ -84,11 +84,7 @@ class GRPOTrainer:
         self.version = 0
 
     def evaluate(self, tasks: list[Task]) -> tuple[dict[str, float], RolloutBatch]:
-        """Mean reward of greedy answers on held-out tasks, overall and per environment, and the rollouts."""
-        greedy = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=self.cfg.sampling.max_tokens)
-        batch = self.s.runner.run(tasks, 1, greedy, self.version)
-        return {"eval_reward": statistics.fmean(r.reward for r in batch.rollouts)} | per_env(batch, "eval_reward") | {
-            f"eval_{k}": v for k, v in spec_metrics(batch).items() if "/" not in k}, batch
+        return evaluate(self.s.runner, tasks, self.cfg.sampling.max_tokens, self.version)
 
     def step(self, batch: RolloutBatch) -> StepResult:
         started = time.perf_counter()
@@ -173,6 +169,20 @@ class GRPOTrainer:
         """Pack the trainer's weights and load them into every live engine."""
         return self.s.pool.push_weights(pack_policy(self.policy, self.mtp if self.mtp_weight > 0 else None), self.version,
                                         self.cfg.engine.recompute_kv_on_update)
+
+
+def held_out_tasks(session: Session) -> list[Task]:
+    """The evaluation tasks of a run: each environment's eval split, capped at ``eval.max_tasks``."""
+    return [t for e in session.cfg.envs for t in session.envs[e.name].tasks("eval")[: session.cfg.eval.max_tasks]]
+
+
+def evaluate(runner: RolloutRunner, tasks: list[Task], max_tokens: int, version: int) -> tuple[dict[str, float], RolloutBatch]:
+    """Mean reward of greedy answers on held-out tasks, overall and per environment, and the rollouts; whatever
+    weights the engines hold (``gymrl bench --suite vs-trl`` scores TRL's trained policy with it too)."""
+    greedy = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=max_tokens)
+    batch = runner.run(tasks, 1, greedy, version)
+    return {"eval_reward": statistics.fmean(r.reward for r in batch.rollouts)} | per_env(batch, "eval_reward") | {
+        f"eval_{k}": v for k, v in spec_metrics(batch).items() if "/" not in k}, batch
 
 
 def lr_factor(schedule: str, warmup: int, total: int, step: int) -> float:
@@ -279,7 +289,7 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    eval_tasks = [t for e in cfg.envs for t in session.envs[e.name].tasks("eval")[: cfg.eval.max_tasks]]
+    eval_tasks = held_out_tasks(session)
     torch.manual_seed(cfg.seed)
     per_step, max_staleness = cfg.train.prompts_per_step, cfg.train.max_staleness
     sampler = TaskSampler(session, cfg.seed, per_step)

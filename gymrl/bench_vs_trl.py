@@ -1,0 +1,171 @@
+"""``gymrl bench --suite vs-trl``: gymrl (sync and async GRPO) against TRL's ``GRPOTrainer`` on one machine.
+
+Same model folder, task data, reward function, batch (prompts x generations), completion lengths, sampling,
+learning rate, loss and seed, N steps each from the same initial weights. TRL runs in child processes
+(``gymrl.trl_baseline``), generating with transformers and, where it runs, with its vLLM colocate mode. Every
+run's policy is scored by gymrl's own greedy held-out evaluation (``gymrl.train.loop.evaluate``), TRL's after
+its weights are pushed into gymrl's engine. Step 1 of every run is a warm-up and is left out of the timings.
+"""
+
+import copy
+import json
+import statistics
+from pathlib import Path
+
+from rich.table import Table
+
+from gymrl.bench import _summary, train_from, versions, write_results
+from gymrl.trl_baseline import GENERATIONS, TrlRunError, check_supported, run_trl
+
+GYMRL_MODES = {"gymrl sync": 0, "gymrl async": 1}  # name: max_staleness
+
+
+def _figures(step_seconds: list[float], tokens: list[float], held_out: float) -> dict:
+    step_seconds, tokens = step_seconds[1:] or step_seconds, tokens[1:] or tokens  # step 1 warms up
+    step = _summary(step_seconds)
+    return {"step_s": step, "steps_per_s": 1 / step["median"],
+            "tokens_per_s": _summary([t / s for t, s in zip(tokens, step_seconds)]), "held_out_reward": held_out}
+
+
+def _phases(rows: list[dict]) -> dict:
+    """Where a gymrl step's wall time goes (medians over the measured steps): vLLM decoding (the engine busy),
+    the trainer's step, the weight push, and the rest (Ray, verify round trips, scheduling, metrics)."""
+    rows = rows[1:] or rows
+    med = lambda f: statistics.median(f(r) for r in rows)  # noqa: E731
+    engine = med(lambda r: r["completion_tokens"] / r["engine_tokens_per_s/0"] if r["engine_tokens_per_s/0"] else 0.0)
+    step, train, push = med(lambda r: r["step_seconds"]), med(lambda r: r["train_seconds"]), med(lambda r: r["push_seconds"])
+    return {"step_s": step, "engine_decode_s": engine, "train_s": train, "push_s": push,
+            "fixed_s": max(0.0, step - engine - train), "fixed_fraction": max(0.0, step - engine - train) / step}
+
+
+def compare_with_trl(session, out: Path, steps: int, generations: tuple[str, ...] = GENERATIONS) -> dict:
+    """One model size: gymrl sync, gymrl async, and TRL with each of ``generations``; the engines are back on
+    the initial weights afterwards."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gymrl.rollout.weight_sync import pack_policy
+    from gymrl.train.loop import evaluate, held_out_tasks
+
+    cfg = session.cfg
+    check_supported(cfg)
+    initial = copy.deepcopy(session.policy.state_dict())
+    threads = torch.get_num_threads()
+    runs: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    try:
+        for mode, staleness in GYMRL_MODES.items():
+            # Async overlaps the trainer with the engine: the trainer keeps one core to itself (the async suite's
+            # setting); sync and TRL train with every torch thread.
+            torch.set_num_threads(1 if staleness else threads)
+            summary, rows = train_from(session, initial, cfg, out / mode.replace(" ", "_"), steps, staleness)
+            runs[mode] = _figures([r["step_seconds"] for r in rows], [r["completion_tokens"] for r in rows],
+                                  summary["final_eval_reward"]) | {"torch_threads": torch.get_num_threads(),
+                                                                   "phases": _phases(rows)}
+            initial_reward = summary["initial_eval_reward"]
+        torch.set_num_threads(threads)
+        trl_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})
+        for generation in generations:
+            name = f"TRL ({generation})"
+            try:
+                run = run_trl(trl_cfg, session.model_path, generation, out / f"trl_{generation}", threads)
+            except TrlRunError as err:
+                if generation == "transformers":
+                    raise
+                skipped[name] = str(err)
+                continue
+            policy = AutoModelForCausalLM.from_pretrained(run.policy, dtype=torch.float32)
+            session.pool.push_weights(pack_policy(policy), 0)
+            evaluation, _ = evaluate(session.runner, held_out_tasks(session), cfg.sampling.max_tokens, 0)
+            runs[name] = _figures(run.step_seconds, run.completion_tokens, evaluation["eval_reward"]) | {
+                "torch_threads": run.torch_threads}
+    finally:
+        torch.set_num_threads(threads)
+        session.policy.load_state_dict(initial)
+        session.pool.push_weights(pack_policy(session.policy), 0)
+    ratios = {f"{g} / {t}": {"steps_per_s": runs[g]["steps_per_s"] / runs[t]["steps_per_s"],
+                             "tokens_per_s": runs[g]["tokens_per_s"]["median"] / runs[t]["tokens_per_s"]["median"],
+                             "held_out_reward_difference": runs[g]["held_out_reward"] - runs[t]["held_out_reward"]}
+              for g in GYMRL_MODES for t in runs if t.startswith("TRL")}
+    return {"model": str(session.model_path), "parameters": sum(p.numel() for p in session.policy.parameters()),
+            "steps": steps, "measured_steps": max(1, steps - 1), "initial_held_out_reward": initial_reward,
+            "held_out_tasks": len(held_out_tasks(session)),
+            "config": {"prompts_per_step": cfg.train.prompts_per_step, "group_size": cfg.train.group_size,
+                       "max_tokens": cfg.sampling.max_tokens, "min_tokens": cfg.sampling.min_tokens,
+                       "temperature": cfg.sampling.temperature, "learning_rate": cfg.train.learning_rate,
+                       "loss_type": cfg.train.loss_type, "seed": cfg.seed, "torch_threads": threads},
+            "runs": runs, "skipped": skipped, "ratios": ratios}
+
+
+def _size(parameters: int) -> str:
+    return f"{parameters / 1e6:.1f}M params"
+
+
+def write_vs_trl(sizes: list[dict], out: Path) -> Table:
+    """vs-trl.json, vs-trl.md and vs-trl.png (median seconds per step of every runner, per model size)."""
+    rows, notes = [], []
+    for size in sizes:
+        label, c = _size(size["parameters"]), size["config"]
+        for name, r in size["runs"].items():
+            s = r["step_s"]
+            rows.append((label, name, f"{s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]",
+                         f"{r['tokens_per_s']['median']:.0f}", f"{r['held_out_reward']:.3f}"))
+        for name, ratio in size["ratios"].items():
+            rows.append((label, name, f"steps/s x{ratio['steps_per_s']:.2f}", f"x{ratio['tokens_per_s']:.2f}",
+                         f"{ratio['held_out_reward_difference']:+.3f}"))
+        p = size["runs"]["gymrl sync"]["phases"]
+        notes.append(f"- {label}: {c['prompts_per_step']} prompts x {c['group_size']} generations, "
+                     f"{c['min_tokens']}-{c['max_tokens']} completion tokens, lr {c['learning_rate']:g}, seed {c['seed']}, "
+                     f"{size['steps']} steps (step 1 left out); held-out reward at the start "
+                     f"{size['initial_held_out_reward']:.3f} ({size['held_out_tasks']} tasks).")
+        notes.append(f"- {label}: a gymrl sync step takes {p['step_s']:.2f} s: vLLM decoding {p['engine_decode_s']:.2f} s, "
+                     f"trainer {p['train_s']:.2f} s, fixed costs {p['fixed_s']:.2f} s ({100 * p['fixed_fraction']:.0f}%: "
+                     f"weight push {p['push_s']:.2f} s, Ray, /verify round trips, scheduling)"
+                     + (" - at this size fixed costs dominate." if p["fixed_fraction"] > 0.5 else "."))
+        notes += [f"- {label}: {name} did not run: {why}" for name, why in size["skipped"].items()]
+    results = {"versions": versions("trl", "vllm", "torch", "transformers", "ray"), "sizes": sizes}
+    _plot(sizes, out / "vs-trl.png")
+    return write_results(out, "vs-trl", results, rows,
+                         ["model", "runner (or ratio)", "s/step median [min-max]", "generated tokens/s",
+                          "held-out reward (or gymrl - TRL)"], "gymrl bench --suite vs-trl", notes)
+
+
+def _plot(sizes: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 3.5), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        names = list(size["runs"])
+        med = [size["runs"][n]["step_s"]["median"] for n in names]
+        err = [[m - size["runs"][n]["step_s"]["min"] for n, m in zip(names, med)],
+               [size["runs"][n]["step_s"]["max"] - m for n, m in zip(names, med)]]
+        ax.bar(names, med, yerr=err, capsize=4, color=["C0", "C1", "C2", "C3"][: len(names)])
+        ax.set_title(_size(size["parameters"]))
+        ax.set_ylabel("seconds per step (median, min-max)")
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_vs_trl_bench(configs: list, out: Path, steps: int) -> Table:
+    """Every config in turn (its own session: environment server, Ray, one engine), then the combined files."""
+    import ray
+
+    from gymrl.session import start_session
+
+    for cfg in configs:
+        check_supported(cfg)  # every config checked before the first session starts
+    sizes = []
+    for i, cfg in enumerate(configs):
+        session = start_session(cfg)
+        try:
+            sizes.append(compare_with_trl(session, out / "vs-trl" / f"size{i}", steps))
+            (out / "vs-trl" / f"size{i}.json").write_text(json.dumps(sizes[-1], indent=2))  # kept if a later size fails
+        finally:
+            session.close()
+        ray.shutdown()  # the next config's engine gets a fresh Ray (its own num_cpus)
+    return write_vs_trl(sizes, out)

@@ -1,0 +1,163 @@
+"""TRL's ``GRPOTrainer`` on a gymrl run config: the baseline of ``gymrl bench --suite vs-trl``.
+
+Same model folder, same task data (the environment's train split), same reward function (the environment's
+scoring function from ``rewards/``, called in-process as TRL calls its reward functions), and the config's
+batch, completion lengths, sampling, optimiser, GRPO loss and seed mapped onto ``GRPOConfig``. TRL generates
+with transformers or, in its vLLM colocate mode, with a vLLM engine in its own process.
+
+Each run is a child process (``python -m gymrl.trl_baseline``): TRL's colocated vLLM sets up an engine and
+torch.distributed state in the process that trains, which must not leak into the next run or into the bench.
+The child writes ``trl_run.json`` (per-step wall seconds, completion tokens and mean reward) and the trained
+policy as an HF folder; the bench scores that policy with gymrl's own held-out evaluation.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gymrl.config import RunConfig
+from rewards.arithmetic import score_arithmetic
+from rewards.types import RewardResult
+
+# Environments whose reward TRL can call in-process: (task row, response text) -> RewardResult, the function the
+# environment's NeMo Gym server calls in its /verify.
+IN_PROCESS_REWARDS: dict[str, Callable[[dict, str], RewardResult]] = {
+    "arithmetic": lambda row, text: score_arithmetic(text, int(row["expected"])),
+}
+GENERATIONS = ("transformers", "vllm")
+RESULT_FILE = "trl_run.json"
+POLICY_DIR = "policy"
+
+
+@dataclass
+class TrlRun:
+    """What one TRL run measured (step 1 included: the caller decides what to drop)."""
+
+    generation: str
+    step_seconds: list[float]
+    completion_tokens: list[float]
+    reward_mean: list[float]
+    torch_threads: int
+    trl_version: str
+    policy: str  # the trained policy's HF folder
+
+
+def check_supported(cfg: RunConfig) -> None:
+    """ValueError naming the key when TRL cannot run ``cfg`` as gymrl does (one single-turn env with an
+    in-process reward, no LoRA)."""
+    if len(cfg.envs) != 1 or cfg.envs[0].name not in IN_PROCESS_REWARDS:
+        raise ValueError(f"envs: vs-trl needs one environment with an in-process reward for TRL "
+                         f"({', '.join(IN_PROCESS_REWARDS)}), got {[e.name for e in cfg.envs]}")
+    if cfg.train.lora is not None:
+        raise ValueError("train.lora: vs-trl compares full fine-tuning; unset it")
+
+
+def grpo_config(cfg: RunConfig, generation: str, out: Path):
+    """TRL's GRPOConfig for gymrl's ``cfg``: one generation batch (prompts_per_step x group_size) per optimizer
+    step, as gymrl takes it."""
+    from trl import GRPOConfig
+
+    t, s = cfg.train, cfg.sampling
+    batch = t.prompts_per_step * t.group_size
+    min_tokens = {"transformers": {"min_new_tokens": s.min_tokens}, "vllm": {"min_tokens": s.min_tokens}}[generation]
+    return GRPOConfig(
+        output_dir=str(out / "trl_output"), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+        logging_steps=1, disable_tqdm=True, seed=cfg.seed, max_steps=t.steps,
+        per_device_train_batch_size=batch, gradient_accumulation_steps=1, num_generations=t.group_size,
+        max_completion_length=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+        generation_kwargs=min_tokens if s.min_tokens else None,
+        chat_template_kwargs=cfg.rollout.chat_template_kwargs or None,
+        learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_scheduler_type=t.lr_schedule,
+        warmup_steps=t.warmup_steps, max_grad_norm=t.max_grad_norm, optim="adamw_torch",
+        loss_type=t.loss_type, epsilon=t.epsilon_low, epsilon_high=t.epsilon_high, beta=t.beta,
+        scale_rewards="group" if t.scale_rewards else "none",
+        use_vllm=generation == "vllm", vllm_mode="colocate",
+        vllm_gpu_memory_utilization=cfg.engine.gpu_memory_utilization, vllm_max_model_length=cfg.engine.max_model_len,
+        vllm_importance_sampling_correction=t.is_correction == "tis", vllm_importance_sampling_cap=t.is_cap,
+    )
+
+
+def train_with_trl(cfg: RunConfig, model: Path, generation: str, out: Path) -> TrlRun:
+    """Train ``model`` with TRL for ``cfg.train.steps`` steps in this process; the policy goes to out/policy."""
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from gymrl.envs.registry import load_environment
+
+    check_supported(cfg)
+    env_cfg = cfg.envs[0]
+    score = IN_PROCESS_REWARDS[env_cfg.name]
+    tasks = load_environment(env_cfg.name, env_cfg.args).tasks("train")
+    data = Dataset.from_list([{"prompt": t.messages, "row": json.dumps(t.row)} for t in tasks])
+
+    def reward(prompts, completions, row, **_) -> list[float]:
+        return [score(json.loads(r), c[0]["content"]).reward for c, r in zip(completions, row)]
+
+    class StepTimer(TrainerCallback):
+        """Wall seconds of each optimizer step: TRL generates, scores and trains inside it."""
+
+        def __init__(self):
+            self.seconds: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self.started)
+
+    timer = StepTimer()
+    trainer = trl.GRPOTrainer(model=str(model), reward_funcs=reward, args=grpo_config(cfg, generation, out),
+                              train_dataset=data, callbacks=[timer])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
+    batch = cfg.train.prompts_per_step * cfg.train.group_size
+    policy = out / POLICY_DIR
+    trainer.model.save_pretrained(policy)
+    return TrlRun(generation, timer.seconds, [h["completions/mean_length"] * batch for h in logs],
+                  [h["reward"] for h in logs], torch.get_num_threads(), trl.__version__, str(policy))
+
+
+class TrlRunError(RuntimeError):
+    """A TRL run that did not finish; its message is the child's last error line."""
+
+
+def run_trl(cfg: RunConfig, model: Path, generation: str, out: Path, torch_threads: int, timeout_s: float = 1800) -> TrlRun:
+    """Run :func:`train_with_trl` in a child process with ``torch_threads`` torch threads."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.model_dump_json(exclude_unset=True))  # all fields: spec checks refuse them
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(cfg.engine.kv_cache_gib))}
+    proc = subprocess.run([sys.executable, "-m", "gymrl.trl_baseline", str(out / "config.json"), str(model), generation,
+                           str(out), str(torch_threads)], capture_output=True, text=True, timeout=timeout_s, env=env)
+    (out / "trl.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        lines = [line.strip() for line in proc.stderr.splitlines() if line.strip() and "errors.pydantic.dev" not in line]
+        raise TrlRunError(lines[-1] if lines else f"exit status {proc.returncode}")
+    return TrlRun(**json.loads((out / RESULT_FILE).read_text()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path, help="the run config as JSON (RunConfig.model_dump_json)")
+    parser.add_argument("model", type=Path, help="HF model folder to start from")
+    parser.add_argument("generation", choices=GENERATIONS)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("threads", type=int, help="torch threads")
+    a = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(a.threads)
+    cfg = RunConfig.model_validate_json(a.config.read_text())
+    run = train_with_trl(cfg, a.model, a.generation, a.out)
+    (a.out / RESULT_FILE).write_text(json.dumps(asdict(run), indent=2))
+
+
+if __name__ == "__main__":
+    main()
