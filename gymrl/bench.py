@@ -590,9 +590,8 @@ def run_mtp_bench(cfg, out: Path, steps: int = 30) -> Table:
     from gymrl.rollout.weight_sync import pack_policy
     from gymrl.session import start_session
     from gymrl.train.loop import train
-    from gymrl.train.metrics import _pyplot, _series, read_metrics
-
     from gymrl.rollout.vllm_checks import is_mtp
+    from gymrl.train.metrics import ACCEPTED_LENGTH, _pyplot, _series, finish_step_plot, read_metrics
 
     spec = cfg.engine.speculative_config
     if spec is None or not is_mtp(spec.method):
@@ -645,14 +644,7 @@ def run_mtp_bench(cfg, out: Path, steps: int = 30) -> Table:
         rows = read_metrics(Path(runs[mode]["run_dir"]) / "metrics.jsonl")
         ax.plot(*_series(rows, "spec_mean_accepted_length"), label=f"MTP {mode}: train rollouts", alpha=0.8)
         ax.plot(*_series(rows, "eval_spec_mean_accepted_length"), "o--", label=f"MTP {mode}: held-out greedy")
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean accepted length (tokens per verify step)")
-    ax.set_ylim(bottom=1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "mtp_acceptance.png", dpi=100)
-    plt.close(fig)
+    finish_step_plot(plt, fig, ax, out / "mtp_acceptance.png", ACCEPTED_LENGTH, 1)
     results = {"steps": steps, "runs": runs, "speculative_config": spec.model_dump(),
                "config": {"prompts_per_step": cfg.train.prompts_per_step, "group_size": cfg.train.group_size,
                           "temperature": cfg.sampling.temperature, "mtp_learning_rate": cfg.train.mtp_learning_rate},

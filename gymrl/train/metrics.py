@@ -79,6 +79,18 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
     return ([p[0] for p in points], [p[1] for p in points])
 
 
+def finish_step_plot(plt, fig, ax, out: Path, ylabel: str, bottom: float) -> None:
+    """Label a per-step plot's axes, add its grid and legend, and write it to ``out``."""
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=bottom)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def plot_rewards(metrics_path: Path, out: Path) -> None:
     """Training reward per step and held-out greedy reward at each evaluation, as a PNG; with several
     environments, one more panel per environment with its own two curves."""
@@ -113,14 +125,10 @@ def plot_lengths(metrics_path: Path, out: Path) -> None:
     ax.plot(*_series(rows, "mean_completion_length"), label="all environments" if len(envs) > 1 else "mean")
     for env in envs if len(envs) > 1 else []:
         ax.plot(*_series(rows, f"completion_length/{env}"), label=env, alpha=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("completion tokens (mean)")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    finish_step_plot(plt, fig, ax, out, "completion tokens (mean)", 0)
+
+
+ACCEPTED_LENGTH = "mean accepted length (tokens per verify step)"
 
 
 def plot_acceptance(metrics_path: Path, out: Path) -> bool:
@@ -137,12 +145,5 @@ def plot_acceptance(metrics_path: Path, out: Path) -> bool:
     for env in envs if len(envs) > 1 else []:
         ax.plot(*_series(rows, f"spec_mean_accepted_length/{env}"), label=env, alpha=0.6)
     ax.plot(*_series(rows, "eval_spec_mean_accepted_length"), "o-", label="held-out (greedy)", markersize=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean accepted length (tokens per verify step)")
-    ax.set_ylim(bottom=1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    finish_step_plot(plt, fig, ax, out, ACCEPTED_LENGTH, 1)
     return True
