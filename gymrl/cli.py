@@ -108,19 +108,26 @@ def train(
 def export(
     source: Path = typer.Argument(..., help="A run folder (its latest checkpoint, or checkpoint/ when it has no "
                                             "step checkpoints) or one checkpoint folder."),
-    out_dir: Path = typer.Argument(..., help="New or empty folder for the HF model."),
+    out: Path = typer.Argument(..., help="New or empty folder for the HF model; with --gguf, a new .gguf file."),
     step: Optional[int] = typer.Option(None, "--step", help="Export this step's checkpoint of the run folder."),
+    gguf: bool = typer.Option(False, "--gguf", help="Write one GGUF file (float32, tokenizer and chat template "
+                                                    "included) that llama.cpp loads, instead of an HF folder."),
 ) -> None:
-    """Export a checkpoint as an HF safetensors model folder (transformers and vLLM load it)."""
-    from gymrl.train.checkpoint import CheckpointError, export_hf, find_checkpoint
+    """Export a checkpoint as an HF safetensors model folder (transformers and vLLM load it), or as GGUF."""
+    from gymrl.models.gguf_export import GGUFExportError
+    from gymrl.train.checkpoint import CheckpointError, export_gguf, export_hf, find_checkpoint
 
     try:
         checkpoint = find_checkpoint(source, step)
-        console.print(f"exporting {checkpoint} -> {out_dir}", highlight=False)
-        files = export_hf(checkpoint, out_dir)
-    except USER_ERRORS + (FileExistsError, CheckpointError) as err:
+        console.print(f"exporting {checkpoint} -> {out}", highlight=False)
+        if gguf:
+            export_gguf(checkpoint, out)
+            console.print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)", highlight=False)
+            return
+        files = export_hf(checkpoint, out)
+    except USER_ERRORS + (FileExistsError, CheckpointError, GGUFExportError) as err:
         _fail(err)
-    console.print(f"wrote {out_dir}: {', '.join(files)}", highlight=False)
+    console.print(f"wrote {out}: {', '.join(files)}", highlight=False)
 
 
 @app.command()
