@@ -246,7 +246,8 @@ class EndpointConfig(Section):
 
     model: str | None = Field(default=None, description="Model name sent in each request; None = the first one "
                               "the server lists at /v1/models.")
-    concurrency: int = Field(default=8, ge=1, description="Episodes in flight at once against the endpoint.")
+    concurrency: int = Field(default=8, ge=1, description="Episodes in flight at once: requests to the endpoint, "
+                             "or the batch sent to gymrl's own engine (gymrl eval --checkpoint).")
     timeout_s: float = Field(default=120.0, gt=0, description="Timeout of one chat-completions request.")
     retries: int = Field(default=2, ge=0, description="Retries of a request that failed to connect, timed out or got "
                          "a 5xx (backoff 0.2 s, 0.4 s, ...).")

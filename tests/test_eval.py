@@ -147,7 +147,7 @@ def test_greedy_scores_agree(fresh_session, vllm_url, llama_url, tmp_path):
     """The same held-out tasks, greedy: gymrl's engine, vllm serve and llama.cpp give the same answers and rewards."""
     session = fresh_session
     tasks = session.envs["arithmetic"].tasks("eval")[:N_TASKS]
-    own = EngineBackend(session.runner).run(tasks, 1, GREEDY, lambda: None)
+    own = EngineBackend(session.runner, 8).run(tasks, 1, GREEDY, lambda: None)
     served = endpoint_rollouts(vllm_url, EndpointConfig(), session, tasks, session.tokenizer)
     llama = endpoint_rollouts(llama_url, LLAMA_CFG, session, tasks)
     assert [r.text for r in served] == [r.text for r in own]
@@ -155,7 +155,9 @@ def test_greedy_scores_agree(fresh_session, vllm_url, llama_url, tmp_path):
     assert [r.reward for r in served] == [r.reward for r in own] == [r.reward for r in llama]
     # Re-tokenised locally, vllm serve's answers are the token ids gymrl's engine sampled.
     assert [r.completion_ids for r in served] == [r.completion_ids for r in own]
-    assert len({r.reward for r in own}) > 1, "a model that is always right or always wrong compares nothing"
+    # The demo's model answers greedily off by one (its warm-up is 70% wrong), so every reward is 0 here: the
+    # answers are the comparison that can fail, and they differ from task to task.
+    assert len({r.text for r in own}) > N_TASKS // 2
 
 
 def test_eval_cli_on_endpoint_writes_report_and_traces(vllm_url, tmp_path):

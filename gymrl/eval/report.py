@@ -66,12 +66,14 @@ def summarize(rollouts: list[Rollout], samples: int) -> list[EnvReport]:
 
 def render_markdown(reports: list[EnvReport], source: str) -> str:
     k = reports[0].samples if reports else 1
+    at_k = f" pass@{k} (95% CI) |" if k > 1 else ""  # with one sample pass@k is pass@1
     lines = [f"# Evaluation of {source}", "",
-             f"| env | tasks | samples | mean reward (95% CI) | pass@1 (95% CI) | pass@{k} (95% CI) |",
-             "| --- | ---: | ---: | --- | --- | --- |"]
+             f"| env | tasks | samples | mean reward (95% CI) | pass@1 (95% CI) |{at_k}",
+             "| --- | ---: | ---: | --- | --- |" + (" --- |" if k > 1 else "")]
     for r in reports:
-        cells = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, (lo, hi) in
-                 ((r.mean_reward, r.mean_reward_ci), (r.pass_at_1, r.pass_at_1_ci), (r.pass_at_k, r.pass_at_k_ci))]
+        shown = [(r.mean_reward, r.mean_reward_ci), (r.pass_at_1, r.pass_at_1_ci)]
+        shown += [(r.pass_at_k, r.pass_at_k_ci)] if k > 1 else []
+        cells = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, (lo, hi) in shown]
         lines.append(f"| {r.env} | {r.tasks} | {r.samples} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -26,18 +26,18 @@ class Backend(Protocol):
 
 
 class EngineBackend:
-    """gymrl's own engine pool through the training rollout runner, a few tasks at a time for the progress bar."""
+    """gymrl's own engine pool through the training rollout runner, in batches of about ``concurrency``
+    episodes (so the progress bar moves and the engine's queue stays bounded)."""
 
-    CHUNK = 16
-
-    def __init__(self, runner: RolloutRunner):
-        self.runner = runner
+    def __init__(self, runner: RolloutRunner, concurrency: int):
+        self.runner, self.concurrency = runner, concurrency
 
     def run(self, tasks: list[Task], samples: int, sampling: SamplingConfig,
             on_done: Callable[[], None]) -> list[Rollout]:
         rollouts = []
-        for start in range(0, len(tasks), self.CHUNK):
-            batch = self.runner.run(tasks[start:start + self.CHUNK], samples, sampling, 0)
+        chunk = max(1, self.concurrency // samples)
+        for start in range(0, len(tasks), chunk):
+            batch = self.runner.run(tasks[start:start + chunk], samples, sampling, 0)
             rollouts += batch.rollouts
             for _ in batch.rollouts:
                 on_done()
@@ -122,7 +122,7 @@ def run_eval(cfg: RunConfig, endpoint: str | None, checkpoint: Path | None, n: i
             init_ray(cfg)
             actors = start_engines(str(model_path.resolve()), cfg.engine, cfg.seed)
             backend = EngineBackend(RolloutRunner(EnginePool(actors), envs, tokenizer, cfg.rollout,
-                                                  cfg.engine.max_model_len))
+                                                  cfg.engine.max_model_len), cfg.endpoint.concurrency)
             source = f"checkpoint {checkpoint} on gymrl's vLLM engine"
         return evaluate(cfg, tasks, backend, samples, sampling, source, on_start(len(tasks) * samples))
     finally:
