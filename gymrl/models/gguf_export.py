@@ -6,7 +6,7 @@ cannot take gymrl's tokenizer: it recognises a pre-tokenizer by hashing its outp
 gymrl's (digits split one by one, then GPT-2's byte-level regex) is not in its table. llama.cpp has
 exactly that pre-tokenizer under the name ``refact`` (also ``starcoder``, ``smollm``: the regexes
 ``\\p{N}`` then GPT-2's), so the file says so, and llama.cpp tokenizes as the HF tokenizer does
-(``tests/test_gguf.py`` compares the ids). Weights stay float32, so greedy decoding can agree with vLLM's.
+(``tests/test_eval.py`` compares the ids through llama.cpp's server). Weights stay float32, so greedy decoding can agree with vLLM's.
 """
 
 import json
