@@ -159,6 +159,7 @@ def eval_(
     from gymrl.config import apply_overrides, parse_config
     from gymrl.eval.endpoint import EndpointError
     from gymrl.eval.run import run_eval
+    from gymrl.train.checkpoint import CheckpointError
 
     flags = {"run_dir": str(out or Path("runs") / _time.strftime("eval-%Y%m%d-%H%M%S")),
              "sampling.temperature": temperature, "sampling.top_p": top_p, "sampling.max_tokens": max_tokens,
@@ -183,7 +184,7 @@ def eval_(
     try:
         with progress:
             result = run_eval(cfg, endpoint, checkpoint, n, samples, cfg.sampling, on_start)
-    except USER_ERRORS + (EndpointError, EnvServerError) as err:
+    except USER_ERRORS + (EndpointError, EnvServerError, CheckpointError) as err:
         _fail(err)
     typer.echo((result.run_dir / "report.md").read_text())
     console.print(f"run directory: {result.run_dir} (report.json, report.md, traces.db; gymrl traces stats "
