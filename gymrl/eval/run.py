@@ -109,6 +109,8 @@ def run_eval(cfg: RunConfig, endpoint: str | None, checkpoint: Path | None, n: i
     tasks = eval_tasks(cfg, envs, n)
     model_path = policy_folder(find_checkpoint(checkpoint)) if checkpoint is not None else cfg.endpoint.tokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True) if model_path is not None else None
+    if model_path is not None:  # the run's config names it: the trace viewer decodes tokens with it
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": Path(model_path).resolve()})})
     client = ChatEndpoint(endpoint, cfg.endpoint) if endpoint is not None else None  # an unreachable one fails here
     if checkpoint is not None:
         check_prompts_fit(tokenizer, tasks, sampling.max_tokens, cfg.engine.max_model_len, cfg.rollout.chat_template_kwargs)
