@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.gymrl-installed
 GYM_VENV := .venv-gym
 GYM_STAMP := $(GYM_VENV)/.gymrl-installed
+# llama.cpp's OpenAI server for the eval tests (llama-cpp-python): its own venv, needed by `make test` only.
+LLAMA_VENV := .venv-llama
+LLAMA_STAMP := $(LLAMA_VENV)/.gymrl-installed
 # The trace viewer's browser tests drive Debian's chromium (Playwright cannot download a browser here).
 CHROMIUM := /usr/bin/chromium
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
@@ -31,13 +34,21 @@ $(GYM_STAMP): requirements-gym.txt requirements-gym.lock
 
 setup: $(STAMP) $(GYM_STAMP)
 
+# PyPI has no Linux wheel of llama-cpp-python: pip builds llama.cpp from its sdist with cmake (CPU backend only,
+# no multimodal library, tests or examples), once; pip's cache keeps the built wheel for a reinstall.
+$(LLAMA_STAMP): requirements-llama.txt requirements-llama.lock
+	@test -x $(LLAMA_VENV)/bin/python || $(PY) -m venv $(LLAMA_VENV)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(LLAMA_VENV)/bin/pip install -q -c requirements-llama.lock -r requirements-llama.txt
+	touch $(LLAMA_STAMP)
+
 $(CHROMIUM):
 	$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 demo: setup
 	$(BIN)/gymrl train configs/demo.yaml
 
-test: setup $(CHROMIUM)
+test: setup $(CHROMIUM) $(LLAMA_STAMP)
 	$(BIN)/pytest -q
 
 bench: setup

@@ -1,4 +1,4 @@
-"""The ``gymrl`` command: train, export, bench, envs, traces."""
+"""The ``gymrl`` command: train, eval, export, bench, envs, traces."""
 
 import json
 from pathlib import Path
@@ -108,19 +108,87 @@ def train(
 def export(
     source: Path = typer.Argument(..., help="A run folder (its latest checkpoint, or checkpoint/ when it has no "
                                             "step checkpoints) or one checkpoint folder."),
-    out_dir: Path = typer.Argument(..., help="New or empty folder for the HF model."),
+    out: Path = typer.Argument(..., help="New or empty folder for the HF model; with --gguf, a new .gguf file."),
     step: Optional[int] = typer.Option(None, "--step", help="Export this step's checkpoint of the run folder."),
+    gguf: bool = typer.Option(False, "--gguf", help="Write one GGUF file (float32, tokenizer and chat template "
+                                                    "included) that llama.cpp loads, instead of an HF folder."),
 ) -> None:
-    """Export a checkpoint as an HF safetensors model folder (transformers and vLLM load it)."""
-    from gymrl.train.checkpoint import CheckpointError, export_hf, find_checkpoint
+    """Export a checkpoint as an HF safetensors model folder (transformers and vLLM load it), or as GGUF."""
+    from gymrl.models.gguf_export import GGUFExportError
+    from gymrl.train.checkpoint import CheckpointError, export_gguf, export_hf, find_checkpoint
 
     try:
         checkpoint = find_checkpoint(source, step)
-        console.print(f"exporting {checkpoint} -> {out_dir}", highlight=False)
-        files = export_hf(checkpoint, out_dir)
-    except USER_ERRORS + (FileExistsError, CheckpointError) as err:
+        console.print(f"exporting {checkpoint} -> {out}", highlight=False)
+        if gguf:
+            export_gguf(checkpoint, out)
+            console.print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)", highlight=False)
+            return
+        files = export_hf(checkpoint, out)
+    except USER_ERRORS + (FileExistsError, CheckpointError, GGUFExportError) as err:
         _fail(err)
-    console.print(f"wrote {out_dir}: {', '.join(files)}", highlight=False)
+    console.print(f"wrote {out}: {', '.join(files)}", highlight=False)
+
+
+@app.command("eval")
+def eval_(
+    config: Optional[Path] = typer.Argument(None, help="Run config whose envs, sampling, rollout and endpoint "
+                                                       "sections apply (default: every key's default)."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="OpenAI-compatible server, e.g. "
+                                           "http://127.0.0.1:8000 (vllm serve, llama.cpp's server)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Serve this checkpoint (RUN_DIR/checkpoints/"
+                                              "step_N, a run folder or an HF folder) on gymrl's own vLLM engine."),
+    env: Optional[str] = typer.Option(None, "--env", help="Environments, comma-separated (default: the config's)."),
+    n: Optional[int] = typer.Option(None, "--n", min=1, help="First N held-out tasks of each environment (default all)."),
+    samples: int = typer.Option(1, "--samples", min=1, help="Episodes per task: k of pass@k."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature (default: sampling.temperature)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default: sampling.top_p)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Tokens per turn (default: sampling.max_tokens)."),
+    concurrency: Optional[int] = typer.Option(None, help="Episodes in flight at once (default: endpoint.concurrency)."),
+    timeout: Optional[float] = typer.Option(None, help="Seconds per request (default: endpoint.timeout_s)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder for traces.db and report.json/.md "
+                                       "(default: runs/eval-DATE-TIME)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set endpoint.extra_body.repeat_penalty=1.0."),
+) -> None:
+    """Evaluate an endpoint or a checkpoint on environments' held-out tasks: multi-turn tool use through the
+    environment servers, their verifiers, a report (mean reward, pass@1, pass@k, 95% CIs) and traces."""
+    import time as _time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from gymrl.config import apply_overrides, parse_config
+    from gymrl.eval.endpoint import EndpointError
+    from gymrl.eval.run import run_eval
+    from gymrl.train.checkpoint import CheckpointError
+
+    flags = {"run_dir": str(out or Path("runs") / _time.strftime("eval-%Y%m%d-%H%M%S")),
+             "sampling.temperature": temperature, "sampling.top_p": top_p, "sampling.max_tokens": max_tokens,
+             "endpoint.concurrency": concurrency, "endpoint.timeout_s": timeout}
+    try:
+        base = load_config(config).model_dump(mode="json", exclude_unset=True) if config else {"model": {"path": "."}}
+        if env is not None:
+            known = {e["name"]: e for e in base.get("envs", [])}
+            base["envs"] = [known.get(name.strip(), {"name": name.strip()}) for name in env.split(",") if name.strip()]
+        if checkpoint is not None:
+            base["model"] = {"path": str(checkpoint)}
+        data = apply_overrides(base, {k: v for k, v in flags.items() if v is not None} | _overrides(set_))
+        cfg = parse_config(data, str(config or "gymrl eval"))
+    except USER_ERRORS as err:
+        _fail(err)
+    progress = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+
+    def on_start(total: int):
+        task = progress.add_task("eval", total=total)
+        return lambda: progress.advance(task)
+
+    try:
+        with progress:
+            result = run_eval(cfg, endpoint, checkpoint, n, samples, cfg.sampling, on_start)
+    except USER_ERRORS + (EndpointError, EnvServerError, CheckpointError) as err:
+        _fail(err)
+    typer.echo((result.run_dir / "report.md").read_text())
+    console.print(f"run directory: {result.run_dir} (report.json, report.md, traces.db; gymrl traces stats "
+                  f"{result.run_dir})", highlight=False)
 
 
 SUITES = ("core", "envs", "traces", "spec", "pool", "async", "vs-trl", "rollout", "mtp", "all")

@@ -261,6 +261,34 @@ class EvalConfig(Section):
     max_tasks: int | None = Field(default=None, ge=1, description="Cap on held-out tasks (None = all).")
 
 
+class EndpointConfig(Section):
+    """`gymrl eval --endpoint URL`: an OpenAI-compatible chat-completions server (vllm serve, llama.cpp's server)."""
+
+    model: str | None = Field(default=None, description="Model name sent in each request; None = the first one "
+                              "the server lists at /v1/models.")
+    concurrency: int = Field(default=8, ge=1, description="Episodes in flight at once: requests to the endpoint, "
+                             "or the batch sent to gymrl's own engine (gymrl eval --checkpoint).")
+    timeout_s: float = Field(default=120.0, gt=0, description="Timeout of one chat-completions request.")
+    retries: int = Field(default=2, ge=0, description="Retries of a request that failed to connect, timed out or got "
+                         "a 5xx (backoff 0.2 s, 0.4 s, ...).")
+    tool_choice: Literal["auto", "none"] = Field(
+        default="auto",
+        description="Sent with the tools of a tool-use task. auto: the server parses tool calls (vllm serve needs "
+        "--enable-auto-tool-choice --tool-call-parser); none: the tools still reach the chat template and gymrl reads "
+        "the calls from the text with rollout.tool_call_parser, as in training.",
+    )
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict,
+        description="More request fields, sent as they are (e.g. {repeat_penalty: 1.0} for llama.cpp's server, whose "
+        "default 1.1 changes even greedy answers; {top_k: -1}).",
+    )
+    tokenizer: Path | None = Field(
+        default=None,
+        description="The model's HF tokenizer folder, if at hand: traces then carry token ids and tool calls are read "
+        "locally (tool_choice: none). None: text only.",
+    )
+
+
 class RunConfig(Section):
     run_dir: Path = Field(default=Path("runs/demo"), description="Where metrics, plots and checkpoints go.")
     seed: int = Field(default=0, description="Seeds task sampling, vLLM sampling and the trainer.")
@@ -276,6 +304,7 @@ class RunConfig(Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
     ray_address: str | None = Field(default=None, description="Ray cluster address; None starts Ray locally.")
     ray_num_cpus: int | None = Field(default=None, ge=1, description="CPUs of the local Ray (None = all).")
 
@@ -337,13 +366,18 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for dotted, value in (overrides or {}).items():
+    return parse_config(apply_overrides(data, overrides or {}), str(path))
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with each dotted key (``train.steps``) of ``overrides`` set, in place; returns it."""
+    for dotted, value in overrides.items():
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return parse_config(data, str(path))
+    return data
 
 
 def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -17,7 +17,7 @@ from gymrl.envs.base import Environment, Episode, Task
 from gymrl.envs.client import function_call_item, function_call_output_item, message_item
 from gymrl.models.chat import environment_turn_ids, render_prompt
 from gymrl.rollout.engine import Completion, EnginePool, PromptTooLongError, SpecStats
-from gymrl.rollout.tool_calls import ToolCallParser
+from gymrl.rollout.tool_calls import ParsedTurn, ToolCallParser
 from rewards.types import RewardResult
 
 
@@ -118,7 +118,9 @@ class EpisodeState:
         """The oldest policy version among the model's tokens (``default`` for an empty completion)."""
         return min((v for v, m in zip(self.versions, self.mask) if m), default=default)
 
-    def add_model_turn(self, c: Completion, parser: ToolCallParser | None) -> None:
+    def add_model_turn(self, c: Completion, parser: ToolCallParser | None, parsed: ParsedTurn | None = None) -> None:
+        """``parsed``: the turn's tool calls as a server already read them (an OpenAI endpoint); else ``parser``
+        reads them from the text."""
         self.completion_ids += c.token_ids
         self.mask += [1] * len(c.token_ids)
         self.logprobs += c.logprobs
@@ -128,7 +130,8 @@ class EpisodeState:
         if self.engine_id is None:
             self.engine_id = c.engine_id
         self.turns.append({"role": "assistant", "content": c.text})
-        parsed = parser.parse(c.text, self.task.tools) if parser is not None and self.task.tools else None
+        if parsed is None and parser is not None and self.task.tools:
+            parsed = parser.parse(c.text, self.task.tools)
         self.pending_calls = parsed.tool_calls if parsed is not None and c.finish_reason == "stop" else []
         if not self.pending_calls:
             self.items.append(message_item(c.text))

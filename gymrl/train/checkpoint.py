@@ -242,16 +242,41 @@ def find_checkpoint(source: str | Path, step: int | None = None) -> Path:
     raise FileNotFoundError(f"'{source}' has no checkpoints ({CHECKPOINTS}/step_*/ or {FINAL_CHECKPOINT}/)")
 
 
-def export_hf(checkpoint: str | Path, out_dir: str | Path) -> list[str]:
-    """Copy a checkpoint's policy (or an HF folder) to ``out_dir`` as a plain HF safetensors model folder:
-    config.json, safetensors weights, tokenizer files, generation config. ``out_dir`` must be new or
-    empty, so an export never mixes with another model's files. Returns the file names written."""
+def policy_folder(checkpoint: str | Path) -> Path:
+    """The HF model folder of a checkpoint (its ``policy/``, or the folder itself when it is one)."""
     checkpoint = Path(checkpoint)
     source = checkpoint / POLICY if (checkpoint / POLICY).is_dir() else checkpoint
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"no HF model (config.json) in checkpoint '{checkpoint}'")
     if not any(source.glob("*.safetensors")):
         raise CheckpointError(f"checkpoint '{checkpoint}' has no safetensors weights in '{source}'")
+    return source
+
+
+def export_gguf(checkpoint: str | Path, out_file: str | Path) -> Path:
+    """Write a checkpoint's policy as one GGUF file (llama.cpp), built beside ``out_file`` and renamed into
+    place; an existing file is refused, as an export folder that is not empty is."""
+    from gymrl.models.gguf_export import write_gguf
+
+    source = policy_folder(checkpoint)
+    out = Path(out_file)
+    if out.exists():
+        raise FileExistsError(f"GGUF file '{out}' exists; give a new file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        fsync_tree(write_gguf(source, tmp / out.name).parent)
+        os.rename(tmp / out.name, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path) -> list[str]:
+    """Copy a checkpoint's policy (or an HF folder) to ``out_dir`` as a plain HF safetensors model folder:
+    config.json, safetensors weights, tokenizer files, generation config. ``out_dir`` must be new or
+    empty, so an export never mixes with another model's files. Returns the file names written."""
+    source = policy_folder(checkpoint)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"export folder '{out}' exists and is not empty; give a new or empty folder")
