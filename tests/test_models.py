@@ -173,7 +173,7 @@ def test_cache_hit_does_not_rebuild(built, env, monkeypatch):
 
 
 def test_failed_build_leaves_nothing(env, tmp_path, monkeypatch):
-    def crash(spec, env, out):
+    def crash(spec, env, out, *device):
         (out / "config.json").write_text("{}")
         raise RuntimeError("crash mid-build")
 
