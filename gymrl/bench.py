@@ -610,8 +610,9 @@ def run_mtp_bench(cfg, out: Path, steps: int = 30) -> Table:
                 "train": cfg.train.model_copy(update={"steps": steps, "mtp_loss_weight": mtp_weight,
                                                       "tensorboard": False, "checkpoint_every": 0})})
             summary = train(session)
-            rows = [r for r in read_metrics(session.cfg.run_dir / "metrics.jsonl") if "reward_mean" in r]
-            evals = [r for r in read_metrics(session.cfg.run_dir / "metrics.jsonl") if "eval_reward" in r]
+            logged = read_metrics(session.cfg.run_dir / "metrics.jsonl")
+            rows = [r for r in logged if "reward_mean" in r]
+            evals = [r for r in logged if "eval_reward" in r]
 
             def mean(key, part):
                 values = [r[key] for r in part if key in r]
