@@ -44,6 +44,12 @@ class EnvServersConfig(Section):
     start_timeout_s: float = Field(default=60.0, gt=0, description="Seconds a server may take to answer its health check.")
     request_timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one HTTP call to a server.")
     retries: int = Field(default=3, ge=0, description="Retries of a failed call (connection error, timeout, 5xx).")
+    max_restarts: int = Field(
+        default=3, ge=0,
+        description="Restarts of a server gymrl started that died (checked every health_interval_s and on a refused "
+        "connection), per server and run; one more death stops the run with the server's log.",
+    )
+    health_interval_s: float = Field(default=1.0, gt=0, description="Seconds between checks that each server is alive.")
 
 
 class SpeculativeConfig(BaseModel):
@@ -96,6 +102,11 @@ class EngineConfig(Section):
         default=False,
         description="On a weight update with requests in flight, drop the cached KV so running requests recompute "
         "their context with the new weights (slower); false keeps the KV computed before the update.",
+    )
+    max_restarts: int = Field(
+        default=2, ge=0,
+        description="Restarts of engine actors that died (over the pool and the run); a restarted engine gets the "
+        "newest pushed weights, and the requests it held go to it again or to another engine.",
     )
     extra_args: dict[str, Any] = Field(
         default_factory=dict,
@@ -174,6 +185,16 @@ class RolloutConfig(Section):
         default_factory=dict,
         description="Extra variables of the model's chat template for every prompt and turn, training and eval "
         "alike (Nemotron-3: enable_thinking, low_effort).",
+    )
+    timeout_s: float = Field(
+        default=600.0, gt=0,
+        description="Most seconds one generation call (a turn of a group) may take on an engine; past it the "
+        "requests are aborted and the group counts as failed.",
+    )
+    max_failed_groups: int = Field(
+        default=8, ge=1,
+        description="Groups in a row that may fail (a dead server, an engine error, a timeout) before the run stops; "
+        "a failed group is logged to failures.jsonl with its reason and replaced by a new one.",
     )
 
 

@@ -5,6 +5,7 @@ expensive part (Ray plus one vLLM engine per actor, one NeMo Gym server per envi
 one place, shared, and stopped by :meth:`Session.close`.
 """
 
+import functools
 import logging
 import os
 import random
@@ -16,11 +17,11 @@ import ray
 from gymrl.config import ModelConfig, RunConfig
 from gymrl.envs.base import Environment
 from gymrl.envs.client import EnvClient
-from gymrl.envs.launcher import REPO_ROOT, EnvServer
+from gymrl.envs.launcher import REPO_ROOT, EnvServer, ServerSupervisor
 from gymrl.envs.registry import load_environment
 from gymrl.models.checkpoint import inspect_checkpoint, load_policy
 from gymrl.models.tiny import build_tiny_model
-from gymrl.rollout.engine import EnginePool, start_engines
+from gymrl.rollout.engine import EnginePool, start_engine, start_engines
 from gymrl.rollout.runner import RolloutRunner, check_prompts_fit
 from gymrl.rollout.tool_calls import parser_class
 from gymrl.rollout.vllm_checks import (check_cpu_mla, check_engine_args, check_mtp, check_speculative,
@@ -67,21 +68,24 @@ def init_ray(cfg: RunConfig) -> None:
     )
 
 
-def start_env_servers(cfg: RunConfig, envs: dict[str, Environment], log_dir: Path) -> list[EnvServer]:
-    """Start a server for each environment without a ``url``; attach a client to every environment."""
-    servers: list[EnvServer] = []
-    gym_python = cfg.env_servers.gym_python
-    gym_python = gym_python if gym_python.is_absolute() else REPO_ROOT / gym_python
+def start_env_servers(cfg: RunConfig, envs: dict[str, Environment], log_dir: Path) -> list[ServerSupervisor]:
+    """Start a supervised server for each environment without a ``url``; attach a client to every environment
+    (a server given by ``url`` is someone else's to keep alive: its client only retries)."""
+    servers: list[ServerSupervisor] = []
+    sc = cfg.env_servers
+    gym_python = sc.gym_python if sc.gym_python.is_absolute() else REPO_ROOT / sc.gym_python
     try:
         for env_cfg in cfg.envs:
-            url = env_cfg.url
+            url, supervisor = env_cfg.url, None
             if url is None:
                 server = EnvServer(env_cfg.name, gym_python, log_dir=log_dir)
-                servers.append(server)
-                url = server.start(cfg.env_servers.start_timeout_s).url
-            envs[env_cfg.name].attach(
-                EnvClient(env_cfg.name, url, cfg.env_servers.request_timeout_s, cfg.env_servers.retries)
-            )
+                supervisor = ServerSupervisor(server, sc.start_timeout_s, sc.max_restarts, sc.health_interval_s)
+                servers.append(supervisor)
+                url = server.start(sc.start_timeout_s).url
+                supervisor.start()
+            client = EnvClient(env_cfg.name, url, sc.request_timeout_s, sc.retries)
+            client.supervisor = supervisor
+            envs[env_cfg.name].attach(client)
     except BaseException:
         for server in servers:
             server.stop()
@@ -98,7 +102,7 @@ class Session:
     tokenizer: object
     pool: EnginePool
     runner: RolloutRunner
-    servers: list[EnvServer] = field(default_factory=list)
+    servers: list[ServerSupervisor] = field(default_factory=list)
 
     def close(self) -> None:
         """Stop the environment servers and the engine actors (Ray itself stays up for others)."""
@@ -141,7 +145,10 @@ def start_session(cfg: RunConfig) -> Session:
     servers = start_env_servers(cfg, envs, Path(cfg.run_dir) / "env_logs")
     try:
         init_ray(cfg)
-        pool = EnginePool(start_engines(str(model_path.resolve()), cfg.engine, cfg.seed))
+        path = str(model_path.resolve())
+        pool = EnginePool(start_engines(path, cfg.engine, cfg.seed),
+                          restart=functools.partial(start_engine, path, cfg.engine, cfg.seed),
+                          max_restarts=cfg.engine.max_restarts, timeout_s=cfg.rollout.timeout_s)
     except BaseException:
         for server in servers:
             server.stop()

@@ -13,12 +13,13 @@ server, the model's tool calls go to the server's tool routes, and /verify sees 
 
 import dataclasses
 import json
+import math
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gymrl.envs.client import Cookies, EnvClient
+from gymrl.envs.client import Cookies, EnvClient, EnvServerError, EpisodeLost
 from rewards.types import RewardResult
 
 Split = Literal["train", "eval"]
@@ -101,6 +102,9 @@ class Environment:
     def verify(self, task: Task, output: str | list[dict[str, Any]], cookies: Cookies | None = None) -> RewardResult:
         """Score a response text, or an episode's Responses-API output items (with its session cookies)."""
         reply = self.client.verify(task.row, output, cookies)
+        if not isinstance(reply, dict) or isinstance(reply.get("reward"), bool) or \
+                not isinstance(reply.get("reward"), (int, float)) or not math.isfinite(reply["reward"]):
+            raise EnvServerError(f"env '{self.name}': /verify replied without a finite numeric reward: {str(reply)[:200]}")
         breakdown = {k: float(v) for k, v in (reply.get("breakdown") or {}).items() if isinstance(v, (int, float))}
         return RewardResult(float(reply["reward"]), str(reply.get("reason", "")), breakdown)
 
@@ -131,6 +135,7 @@ class Episode:
 
     def __init__(self, env: Environment, task: Task, cookies: Cookies):
         self.env, self.task, self.cookies = env, task, cookies
+        self.generation = env.client.generation if cookies else 0  # the server run its session lives on
         self._tool_names = {t.get("name") or t.get("function", {}).get("name") for t in task.tools}
 
     def call_tool(self, name: str, arguments: dict[str, Any] | None) -> str:
@@ -141,7 +146,17 @@ class Episode:
         if arguments is None:
             return json.dumps({"error": "tool call arguments are not a JSON object"})
         output, self.cookies = self.env.client.call_tool(name, arguments, self.cookies)
+        self._check_session()
         return output
 
     def verify(self, output: list[dict[str, Any]]) -> RewardResult:
-        return self.env.verify(self.task, output, self.cookies)
+        self._check_session()
+        verdict = self.env.verify(self.task, output, self.cookies)
+        self._check_session()
+        return verdict
+
+    def _check_session(self) -> None:
+        """A stateful episode cannot go on, or be scored, on a server restarted since its session began."""
+        if self.cookies and self.env.client.generation != self.generation:
+            raise EpisodeLost(f"env server '{self.env.name}' restarted during the episode of task '{self.task.id}'; "
+                              "its session state is gone")

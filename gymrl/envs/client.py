@@ -20,6 +20,10 @@ class EnvServerError(RuntimeError):
     """An environment server that cannot be reached or keeps failing; the message names it."""
 
 
+class EpisodeLost(EnvServerError):
+    """The server restarted during an episode: the session state its tools built is gone."""
+
+
 def message_item(text: str) -> dict[str, Any]:
     """An assistant message as a Responses-API output item."""
     return {
@@ -80,6 +84,7 @@ class EnvClient:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.retries = retries
+        self.supervisor = None  # a ServerSupervisor when gymrl started the server: a refused connection restarts it
         self._http = httpx.Client(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout_s, connect=5.0),
@@ -104,12 +109,24 @@ class EnvClient:
                 last = EnvServerError(f"HTTP {reply.status_code}: {reply.text[:200]}")
             except (httpx.TransportError, ValueError) as err:  # ValueError: a reply that is not JSON
                 last = err
+                self._recover(err)
             except httpx.HTTPStatusError as err:  # 4xx: our request is wrong; retrying will not help
                 raise EnvServerError(f"env '{self.name}' at {self.base_url}{route}: {err.response.status_code} "
                                      f"{err.response.text[:300]}") from None
             if attempt < self.retries:
                 time.sleep(0.2 * 2**attempt)
         raise self._fail(route, self.retries + 1, last)
+
+    def _recover(self, err: Exception) -> None:
+        """After a refused connection, have the supervisor start the server again if it died (it raises, naming
+        the server's log, once its restarts are used up)."""
+        if isinstance(err, httpx.ConnectError) and self.supervisor is not None:
+            self.supervisor.recover()
+
+    @property
+    def generation(self) -> int:
+        """How many times the server behind this client was restarted."""
+        return self.supervisor.generation if self.supervisor is not None else 0
 
     def post(self, route: str, payload: dict[str, Any]) -> dict[str, Any]:
         return self.post_for_reply(route, payload)[0]
@@ -132,6 +149,7 @@ class EnvClient:
                 return reply.text, _set_cookies(reply, cookies)
             except (httpx.ConnectError, httpx.ConnectTimeout) as err:
                 last = err
+                self._recover(err)
             except httpx.TransportError as err:  # sent, but no answer: the call may have run
                 raise self._fail(f"/{name}", attempt + 1, err) from None
             if attempt < self.retries:

@@ -1,10 +1,13 @@
 """Start environment servers as their own processes (the NeMo Gym venv's Python) on free loopback
-ports, wait until they answer, and stop them with their whole process group."""
+ports, wait until they answer, keep them alive (:class:`ServerSupervisor`), and stop them with their
+whole process group."""
 
+import logging
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from gymrl.envs.registry import import_root, plugin_module
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_GYM_PYTHON = REPO_ROOT / ".venv-gym" / "bin" / "python"
+log = logging.getLogger(__name__)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -53,23 +57,22 @@ class EnvServer:
         if not self.gym_python.exists():
             raise EnvServerError(f"NeMo Gym venv not found at {self.gym_python}: run `make setup` (it creates .venv-gym)")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("wb")
+        out = self.log_path.open("ab")  # a restarted server appends: the log keeps why the last one died
         env = {**os.environ, "PYTHONPATH": server_pythonpath(self.module), "PYTHONUNBUFFERED": "1"}
         env.pop("VIRTUAL_ENV", None)
         self.proc = subprocess.Popen(
             [str(self.gym_python), "-m", "gymrl.envs.serve", "--env", self.env, "--module", self.module,
-             "--host", self.host, "--port", str(self.port)],
-            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+             "--host", self.host, "--port", str(self.port), "--parent-pid", str(os.getpid())],
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        log.close()
+        out.close()
         client = EnvClient(self.env, self.url)
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-3:])
                     raise EnvServerError(f"env server '{self.env}' exited with code {self.proc.returncode} "
-                                         f"(log: {self.log_path}):\n{tail}")
+                                         f"(log: {self.log_path}):\n{self.log_tail()}")
                 if client.healthy():
                     return self
                 time.sleep(0.2)
@@ -77,6 +80,12 @@ class EnvServer:
             client.close()
         self.stop()
         raise EnvServerError(f"env server '{self.env}' did not answer on {self.url} within {timeout_s:.0f} s (log: {self.log_path})")
+
+    def log_tail(self, lines: int = 3) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -98,3 +107,62 @@ class EnvServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ServerSupervisor:
+    """Keeps a started server alive. A thread checks every ``interval_s`` that its process runs, and a client
+    whose connection is refused asks through :meth:`recover`; either way a dead server is started again on
+    the same port (clients keep their URL), after a backoff of 0.5 s, 1 s, 2 s, ... (at most 10 s), at most
+    ``max_restarts`` times. ``generation`` counts the restarts: an episode whose session lived on an
+    earlier server knows its state is gone."""
+
+    def __init__(self, server: EnvServer, start_timeout_s: float = 60.0, max_restarts: int = 3,
+                 interval_s: float = 1.0):
+        self.server, self.start_timeout_s, self.max_restarts = server, start_timeout_s, max_restarts
+        self.generation = 0  # restarts so far
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._gave_up: EnvServerError | None = None
+        self._thread = threading.Thread(target=self._watch, args=(interval_s,), daemon=True,
+                                        name=f"supervise-{server.env}")
+
+    def start(self) -> "ServerSupervisor":
+        self._thread.start()
+        return self
+
+    def _watch(self, interval_s: float) -> None:
+        while not self._stopped.wait(interval_s):
+            if not self.server.alive():
+                try:
+                    self.recover()
+                except EnvServerError as err:
+                    log.error("%s", err)
+                    return
+
+    def recover(self) -> int:
+        """Start the server again if it died; returns its generation. Raises :class:`EnvServerError`, naming the
+        server's log, once the restarts are used up (and for every call after that)."""
+        with self._lock:
+            if self._gave_up is not None:
+                raise self._gave_up
+            if self._stopped.is_set():
+                raise EnvServerError(f"env server '{self.server.env}' was stopped")
+            if self.server.alive():
+                return self.generation
+            code = self.server.proc.returncode if self.server.proc is not None else None
+            if self.generation >= self.max_restarts:
+                self._gave_up = EnvServerError(
+                    f"env server '{self.server.env}' died (exit code {code}) and no restart is left "
+                    f"(env_servers.max_restarts={self.max_restarts}); log: {self.server.log_path}\n{self.server.log_tail()}")
+                raise self._gave_up
+            log.warning("env server '%s' died (exit code %s); restarting it (%d of %d)", self.server.env, code,
+                        self.generation + 1, self.max_restarts)
+            time.sleep(min(0.5 * 2**self.generation, 10.0))
+            self.generation += 1
+            self.server.start(self.start_timeout_s)
+            return self.generation
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            self.server.stop()

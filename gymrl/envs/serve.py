@@ -8,6 +8,9 @@ NeMo Gym's own ``run_webserver`` builds, and serves the FastAPI app with uvicorn
 import argparse
 import importlib
 import inspect
+import os
+import threading
+import time
 
 import uvicorn
 from nemo_gym.base_resources_server import SimpleResourcesServer
@@ -38,13 +41,28 @@ def build_app(env: str, host: str, port: int, package: str | None = None):
     return app
 
 
+def exit_with_parent(parent_pid: int) -> None:
+    """End this server when the harness that started it is gone (killed with SIGKILL, say): a thread checks
+    every second that the parent still runs, so no orphan server keeps its port."""
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--env", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--module", default=None, help="plugin package (default: environments.ENV)")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     args = parser.parse_args()
+    if args.parent_pid is not None:
+        exit_with_parent(args.parent_pid)
     uvicorn.run(build_app(args.env, args.host, args.port, args.module), host=args.host, port=args.port, log_level="warning")
 
 

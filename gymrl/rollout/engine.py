@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import ray
 
@@ -381,13 +382,21 @@ class RolloutEngine:
         return reading
 
 
-def start_engines(model_path: str, cfg: EngineConfig, seed: int) -> list:
-    """Start ``cfg.num_engines`` engine actors and wait until each has loaded its model; an engine that
-    had to drop the speculative config says why, printed once for the pool."""
-    actor_cls = ray.remote(**actor_resources(cfg))(RolloutEngine)
+def _engine_actor_class(cfg: EngineConfig):
+    return ray.remote(**actor_resources(cfg))(RolloutEngine)
+
+
+def _engine_env(cfg: EngineConfig) -> dict[str, str]:
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if cfg.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
+    return env
+
+
+def start_engines(model_path: str, cfg: EngineConfig, seed: int) -> list:
+    """Start ``cfg.num_engines`` engine actors and wait until each has loaded its model; an engine that
+    had to drop the speculative config says why, printed once for the pool."""
+    actor_cls, env = _engine_actor_class(cfg), _engine_env(cfg)
     actors = [
         actor_cls.options(runtime_env={"env_vars": env}).remote(model_path, cfg, seed, i)
         for i in range(cfg.num_engines)
@@ -399,6 +408,26 @@ def start_engines(model_path: str, cfg: EngineConfig, seed: int) -> list:
     return actors
 
 
+def start_engine(model_path: str, cfg: EngineConfig, seed: int, engine_id: int):
+    """One engine actor, started and loaded: how the pool replaces an engine that died."""
+    actor = _engine_actor_class(cfg).options(runtime_env={"env_vars": _engine_env(cfg)}).remote(
+        model_path, cfg, seed, engine_id)
+    ray.get(actor.ready.remote())
+    return actor
+
+
+class EngineError(RuntimeError):
+    """A generation that failed for the engine's sake: it timed out, or its engine died past its restarts."""
+
+
+def _engine_died(err: Exception) -> bool:
+    """Whether ``err`` from an actor call means the engine is gone: the actor died, or vLLM's engine core in it."""
+    if isinstance(err, ray.exceptions.RayActorError):
+        return True
+    cause = getattr(err, "cause", None)
+    return isinstance(err, ray.exceptions.RayTaskError) and type(cause).__name__ == "EngineDeadError"
+
+
 class EnginePool:
     """Spreads prompt groups over engine actors and pushes weights into all of them.
 
@@ -406,13 +435,77 @@ class EnginePool:
     to the engine with the fewest sequences this pool has in flight there, and a later turn of an
     episode goes back to the engine that sampled its first turn (``engine_ids``). Safe to call from
     several threads at once (a weight push while rollouts are running, say).
+
+    Supervision: a call that finds its engine dead (the actor, or vLLM's engine core in it) replaces the
+    engine with a new actor (``restart``, at most ``max_restarts`` times over the pool), loads the newest
+    pushed weights into it and sends the call again; every step's :meth:`stats` doubles as a health check
+    that also replaces an engine that does not answer within ``health_timeout_s``. A generation that takes
+    longer than ``timeout_s`` is aborted and raised as :class:`EngineError`.
     """
 
-    def __init__(self, actors: list):
+    def __init__(self, actors: list, restart: Callable[[int], Any] | None = None, max_restarts: int = 0,
+                 timeout_s: float | None = None, health_timeout_s: float = 60.0):
         self.actors = actors
+        self.restarts = 0
+        self._restart, self._max_restarts = restart, max_restarts
+        self._timeout_s, self._health_timeout_s = timeout_s, health_timeout_s
         self._lock = threading.Lock()
+        self._restart_lock = threading.Lock()
         self._load = [0] * len(actors)  # sequences this pool has in flight on each engine
         self._last: list[EngineStats] | None = None
+        self._weights: tuple | None = None  # (object ref, version, recompute_kv) of the newest push
+
+    def _replace(self, e: int, dead, why: str):
+        """A live actor in place of ``dead`` at engine ``e``: a new one with the newest weights, or the one another
+        thread already put there. Raises :class:`EngineError` once the restarts are used up."""
+        with self._restart_lock:
+            if self.actors[e] is not dead:
+                return self.actors[e]
+            if self._restart is None or self.restarts >= self._max_restarts:
+                raise EngineError(f"engine {e} died ({why}) and no restart is left "
+                                  f"(engine.max_restarts={self._max_restarts}, {self.restarts} used)")
+            self.restarts += 1
+            log.warning("engine %d died (%s); restarting it (%d of %d)", e, why, self.restarts, self._max_restarts)
+            try:
+                ray.kill(dead)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            started = time.perf_counter()
+            actor = self._restart(e)
+            if self._weights is not None:
+                ray.get(actor.load_weights.remote(*self._weights))
+            self.actors[e] = actor
+            log.warning("engine %d restarted in %.1f s", e, time.perf_counter() - started)
+            return actor
+
+    def _call(self, calls: dict[int, Callable[[Any], Any]], timeout_s: float | None, what: str,
+              hung_is_dead: bool = False) -> dict[int, Any]:
+        """Run ``calls[e](actor)`` on each engine ``e`` at once and wait for their results. A call whose engine died
+        runs again on its replacement. Past ``timeout_s`` the calls left are cancelled: with ``hung_is_dead`` their
+        engines are replaced and asked again, else it is an :class:`EngineError`."""
+        pending = {e: (self.actors[e], call(self.actors[e])) for e, call in calls.items()}
+        results = {}
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while pending:
+            e, (actor, ref) = next(iter(pending.items()))
+            try:
+                results[e] = ray.get(ref, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                del pending[e]
+            except ray.exceptions.GetTimeoutError:
+                if not hung_is_dead:
+                    for _, r in pending.values():
+                        ray.cancel(r)
+                    raise EngineError(f"{what} on engine(s) {sorted(pending)} took longer than {timeout_s:g} s "
+                                      "(rollout.timeout_s); its requests were aborted") from None
+                new = self._replace(e, actor, f"no answer to {what} within {timeout_s:g} s")
+                pending[e] = (new, calls[e](new))
+                deadline = time.monotonic() + timeout_s
+            except Exception as err:  # noqa: BLE001 - only a dead engine is retried
+                if not _engine_died(err):
+                    raise
+                new = self._replace(e, actor, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                pending[e] = (new, calls[e](new))
+        return results
 
     def _assign(self, n: int, engine_ids: list[int | None]) -> list[int]:
         with self._lock:
@@ -433,19 +526,22 @@ class EnginePool:
         shards = {e: [j for j, c in enumerate(chosen) if c == e] for e in sorted(set(chosen))}
         pick = (lambda shard: [sampling[j] for j in shard]) if isinstance(sampling, list) else (lambda shard: sampling)
         seeds = seeds or [None] * len(prompts)
-        futures = [self.actors[e].generate.remote([prompts[j] for j in shard], n, pick(shard), [seeds[j] for j in shard])
-                   for e, shard in shards.items()]
+
+        def call(shard: list[int]):
+            return lambda actor: actor.generate.remote([prompts[j] for j in shard], n, pick(shard), [seeds[j] for j in shard])
+
         try:
-            replies: list[Generation] = ray.get(futures)
+            replies: dict[int, Generation] = self._call({e: call(shard) for e, shard in shards.items()},
+                                                        self._timeout_s, "generation")
         finally:
             with self._lock:
                 for e, shard in shards.items():
                     self._load[e] -= n * len(shard)
         results: list[list[Completion]] = [[] for _ in prompts]
-        for shard, reply in zip(shards.values(), replies):
-            for j, group in zip(shard, reply.groups):
+        for e, shard in shards.items():
+            for j, group in zip(shard, replies[e].groups):
                 results[j] = group
-        return Generation(results, SpecStats.total([r.spec for r in replies]))
+        return Generation(results, SpecStats.total([r.spec for r in replies.values()]))
 
     def push_weights(self, blob: bytes, version: int, recompute_kv: bool = False) -> float:
         """Load new weights into every engine, requests in flight or not; returns the wall time."""
@@ -456,14 +552,21 @@ class EnginePool:
     def update_weights(self, blob: bytes, version: int, recompute_kv: bool = False,
                        method: str = "gymrl_load_weights") -> list[WeightUpdate]:
         """Load new weights into every engine at once; returns how each took them."""
-        ref = ray.put(blob)  # one copy in the object store, read by every engine
-        return ray.get([a.load_weights.remote(ref, version, recompute_kv, method) for a in self.actors])
+        ref = ray.put(blob)  # one copy in the object store, read by every engine (and by a restarted one)
+        self._weights = (ref, version, recompute_kv)
+        calls = {e: (lambda a: a.load_weights.remote(ref, version, recompute_kv, method)) for e in range(len(self.actors))}
+        done = self._call(calls, None, "weight update")
+        return [done[e] for e in range(len(self.actors))]
 
     def score(self, sequences: list[list[int]]) -> list[list[float]]:
-        return ray.get(self.actors[0].score.remote(sequences))
+        return self._call({0: lambda a: a.score.remote(sequences)}, None, "scoring")[0]
 
     def stats(self, new_peak_window: bool = False) -> list[EngineStats]:
-        return ray.get([a.stats.remote(new_peak_window) for a in self.actors])
+        """Each engine's counters; an engine that is dead or does not answer within ``health_timeout_s`` is
+        replaced (its counters start again from zero)."""
+        done = self._call({e: (lambda a: a.stats.remote(new_peak_window)) for e in range(len(self.actors))},
+                          self._health_timeout_s, "a health check", hung_is_dead=True)
+        return [done[e] for e in range(len(self.actors))]
 
     def step_metrics(self) -> dict[str, float]:
         """Per engine since the previous call: tokens/s while busy, and the peak queue depth (sequences
@@ -471,8 +574,10 @@ class EnginePool:
         now = self.stats(new_peak_window=True)
         before = self._last or [EngineStats(s.engine_id, 0, 0, 0, 0, 0.0, 0) for s in now]
         self._last = now
-        metrics = {}
+        metrics = {"engine_restarts": float(self.restarts)}
         for old, new in zip(before, now):
+            if new.tokens < old.tokens:  # a restarted engine counts from zero again
+                old = EngineStats(new.engine_id, 0, 0, 0, 0, 0.0, 0)
             busy = new.busy_seconds - old.busy_seconds
             metrics[f"engine_tokens_per_s/{new.engine_id}"] = (new.tokens - old.tokens) / busy if busy > 0 else 0.0
             metrics[f"engine_queue_depth/{new.engine_id}"] = float(new.peak_in_flight)
