@@ -85,21 +85,29 @@ def train(
             _fail(err)
         render(plan, str(config), Console())
         return
+    from gymrl.rollout.engine import EngineError
     from gymrl.session import start_session
-    from gymrl.train.checkpoint import CheckpointError
+    from gymrl.traces.store import TraceDiskFull
+    from gymrl.train.checkpoint import CheckpointError, latest_checkpoint
     from gymrl.train.loop import train as run_training
+    from gymrl.train.producer import TooManyFailures
     from gymrl.train.progress import TrainProgress
 
     try:
         with console.status("starting: environment, model, Ray and vLLM engine(s)..."):
             session = start_session(cfg)
-        try:
-            with TrainProgress(cfg.train.steps, console) as progress:
-                summary = run_training(session, progress.update, checkpoint)
-        finally:
-            session.close()
-    except USER_ERRORS + (EnvServerError, CheckpointError) as err:
+    except USER_ERRORS + (EnvServerError, EngineError) as err:
         _fail(err)
+    try:
+        with TrainProgress(cfg.train.steps, console) as progress:
+            summary = run_training(session, progress.update, checkpoint)
+    except USER_ERRORS + (EnvServerError, EngineError, CheckpointError, TooManyFailures, TraceDiskFull) as err:
+        last = latest_checkpoint(Path(cfg.run_dir))
+        _fail(RuntimeError(f"{err}\nthe run stopped; " + (
+            f"its last checkpoint is {last}: continue with `gymrl train --resume {cfg.run_dir}`" if last
+            else "it saved no checkpoint")))
+    finally:
+        session.close()
     console.print_json(json.dumps(summary))
     console.print(f"run directory: {cfg.run_dir} (metrics.jsonl, traces.db, reward_curve.png, length_curve.png, checkpoint/)")
 

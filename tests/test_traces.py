@@ -244,7 +244,7 @@ def test_reward_and_length_plots_per_environment(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / name).stat().st_size > 1000
 
 
-def test_a_resumed_run_truncates_the_traces_to_its_checkpoint(store):
+def test_a_resumed_run_sets_aside_what_came_after_its_checkpoint(store):
     path, writer = store
     assert writer.offset() == 0
     for step in (1, 1, 2):
@@ -252,16 +252,17 @@ def test_a_resumed_run_truncates_the_traces_to_its_checkpoint(store):
     offset = writer.offset()  # the checkpoint is taken here
     writer.write(record(step=3))
     writer.write(record(step=3))  # the interrupted run got this far
-    assert writer.truncate(offset) == 2 and writer.offset() == offset == 3
-    assert writer.write(record(step=3, sample=5)) == 4  # the resumed run's ids go on from the checkpoint
+    assert writer.set_aside(offset) == 2 and offset == 3
+    assert writer.write(record(step=3, sample=5)) == 6  # the resumed run makes step 3 again
     reader = TraceReader(path)
-    assert [(r["step"], r["sample"]) for r in reader.page()] == [(1, 2), (1, 2), (2, 2), (3, 5)]
-    assert reader.rollout(4).completion_ids == [10, 11, 12, 13, 14]
-    for table in ("bodies", "tokens"):  # no orphaned bodies or token arrays of the cut rollouts
-        assert reader.conn.execute(f"SELECT count(*), max(rollout_id) FROM {table}").fetchone()[:] == (4, 4)
+    assert [(r["step"], r["sample"]) for r in reader.page(TraceFilter(split="train"))] == [(1, 2), (1, 2), (2, 2), (3, 5)]
+    kept = reader.page(TraceFilter(split="interrupted-train"))  # nothing the interrupted run made is lost
+    assert [(r["id"], r["step"]) for r in kept] == [(4, 3), (5, 3)]
+    assert reader.rollout(4).completion_ids == reader.rollout(6).completion_ids == [10, 11, 12, 13, 14]
     reader.close()
-    with pytest.warns(UserWarning, match="ends at rollout 4, before the checkpoint's 9"):
-        assert writer.truncate(9) == 0
+    assert writer.set_aside(offset) == 1  # a second resume from the same checkpoint: only the new row moves
+    with pytest.warns(UserWarning, match="ends at rollout 6, before the checkpoint's 9"):
+        assert writer.set_aside(9) == 0
 
 
 def test_a_resumed_run_truncates_the_metrics_to_its_checkpoint(tmp_path):

@@ -29,6 +29,11 @@ if TYPE_CHECKING:  # the store itself imports nothing from the heavy stack
     from gymrl.rollout.runner import RolloutBatch
 
 TRACE_FILE = "traces.db"
+INTERRUPTED = "interrupted-"  # split prefix of rollouts made after the checkpoint a run was resumed from
+
+
+class TraceDiskFull(OSError):
+    """The trace store's disk is full: the run stops, and what it wrote stays readable."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -205,6 +210,15 @@ class TraceWriter:
         self._known_tasks.add((env, task_id))
 
     def write(self, record: TraceRecord) -> int:
+        try:
+            return self._insert(record)
+        except sqlite3.OperationalError as err:
+            if "full" in str(err):  # SQLITE_FULL: the transaction rolled back; every earlier rollout is intact
+                raise TraceDiskFull(f"disk full: could not write rollouts to {self.path} ({err}); the "
+                                    f"{self.offset()} written before are intact; free space on that disk") from None
+            raise
+
+    def _insert(self, record: TraceRecord) -> int:
         r = record
         with self.conn:
             cur = self.conn.execute(
@@ -246,16 +260,16 @@ class TraceWriter:
         """The id of the last rollout written (0 for none): the trace position a checkpoint records."""
         return self.conn.execute("SELECT coalesce(max(id), 0) FROM rollouts").fetchone()[0]
 
-    def truncate(self, offset: int) -> int:
-        """Delete the rollouts written after :meth:`offset` returned ``offset`` (a resumed run writes them
-        again); returns how many. Ids then go on from ``offset + 1``. Task rows stay: they are keyed by task."""
+    def set_aside(self, offset: int) -> int:
+        """Move the rollouts written after :meth:`offset` returned ``offset`` to the split ``interrupted-<split>``:
+        a resumed run makes those steps again, and the rollouts the interrupted run made are kept, not counted
+        twice. Returns how many were set aside."""
         last = self.offset()
         if last < offset:  # committed rows are lost only to a power loss (synchronous=NORMAL)
             warnings.warn(f"{self.path} ends at rollout {last}, before the checkpoint's {offset}", stacklevel=2)
         with self.conn:
-            self.conn.execute("DELETE FROM tokens WHERE rollout_id > ?", (offset,))
-            self.conn.execute("DELETE FROM bodies WHERE rollout_id > ?", (offset,))
-            return self.conn.execute("DELETE FROM rollouts WHERE id > ?", (offset,)).rowcount
+            return self.conn.execute(f"UPDATE rollouts SET split = '{INTERRUPTED}' || split "
+                                     f"WHERE id > ? AND split NOT LIKE '{INTERRUPTED}%'", (offset,)).rowcount
 
     def close(self) -> None:
         self.conn.close()

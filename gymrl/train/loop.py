@@ -10,6 +10,7 @@ default); the ``logprob_gap`` and ``is_weight_*`` metrics show how large that ga
 import copy
 import functools
 import json
+import logging
 import math
 import random
 import statistics
@@ -23,9 +24,10 @@ import torch.nn.functional as F
 
 from gymrl.config import SamplingConfig
 from gymrl.envs.base import Task
+from gymrl.envs.client import EnvServerError
 from gymrl.models.checkpoint import inspect_checkpoint, save_policy
 from gymrl.models.mtp import draft_kl, draft_logits, load_mtp_layer
-from gymrl.rollout.engine import SpecStats
+from gymrl.rollout.engine import EngineError, SpecStats
 from gymrl.rollout.runner import RolloutBatch, RolloutRunner
 from gymrl.rollout.weight_sync import pack_policy
 from gymrl.session import Session
@@ -33,7 +35,7 @@ from gymrl.train.grpo import GRPOLossConfig, group_advantages, grpo_loss
 from gymrl.train.lora import apply_lora
 from gymrl.train.metrics import MetricsLog, plot_acceptance, plot_lengths, plot_rewards
 from gymrl.train.checkpoint import StopSignal, load_checkpoint, save_checkpoint
-from gymrl.train.producer import Cursor, Group, RolloutProducer
+from gymrl.train.producer import Cursor, Failure, Group, RolloutProducer
 from gymrl.traces.store import TRACE_FILE, TraceWriter, run_metadata
 from gymrl.train.policy import logprobs_from_logits, pad_batch, token_logprobs
 
@@ -85,6 +87,17 @@ class GRPOTrainer:
 
     def evaluate(self, tasks: list[Task]) -> tuple[dict[str, float], RolloutBatch]:
         return evaluate(self.s.runner, tasks, self.cfg.sampling.max_tokens, self.version)
+
+    def evaluate_retrying(self, tasks: list[Task], attempts: int = 3) -> tuple[dict[str, float], RolloutBatch]:
+        """:meth:`evaluate`, run again when an environment server or an engine failed under it (after a restart,
+        the next attempt usually succeeds); the last attempt's error stops the run."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self.evaluate(tasks)
+            except (EnvServerError, EngineError) as err:
+                if attempt == attempts:
+                    raise
+                logging.getLogger(__name__).warning("evaluation failed (%s); running it again", err)
 
     def step(self, batch: RolloutBatch) -> StepResult:
         started = time.perf_counter()
@@ -274,6 +287,17 @@ def collect(producer: RolloutProducer, version: int, count: int, max_staleness: 
     return sorted(groups, key=lambda g: g.index), dropped, time.perf_counter() - started
 
 
+def log_failures(failures: list[Failure], step: int, path: Path) -> int:
+    """Append the groups that failed (while this step's batch was made) to ``failures.jsonl``; how many."""
+    if failures:
+        with path.open("a") as f:
+            for failure in failures:
+                f.write(json.dumps({"step": step} | vars(failure)) + "\n")
+        logging.getLogger(__name__).warning("%d rollout group(s) failed; the last: %s", len(failures),
+                                            failures[-1].reason.splitlines()[0][:300])
+    return len(failures)
+
+
 def staleness_metrics(groups: list[Group], version: int) -> dict[str, float]:
     """How many versions behind the trainer each sample was: mean, max and a histogram (samples per value)."""
     per_sample = [version - r.policy_version for g in groups for r in g.batch.rollouts]
@@ -304,18 +328,19 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
     traces = TraceWriter(run_dir / TRACE_FILE, run_metadata(json.loads(cfg.model_dump_json())))
     started = time.perf_counter()
     if saved is None:
-        initial, eval_batch = trainer.evaluate(eval_tasks)
+        initial, eval_batch = trainer.evaluate_retrying(eval_tasks)
         traces.write_batch(eval_batch, eval_tasks, 0, "eval")
         log.write({"step": 0, "policy_version": 0} | initial)
         evaluation, first_step = initial, 1
     else:
-        traces.truncate(saved["trace_offset"])  # what the interrupted run wrote after its checkpoint
+        traces.set_aside(saved["trace_offset"])  # what the interrupted run wrote after its checkpoint
         initial, evaluation, first_step = saved["initial_eval"], saved["eval"], saved["step"] + 1
     producer = RolloutProducer(session.runner, sampler.task_of, group_size=cfg.train.group_size,
                                sampling=cfg.sampling, prompts_per_step=per_step, max_staleness=max_staleness,
                                seed=cfg.seed, pushed_version=trainer.version, consumed=(first_step - 1) * per_step,
                                cursor=Cursor(**saved["cursor"]) if saved else None,
-                               seeded=cfg.train.seeded_sampling)
+                               seeded=cfg.train.seeded_sampling, max_failed_groups=cfg.rollout.max_failed_groups)
+    failures_log = run_dir / "failures.jsonl"
     producer.start()
     step = first_step - 1
     finished = False
@@ -329,6 +354,7 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
                 batch.generate_seconds = max(g.finished for g in groups) - min(g.started for g in groups)
                 traces.write_batch(batch, [sampler.task_of(g.index) for g in groups], step, "train")
                 staleness = staleness_metrics(groups, trainer.version)
+                failed = log_failures(producer.take_failures(), step, failures_log)
                 learning_rate = trainer.scheduler.get_last_lr()[0]  # what this step uses
                 result = trainer.step(batch)
                 evaluating = step % cfg.eval.every == 0 or step == cfg.train.steps
@@ -361,6 +387,7 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
                     "queue_depth": queue_depth,
                     "dropped_groups": dropped,
                     "dropped_fraction": dropped / (dropped + per_step),
+                    "failed_groups": failed,
                     "tokens_per_second": batch.num_tokens / max(batch.generate_seconds, 1e-9),
                 } | staleness | result.is_stats | per_env(batch, "reward") | per_env(
                     batch, "completion_length", lambda r: r.num_model_tokens)
@@ -370,7 +397,7 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
                 record["samples_per_second"] = len(rewards) / record["step_seconds"]
                 if evaluating:
                     eval_started = time.perf_counter()
-                    evaluation, eval_batch = trainer.evaluate(eval_tasks)
+                    evaluation, eval_batch = trainer.evaluate_retrying(eval_tasks)
                     traces.write_batch(eval_batch, eval_tasks, step, "eval")
                     record |= evaluation | {"eval_seconds": time.perf_counter() - eval_started}
                 log.write(record)
@@ -388,6 +415,7 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
             finished = True
         finally:
             producer.stop(wait=finished)  # on an error, do not wait for the groups in flight
+            log_failures(producer.take_failures(), step, failures_log)  # those of a step that never came, too
             log.close()
     traces.close()
     save_policy(trainer.policy, session.tokenizer, run_dir / "checkpoint", trainer.mtp)

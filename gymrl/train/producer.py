@@ -6,6 +6,10 @@ from the index alone, so a resumed run draws the same groups. A group may start 
 dropped so far number at most ``(pushed_version + max_staleness + 1) * prompts_per_step``: with
 ``max_staleness=0`` the next step's groups start only once the last step's weights are in the engines,
 which is synchronous GRPO; with k > 0 generation runs up to k steps ahead of the trainer.
+
+A group that fails for the environment's or the engine's sake (a server that stays down, an episode whose
+server restarted, an engine past its restarts, a timeout) is counted with its reason and replaced by a new
+group; ``max_failed_groups`` failures in a row stop the run with the last reason.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from dataclasses import dataclass
 
 from gymrl.config import SamplingConfig
 from gymrl.envs.base import Task
+from gymrl.envs.client import EnvServerError
+from gymrl.rollout.engine import EngineError
 from gymrl.rollout.runner import RolloutBatch, RolloutRunner
 
 
@@ -38,6 +44,21 @@ class Group:
 
 
 @dataclass
+class Failure:
+    """A group that could not be made, and why."""
+
+    index: int
+    env: str
+    task_id: str
+    reason: str
+    time: float
+
+
+class TooManyFailures(RuntimeError):
+    """Groups kept failing in a row: something outside the trainer is broken for good."""
+
+
+@dataclass
 class Cursor:
     """Where the producer's index sequence stands, for checkpoints: every index below ``next`` not listed
     in ``done`` is still to be made (again, on resume)."""
@@ -54,7 +75,8 @@ def group_seed(run_seed: int, index: int) -> int:
 class RolloutProducer:
     def __init__(self, runner: RolloutRunner, task_of: Callable[[int], Task], *, group_size: int,
                  sampling: SamplingConfig, prompts_per_step: int, max_staleness: int, seed: int,
-                 pushed_version: int = 0, consumed: int = 0, cursor: Cursor | None = None, seeded: bool = True):
+                 pushed_version: int = 0, consumed: int = 0, cursor: Cursor | None = None, seeded: bool = True,
+                 max_failed_groups: int = 8):
         self.runner = runner
         self.task_of = task_of
         self.group_size = group_size
@@ -72,6 +94,9 @@ class RolloutProducer:
         self._done = set(cursor.done) if cursor else set()
         self._skip = set(self._done)  # finished before a resume: not made again
         self._stopping = False
+        self.max_failed_groups = max_failed_groups
+        self._failures: list[Failure] = []  # not yet taken by the trainer
+        self._failed_in_a_row = 0
         self._threads = [threading.Thread(target=self._work, name=f"rollout-{i}", daemon=True)
                          for i in range(self.capacity)]
 
@@ -110,6 +135,28 @@ class RolloutProducer:
             self._kept -= 1
             self._cond.notify_all()
 
+    def take_failures(self) -> list[Failure]:
+        """The groups that failed since the last call."""
+        with self._cond:
+            failures, self._failures = self._failures, []
+            return failures
+
+    def _failed(self, index: int, error: Exception) -> None:
+        """A failed group: its slot goes to a new group, unless too many failed in a row."""
+        task = self.task_of(index)
+        failure = Failure(index, task.env, task.id, f"{type(error).__name__}: {error}", time.time())
+        with self._cond:
+            self._done.add(index)
+            self._kept -= 1
+            self._failures.append(failure)
+            self._failed_in_a_row += 1
+            given_up = self._failed_in_a_row >= self.max_failed_groups
+            self._cond.notify_all()
+        if given_up:
+            self.queue.put(TooManyFailures(f"{self.max_failed_groups} rollout groups in a row failed "
+                                           f"(rollout.max_failed_groups); the last: {failure.reason}"))
+            self.stop(wait=False)
+
     def weights_pushed(self, version: int) -> None:
         with self._cond:
             self._pushed = version
@@ -140,10 +187,14 @@ class RolloutProducer:
             try:
                 batch = self.runner.run([self.task_of(index)], self.group_size, self.sampling, version,
                                         seed=group_seed(self.seed, index) if self.seeded else None)
+            except (EnvServerError, EngineError) as error:
+                self._failed(index, error)
+                continue
             except BaseException as error:  # noqa: BLE001 - handed to the trainer, which raises it
                 self.queue.put(error)
                 return
             with self._cond:
                 if self._stopping:
                     return
+                self._failed_in_a_row = 0
             self.queue.put(Group(index, batch, started, time.perf_counter()))
