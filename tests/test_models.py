@@ -128,7 +128,9 @@ def test_spec_fields_belong_to_their_architecture():
     with pytest.raises(ValueError, match="mtp_steps applies to architecture deepseek_v3 only"):
         TinyModelSpec(mtp_steps=10)
     with pytest.raises(ValueError, match="head_dim applies to architecture qwen2 only"):
-        TinyModelSpec(architecture="deepseek_v3", head_dim=64)
+        TinyModelSpec(architecture="deepseek_v3", head_dim=32)
+    for spec in (TinyModelSpec(), deepseek):  # a run's saved config.json holds every field: --resume reads it back
+        assert TinyModelSpec.model_validate_json(spec.model_dump_json()) == spec
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         TinyModelSpec(architecture="deepseek_v3", tie_word_embeddings=True)
 

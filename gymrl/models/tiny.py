@@ -118,7 +118,9 @@ class TinyModelSpec(BaseModel):
     @model_validator(mode="after")
     def _shapes(self) -> "TinyModelSpec":
         for arch, fields in ARCHITECTURE_FIELDS.items():
-            stray = [f for f in fields if f in self.model_fields_set and arch != self.architecture]
+            # A field at its default is no stray: a run's saved config.json (what --resume reads) holds every field.
+            stray = [f for f in fields if f in self.model_fields_set and arch != self.architecture
+                     and getattr(self, f) != type(self).model_fields[f].default]
             if stray:
                 raise ValueError(f"{stray[0]} applies to architecture {arch} only, not {self.architecture}")
         if self.architecture == "deepseek_v3":

@@ -417,7 +417,7 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
             producer.stop(wait=finished)  # on an error, do not wait for the groups in flight
             log_failures(producer.take_failures(), step, failures_log)  # those of a step that never came, too
             log.close()
-    traces.close()
+            traces.close()
     save_policy(trainer.policy, session.tokenizer, run_dir / "checkpoint", trainer.mtp)
     summary = {
         "steps": step,
