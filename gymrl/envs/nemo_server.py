@@ -17,6 +17,7 @@ from nemo_gym.base_resources_server import (
 )
 from pydantic import ConfigDict
 
+from gymrl.utf8 import clean, clean_text
 from rewards.types import RewardResult
 
 
@@ -58,9 +59,9 @@ class TextVerifyServer(SimpleResourcesServer):
 
     async def verify(self, body: RowVerifyRequest) -> TextVerifyResponse:
         row = body.model_extra or {}
-        try:
-            result = self.score(row, response_text(body))
+        try:  # lone surrogates (JSON \udcff escapes) become U+FFFD: the reply must encode as UTF-8
+            result = self.score(row, clean_text(response_text(body)))
         except Exception as err:  # a verifier bug must not take the server down; it scores 0 with the reason
             result = RewardResult(0.0, f"verifier error: {type(err).__name__}: {err}")
-        return TextVerifyResponse(**body.model_dump(), reward=result.reward, reason=result.reason,
+        return TextVerifyResponse(**clean(body.model_dump()), reward=result.reward, reason=clean_text(result.reason),
                                   breakdown=result.breakdown)
