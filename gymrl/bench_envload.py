@@ -1,0 +1,194 @@
+"""``gymrl bench --suite env-load``: how much concurrent /verify traffic one environment server takes.
+
+For each environment, its real NeMo Gym server is started on a loopback port and sent /verify requests
+(the held-out tasks' gold answers and a wrong answer each, as gymrl's client sends them) by ``c`` clients at
+once, c = 1, 2, 4, 8, ... Each level sends ``requests_per_level(c)`` requests and records throughput
+(completed requests per second of wall time), p50 and p99 latency, and the errors (HTTP status other than
+200, transport errors, timeouts, and a reward that differs from the one the same payload got alone).
+
+The knee is the highest concurrency that still raised throughput by more than ``gain`` (10%) over the level
+before it, with no errors and p99 within ``p99_bound_ms``. The ramp stops at the first level that breaks
+(errors, p99 over the bound), after ``plateau`` levels in a row without that gain, or when the request or
+time budget is spent. The load generator is one asyncio loop in this process, on the same machine as the
+server: on a small machine it takes CPU from the server, so the figures are a floor (the load average is
+recorded before and after).
+"""
+
+import asyncio
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from rich.table import Table
+
+from gymrl.envs.client import _request_fields, responses_api_response
+
+DEFAULT_ENVS = ("arithmetic", "math", "code")
+
+
+@dataclass(frozen=True)
+class LoadBudget:
+    max_concurrency: int = 256
+    max_requests: int = 20_000  # over all levels of one environment
+    max_seconds: float = 120.0  # over all levels of one environment
+    level_seconds: float = 10.0  # a level stops early when it has run this long (its figures are still kept)
+    min_requests: int = 40  # per level; at least 4 per client
+    p99_bound_ms: float = 2000.0
+    gain: float = 0.10
+    plateau: int = 2
+    timeout_s: float = 30.0
+
+
+def requests_per_level(concurrency: int, budget: LoadBudget) -> int:
+    return max(budget.min_requests, 4 * concurrency)
+
+
+def _payloads(env, tasks: int = 16) -> list[tuple[bytes, float]]:
+    """(request body, the reward it gets alone) for the gold and a wrong answer of up to ``tasks`` held-out tasks."""
+    out = []
+    for task in env.tasks("eval")[:tasks]:
+        gold = env.gold_response(task)
+        if not isinstance(gold, str):
+            raise ValueError(f"env-load: environment '{env.name}' has tool tasks; only text /verify is load-tested")
+        for text in (gold, "<think>guess</think>\\boxed{-1} <answer>-1</answer>\n```python\npass\n```"):
+            body = _request_fields(task.row) | {"response": responses_api_response(text)}
+            out.append((json.dumps(body).encode(), None))
+    return out
+
+
+async def _level(url: str, payloads: list[tuple[bytes, float | None]], concurrency: int, total: int,
+                 budget: LoadBudget) -> dict:
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    sent = 0
+    started = time.perf_counter()
+    deadline = started + budget.level_seconds
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=budget.timeout_s, limits=limits) as client:
+        async def worker() -> None:
+            nonlocal sent
+            while sent < total and time.perf_counter() < deadline:
+                body, expected = payloads[sent % len(payloads)]
+                sent += 1
+                t = time.perf_counter()
+                try:
+                    reply = await client.post("/verify", content=body, headers={"content-type": "application/json"})
+                    if reply.status_code != 200:
+                        kind = f"HTTP {reply.status_code}"
+                    elif expected is not None and reply.json().get("reward") != expected:
+                        kind = "wrong reward"
+                    else:
+                        kind = None
+                except httpx.TimeoutException:
+                    kind = "timeout"
+                except httpx.TransportError as err:
+                    kind = type(err).__name__
+                latencies.append(1000 * (time.perf_counter() - t))
+                if kind:
+                    errors[kind] = errors.get(kind, 0) + 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - started
+    latencies.sort()
+    n = len(latencies)
+    n_errors = sum(errors.values())
+    return {"concurrency": concurrency, "requests": n, "wall_s": wall, "req_per_s": (n - n_errors) / wall,
+            "p50_ms": latencies[n // 2], "p99_ms": latencies[max(0, -(-n * 99 // 100) - 1)],
+            "max_ms": latencies[-1], "errors": n_errors, "error_kinds": errors, "error_rate": n_errors / n}
+
+
+def find_knee(levels: list[dict], budget: LoadBudget) -> dict | None:
+    """The level at the knee (see the module doc), or None when even concurrency 1 broke."""
+    knee = None
+    for level in levels:
+        if level["errors"] or level["p99_ms"] > budget.p99_bound_ms:
+            break
+        if knee is None or level["req_per_s"] > knee["req_per_s"] * (1 + budget.gain):
+            knee = level
+    return knee
+
+
+def _why_stopped(levels: list[dict], budget: LoadBudget, spent: tuple[int, float]) -> str | None:
+    last = levels[-1]
+    if last["errors"]:
+        return f"errors at concurrency {last['concurrency']}: {last['error_kinds']}"
+    if last["p99_ms"] > budget.p99_bound_ms:
+        return f"p99 {last['p99_ms']:.0f} ms over the {budget.p99_bound_ms:.0f} ms bound at concurrency {last['concurrency']}"
+    best = max(level["req_per_s"] for level in levels[:-budget.plateau]) if len(levels) > budget.plateau else None
+    if best is not None and all(level["req_per_s"] <= best * (1 + budget.gain) for level in levels[-budget.plateau:]):
+        return f"throughput flat (within {budget.gain:.0%}) for {budget.plateau} levels"
+    if spent[0] >= budget.max_requests:
+        return "request budget spent"
+    if spent[1] >= budget.max_seconds:
+        return "time budget spent"
+    return None
+
+
+def load_test(url: str, payloads: list[tuple[bytes, float | None]], budget: LoadBudget) -> dict:
+    """Ramp the concurrency against the server at ``url`` (see the module doc); levels, knee and why it stopped."""
+    levels: list[dict] = []
+    requests, started, stopped = 0, time.perf_counter(), None
+    concurrency = 1
+    while concurrency <= budget.max_concurrency:
+        total = min(requests_per_level(concurrency, budget), budget.max_requests - requests)
+        if total < concurrency:
+            stopped = "request budget spent"
+            break
+        level = asyncio.run(_level(url, payloads, concurrency, total, budget))
+        levels.append(level)
+        requests += level["requests"]
+        stopped = _why_stopped(levels, budget, (requests, time.perf_counter() - started))
+        if stopped:
+            break
+        concurrency *= 2
+    knee = find_knee(levels, budget)
+    return {"levels": levels, "knee": knee, "stopped": stopped or f"reached max concurrency {budget.max_concurrency}",
+            "requests": requests, "seconds": time.perf_counter() - started}
+
+
+def _calibrate(url: str, payloads: list[tuple[bytes, float | None]], timeout_s: float) -> list[tuple[bytes, float]]:
+    """Each payload's reward when it is sent alone (a reply under load must be the same)."""
+    with httpx.Client(base_url=url, timeout=timeout_s) as client:
+        out = []
+        for body, _ in payloads:
+            reply = client.post("/verify", content=body, headers={"content-type": "application/json"})
+            reply.raise_for_status()
+            out.append((body, reply.json()["reward"]))
+    return out
+
+
+def run_envload_bench(out: Path, envs: tuple[str, ...] = DEFAULT_ENVS, budget: LoadBudget = LoadBudget()) -> Table:
+    from gymrl.bench import write_results
+    from gymrl.envs.launcher import EnvServer
+    from gymrl.envs.registry import load_environment
+
+    load_before = os.getloadavg()
+    results: dict = {"budget": budget.__dict__, "load_average_before": load_before, "envs": {}}
+    rows = []
+    for name in envs:
+        env = load_environment(name)
+        with EnvServer(name) as server:
+            payloads = _calibrate(server.url, _payloads(env), budget.timeout_s)
+            result = load_test(server.url, payloads, budget)
+        results["envs"][name] = result
+        knee = result["knee"]
+        for level in result["levels"]:
+            mark = " (knee)" if knee is not None and level["concurrency"] == knee["concurrency"] else ""
+            rows.append((name, f"{level['concurrency']}{mark}", level["requests"], f"{level['req_per_s']:.1f}",
+                         f"{level['p50_ms']:.1f}", f"{level['p99_ms']:.1f}", f"{level['error_rate']:.1%}"))
+    results["load_average_after"] = os.getloadavg()
+    notes = [f"{name}: knee at concurrency {r['knee']['concurrency']}: {r['knee']['req_per_s']:.1f} req/s, "
+             f"p99 {r['knee']['p99_ms']:.1f} ms; stopped: {r['stopped']}" if r["knee"] else
+             f"{name}: no knee (concurrency 1 already broke); stopped: {r['stopped']}"
+             for name, r in results["envs"].items()]
+    notes.append(f"load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; after: "
+                 f"{', '.join(f'{x:.2f}' for x in results['load_average_after'])}; {os.cpu_count()} CPUs, load "
+                 "generator on the same machine")
+    return write_results(out, "env-load", results, rows,
+                         ["env", "concurrency", "requests", "req/s", "p50 ms", "p99 ms", "errors"],
+                         "gymrl bench --suite env-load", notes)
