@@ -91,7 +91,10 @@ def train(
     from gymrl.train.loop import train as run_training
     from gymrl.train.progress import TrainProgress
 
+    from gymrl.resources import check_resources
+
     try:
+        check_resources(cfg)  # CPUs, GPUs, KV-cache memory this machine cannot give: fail before anything starts
         with console.status("starting: environment, model, Ray and vLLM engine(s)..."):
             session = start_session(cfg)
         try:
