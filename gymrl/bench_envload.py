@@ -6,10 +6,10 @@ once, c = 1, 2, 4, 8, ... Each level sends ``requests_per_level(c)`` requests an
 (completed requests per second of wall time), p50 and p99 latency, and the errors (HTTP status other than
 200, transport errors, timeouts, and a reward that differs from the one the same payload got alone).
 
-The knee is the highest concurrency that still raised throughput by more than ``gain`` (10%) over the level
-before it, with no errors and p99 within ``p99_bound_ms``. The ramp stops at the first level that breaks
-(errors, p99 over the bound), after ``plateau`` levels in a row without that gain, or when the request or
-time budget is spent. The load generator is one asyncio loop in this process, on the same machine as the
+The knee is the highest concurrency whose throughput is more than ``gain`` (10%) above that of every lower
+level, counting only levels with no errors and p99 within ``p99_bound_ms``. The ramp goes on until a level
+breaks (errors, or p99 over the bound), ``max_concurrency`` is reached, or the request or time budget is
+spent (``plateau``, when set, also stops it after that many levels in a row without the gain). The load generator is one asyncio loop in this process, on the same machine as the
 server: on a small machine it takes CPU from the server, so the figures are a floor (the load average is
 recorded before and after).
 """
@@ -34,12 +34,12 @@ DEFAULT_ENVS = ("arithmetic", "math", "code")
 class LoadBudget:
     max_concurrency: int = 256
     max_requests: int = 20_000  # over all levels of one environment
-    max_seconds: float = 120.0  # over all levels of one environment
+    max_seconds: float = 90.0  # over all levels of one environment
     level_seconds: float = 10.0  # a level stops early when it has run this long (its figures are still kept)
-    min_requests: int = 40  # per level; at least 4 per client
+    min_requests: int = 200  # per level; at least 4 per client
     p99_bound_ms: float = 2000.0
     gain: float = 0.10
-    plateau: int = 2
+    plateau: int | None = None
     timeout_s: float = 30.0
 
 
@@ -104,12 +104,13 @@ async def _level(url: str, payloads: list[tuple[bytes, float | None]], concurren
 
 def find_knee(levels: list[dict], budget: LoadBudget) -> dict | None:
     """The level at the knee (see the module doc), or None when even concurrency 1 broke."""
-    knee = None
+    knee, best = None, 0.0
     for level in levels:
         if level["errors"] or level["p99_ms"] > budget.p99_bound_ms:
             break
-        if knee is None or level["req_per_s"] > knee["req_per_s"] * (1 + budget.gain):
+        if knee is None or level["req_per_s"] > best * (1 + budget.gain):
             knee = level
+        best = max(best, level["req_per_s"])
     return knee
 
 
@@ -119,7 +120,8 @@ def _why_stopped(levels: list[dict], budget: LoadBudget, spent: tuple[int, float
         return f"errors at concurrency {last['concurrency']}: {last['error_kinds']}"
     if last["p99_ms"] > budget.p99_bound_ms:
         return f"p99 {last['p99_ms']:.0f} ms over the {budget.p99_bound_ms:.0f} ms bound at concurrency {last['concurrency']}"
-    best = max(level["req_per_s"] for level in levels[:-budget.plateau]) if len(levels) > budget.plateau else None
+    flat = budget.plateau is not None and len(levels) > budget.plateau
+    best = max(level["req_per_s"] for level in levels[:-budget.plateau]) if flat else None
     if best is not None and all(level["req_per_s"] <= best * (1 + budget.gain) for level in levels[-budget.plateau:]):
         return f"throughput flat (within {budget.gain:.0%}) for {budget.plateau} levels"
     if spent[0] >= budget.max_requests:

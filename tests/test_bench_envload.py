@@ -12,6 +12,9 @@ def _level(c, rate, p99=10.0, errors=0):
 def test_knee_is_the_last_level_that_still_gained():
     budget = LoadBudget()
     assert find_knee([_level(1, 100), _level(2, 180), _level(4, 190), _level(8, 195)], budget)["concurrency"] == 2
+    # compared with every lower level: 8 is 10% above 4 but not above 2's 200
+    assert find_knee([_level(1, 100), _level(2, 200), _level(4, 150), _level(8, 170)], budget)["concurrency"] == 2
+    assert find_knee([_level(1, 100), _level(2, 105), _level(4, 120)], budget)["concurrency"] == 4
     # p99 over the bound or errors end the ramp: the level before is the knee even while throughput still rose
     assert find_knee([_level(1, 100), _level(2, 180), _level(4, 400, p99=5000)], budget)["concurrency"] == 2
     assert find_knee([_level(1, 100), _level(2, 180, errors=1)], budget)["concurrency"] == 1
