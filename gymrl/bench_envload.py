@@ -2,7 +2,8 @@
 
 For each environment, its real NeMo Gym server is started on a loopback port and sent /verify requests
 (the held-out tasks' gold answers and a wrong answer each, as gymrl's client sends them) by ``c`` clients at
-once, c = 1, 2, 4, 8, ... Each level sends ``requests_per_level(c)`` requests and records throughput
+once, c = 1, 2, 4, 8, ... Each level runs ``level_seconds`` and at least ``min_requests`` requests (both, within
+the request budget; in-flight requests finish) and records throughput
 (completed requests per second of wall time), p50 and p99 latency, and the errors (HTTP status other than
 200, transport errors, timeouts, and a reward that differs from the one the same payload got alone).
 
@@ -36,8 +37,8 @@ class LoadBudget:
     max_concurrency: int = 256
     max_requests: int = 20_000  # over all levels of one environment
     max_seconds: float = 90.0  # over all levels of one environment
-    level_seconds: float = 10.0  # a level stops early when it has run this long (its figures are still kept)
-    min_requests: int = 200  # per level; at least 4 per client
+    level_seconds: float = 5.0  # each level sends requests for this long...
+    min_requests: int = 100  # ...and at least this many (and 4 per client), unless the request budget ends
     p99_bound_ms: float = 2000.0
     gain: float = 0.10
     plateau: int | None = None
@@ -45,6 +46,7 @@ class LoadBudget:
 
 
 def requests_per_level(concurrency: int, budget: LoadBudget) -> int:
+    """The fewest requests a level sends (it goes on until ``level_seconds`` have passed too)."""
     return max(budget.min_requests, 4 * concurrency)
 
 
@@ -105,8 +107,10 @@ class _Connection:
         self.reader = self.writer = None
 
 
-async def _level(url: str, payloads: list[tuple[bytes, float | None]], concurrency: int, total: int,
+async def _level(url: str, payloads: list[tuple[bytes, float | None]], concurrency: int, least: int, total: int,
                  budget: LoadBudget) -> dict:
+    """``concurrency`` clients send requests until ``level_seconds`` have passed and ``least`` were sent, or
+    ``total`` were sent."""
     latencies: list[float] = []
     errors: dict[str, int] = {}
     sent = 0
@@ -118,7 +122,7 @@ async def _level(url: str, payloads: list[tuple[bytes, float | None]], concurren
         nonlocal sent
         conn = _Connection(address.host, address.port)
         try:
-            while sent < total and time.perf_counter() < deadline:
+            while sent < total and (sent < least or time.perf_counter() < deadline):
                 body, expected = payloads[sent % len(payloads)]
                 sent += 1
                 t = time.perf_counter()
@@ -188,11 +192,11 @@ def load_test(url: str, payloads: list[tuple[bytes, float | None]], budget: Load
     requests, started, stopped = 0, time.perf_counter(), None
     concurrency = 1
     while concurrency <= budget.max_concurrency:
-        total = min(requests_per_level(concurrency, budget), budget.max_requests - requests)
+        total = budget.max_requests - requests
         if total < concurrency:
             stopped = "request budget spent"
             break
-        level = asyncio.run(_level(url, payloads, concurrency, total, budget))
+        level = asyncio.run(_level(url, payloads, concurrency, requests_per_level(concurrency, budget), total, budget))
         levels.append(level)
         requests += level["requests"]
         stopped = _why_stopped(levels, budget, (requests, time.perf_counter() - started))

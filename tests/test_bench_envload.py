@@ -22,14 +22,14 @@ def test_knee_is_the_last_level_that_still_gained():
 
 
 def test_env_load_suite_writes_levels_and_a_knee(tmp_path):
-    budget = LoadBudget(max_concurrency=4, min_requests=20, max_seconds=30, level_seconds=5)
+    budget = LoadBudget(max_concurrency=4, min_requests=20, max_seconds=30, level_seconds=1)
     run_envload_bench(tmp_path, ("arithmetic",), budget)
     results = json.loads((tmp_path / "env-load.json").read_text())
     run = results["envs"]["arithmetic"]
     levels = [level["concurrency"] for level in run["levels"]]
     assert levels[0] == 1 and levels == [2**i for i in range(len(levels))] and max(levels) <= 4
     for level in run["levels"]:
-        assert level["requests"] >= level["concurrency"] and level["req_per_s"] > 0
+        assert level["requests"] >= 20 and level["req_per_s"] > 0
         assert level["p50_ms"] <= level["p99_ms"] <= level["max_ms"]
         assert level["errors"] == 0, level["error_kinds"]  # a lightly loaded server answers every call right
     assert run["knee"]["concurrency"] in levels and run["stopped"]
