@@ -3,23 +3,22 @@
 For each environment, its real NeMo Gym server is started on a loopback port and sent /verify requests
 (the held-out tasks' gold answers and a wrong answer each, as gymrl's client sends them) by ``c`` clients at
 once, c = 1, 2, 4, 8, ... Each level runs ``level_seconds`` and at least ``min_requests`` requests (both, within
-the request budget; in-flight requests finish) and records throughput
-(completed requests per second of wall time), p50 and p99 latency, and the errors (HTTP status other than
-200, transport errors, timeouts, and a reward that differs from the one the same payload got alone).
+the request budget; in-flight requests finish) and records throughput (answered requests per second of wall
+time), p50 and p99 latency, and the errors (HTTP status other than 200, transport errors, timeouts, and a
+reward that differs from the one the same payload got alone).
 
 The knee is the highest concurrency whose throughput is more than ``gain`` (10%) above that of every lower
 level, counting only levels with no errors and p99 within ``p99_bound_ms``. The ramp goes on until a level
 breaks (errors, or p99 over the bound), ``max_concurrency`` is reached, or the request or time budget is
-spent (``plateau``, when set, also stops it after that many levels in a row without the gain). The load generator is one asyncio loop in this process, on the same machine as the
-server: on a small machine it takes CPU from the server, so the figures are a floor (the load average is
-recorded before and after).
+spent (``plateau``, when set, also stops it after that many levels in a row without the gain). The load
+generator is one asyncio loop in this process, on the same machine as the server: on a small machine it takes
+CPU from the server, so the figures are a floor (the load average is recorded before and after).
 """
 
 import asyncio
 import contextlib
 import json
 import os
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +49,9 @@ def requests_per_level(concurrency: int, budget: LoadBudget) -> int:
     return max(budget.min_requests, 4 * concurrency)
 
 
-def _payloads(env, tasks: int = 16) -> list[tuple[bytes, float]]:
-    """(request body, the reward it gets alone) for the gold and a wrong answer of up to ``tasks`` held-out tasks."""
+def _payloads(env, tasks: int = 16) -> list[tuple[bytes, float | None]]:
+    """(request body, None) for the gold and a wrong answer of up to ``tasks`` held-out tasks; :func:`_calibrate`
+    fills in the reward each gets alone."""
     out = []
     for task in env.tasks("eval")[:tasks]:
         gold = env.gold_response(task)
@@ -134,13 +134,9 @@ async def _level(url: str, payloads: list[tuple[bytes, float | None]], concurren
                         kind = "wrong reward"
                     else:
                         kind = None
-                except asyncio.TimeoutError:
-                    kind = "timeout"
-                except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as err:
-                    kind = type(err).__name__
-                if kind in ("timeout", "ConnectionError") or (kind and kind not in ("wrong reward",)
-                                                             and not kind.startswith("HTTP")):
-                    await conn.close()  # a fresh connection for the next request
+                except (asyncio.TimeoutError, OSError, ValueError, IndexError, asyncio.IncompleteReadError) as err:
+                    kind = "timeout" if isinstance(err, asyncio.TimeoutError) else type(err).__name__
+                    await conn.close()  # the connection's state is unknown: a fresh one for the next request
                 latencies.append(1000 * (time.perf_counter() - t))
                 if kind:
                     errors[kind] = errors.get(kind, 0) + 1
