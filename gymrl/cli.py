@@ -1,8 +1,9 @@
 """The ``gymrl`` command: train, eval, export, bench, envs, traces."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 import yaml
@@ -93,7 +94,10 @@ def train(
     from gymrl.train.producer import TooManyFailures
     from gymrl.train.progress import TrainProgress
 
+    from gymrl.resources import check_resources
+
     try:
+        check_resources(cfg)  # CPUs, GPUs, KV-cache memory this machine cannot give: fail before anything starts
         with console.status("starting: environment, model, Ray and vLLM engine(s)..."):
             session = start_session(cfg)
     except USER_ERRORS + (EnvServerError, EngineError) as err:
@@ -199,7 +203,135 @@ def eval_(
                   f"{result.run_dir})", highlight=False)
 
 
-SUITES = ("core", "envs", "traces", "spec", "pool", "async", "vs-trl", "rollout", "mtp", "all")
+@dataclass(frozen=True)
+class Suite:
+    """One ``gymrl bench --suite`` entry: what it runs, the errors it reports in one line, the files it writes."""
+
+    run: Callable[["BenchArgs"], Table]  # the suite's figures as a table for the console
+    status: str | Callable[["BenchArgs"], str] | None = None  # shown while it runs
+    outputs: tuple[str, ...] = ()  # files under --out, named when it is done
+    errors: tuple[type[Exception], ...] = USER_ERRORS
+    in_all: bool = True
+
+
+@dataclass
+class BenchArgs:
+    config: Path
+    out: Path
+    repeats: int
+    large_config: Optional[Path]
+    steps: int
+    _cfg: object = None
+
+    @property
+    def cfg(self):
+        """The run config, loaded on first use (suites without one never load it)."""
+        if self._cfg is None:
+            try:
+                self._cfg = load_config(self.config)
+            except USER_ERRORS as err:
+                _fail(err)
+        return self._cfg
+
+
+def _with_session(args: BenchArgs, measure: Callable) -> Table:
+    """``measure(session)`` on a session started from the config, closed afterwards."""
+    from gymrl.session import start_session
+
+    with console.status("starting: environment, model, Ray and vLLM engine(s)..."):
+        session = start_session(args.cfg)
+    try:
+        return measure(session)
+    finally:
+        session.close()
+
+
+def _bench_traces(a: BenchArgs) -> Table:
+    from gymrl.bench import run_trace_bench
+
+    return run_trace_bench(a.out)
+
+
+def _bench_envs(a: BenchArgs) -> Table:
+    from gymrl.bench import run_env_bench
+
+    return run_env_bench(a.out)
+
+
+def _bench_env_load(a: BenchArgs) -> Table:
+    from gymrl.bench_envload import run_envload_bench
+
+    return run_envload_bench(a.out)
+
+
+def _bench_spec(a: BenchArgs) -> Table:
+    from gymrl.bench import run_spec_bench
+
+    return run_spec_bench(a.cfg, a.out, a.repeats)
+
+
+def _bench_mtp(a: BenchArgs) -> Table:
+    from gymrl.bench import run_mtp_bench
+
+    return run_mtp_bench(a.cfg, a.out, a.cfg.train.steps)
+
+
+def _bench_async(a: BenchArgs) -> Table:
+    from gymrl.bench import run_async_bench
+
+    return run_async_bench(a.cfg, a.out)
+
+
+def _vs_trl_configs(a: BenchArgs) -> list:
+    return [a.cfg] + ([load_config(a.large_config)] if a.large_config and str(a.large_config) else [])
+
+
+def _bench_vs_trl(a: BenchArgs) -> Table:
+    from gymrl.bench_vs_trl import run_vs_trl_bench
+
+    return run_vs_trl_bench(_vs_trl_configs(a), a.out, a.steps)
+
+
+def _bench_rollout(a: BenchArgs) -> Table:
+    from gymrl.bench_rollout import run_rollout_bench
+
+    p = a.cfg.train.prompts_per_step
+    return _with_session(a, lambda session: run_rollout_bench(session, a.out, (p, 4 * p), a.repeats))
+
+
+def _bench_pool(a: BenchArgs) -> Table:
+    from gymrl.bench import run_pool_bench
+
+    return run_pool_bench(a.cfg, a.out, a.repeats)
+
+
+def _bench_core(a: BenchArgs) -> Table:
+    from gymrl.bench import run_bench
+
+    return _with_session(a, lambda session: run_bench(session, a.out, a.repeats))
+
+
+# In the order `--suite all` runs them.
+BENCH_SUITES: dict[str, Suite] = {
+    "traces": Suite(_bench_traces, "writing 100,000 synthetic rollouts..."),
+    "envs": Suite(_bench_envs, errors=(EnvServerError,)),
+    "env-load": Suite(_bench_env_load, "concurrent /verify calls on each environment server, concurrency 1, 2, 4, ...",
+                      ("env-load.json", "env-load.md"), USER_ERRORS + (EnvServerError,), in_all=False),
+    "spec": Suite(_bench_spec, "decoding with and without speculative decoding, one engine at a time...",
+                  ("spec.json", "spec.md"), USER_ERRORS + (RuntimeError,)),
+    "mtp": Suite(_bench_mtp, "GRPO with the MTP layer frozen, then trained, from the same weights...",
+                 ("mtp.json", "mtp.md", "mtp_acceptance.png"), USER_ERRORS + (EnvServerError,), in_all=False),
+    "async": Suite(_bench_async, "GRPO sync then async from the same weights...", ("async.json", "async.md"),
+                   USER_ERRORS + (EnvServerError,)),
+    "vs-trl": Suite(_bench_vs_trl, lambda a: f"gymrl sync, async and TRL, {a.steps} steps each, at "
+                                             f"{len(_vs_trl_configs(a))} model size(s)...",
+                    ("vs-trl.json", "vs-trl.md", "vs-trl.png"), USER_ERRORS + (EnvServerError, RuntimeError)),
+    "rollout": Suite(_bench_rollout, None, ("rollout.json", "rollout.md"), USER_ERRORS + (EnvServerError,)),
+    "pool": Suite(_bench_pool, "two engines: alone, as a pool, and weight updates in flight...",
+                  ("pool.json", "pool.md")),
+    "core": Suite(_bench_core, None, ("results.json", "results.md"), USER_ERRORS + (EnvServerError,)),
+}
+SUITES = (*BENCH_SUITES, "all")
 
 
 @app.command()
@@ -213,124 +345,37 @@ def bench(
                                           "engines alone, in-flight weight updates), async (async vs sync GRPO: "
                                           "step time, overlap, held-out reward), vs-trl (gymrl sync and async vs "
                                           "TRL's GRPOTrainer at two model sizes), rollout (raw vLLM vs gymrl rollout "
-                                          "tokens/s at two batch sizes, and where the time goes), all, or mtp "
-                                          "(speculative acceptance over a GRPO run with the MTP layer frozen vs "
-                                          "trained; needs a config with MTP, e.g. configs/mtp_rl_cpu.yaml; not in all)."),
+                                          "tokens/s at two batch sizes, and where the time goes), all, or, not in "
+                                          "all: mtp (speculative acceptance over a GRPO run with the MTP layer frozen "
+                                          "vs trained; needs a config with MTP, e.g. configs/mtp_rl_cpu.yaml) and "
+                                          "env-load (concurrent /verify calls on each environment server at rising "
+                                          "concurrency: req/s, p50/p99, errors, the knee)."),
     large_config: Optional[Path] = typer.Option(Path("configs/bench_small.yaml"), help="vs-trl: the second, larger "
                                                 "model's config (CONFIG is the first); empty for CONFIG only."),
     steps: int = typer.Option(10, help="vs-trl: training steps per run (step 1 is a warm-up, left out)."),
 ) -> None:
     """Benchmarks: raw vLLM vs harness rollout tokens/s, weight push, trainer step; speculative decoding;
-    reward, env-server and trace-store speed."""
+    reward, env-server and trace-store speed; env-server load."""
     if suite not in SUITES:
         _fail(ValueError(f"--suite must be {', '.join(SUITES[:-1])} or all, got '{suite}'"))
     if steps < 2:
         _fail(ValueError(f"--steps must be at least 2 (step 1 is a warm-up), got {steps}"))
-    if suite in ("traces", "all"):
-        from gymrl.bench import run_trace_bench
-
-        with console.status("writing 100,000 synthetic rollouts..."):
-            Console().print(run_trace_bench(out))
-        if suite == "traces":
-            return
-    if suite in ("envs", "all"):
-        from gymrl.bench import run_env_bench
-
+    args = BenchArgs(config, out, repeats, large_config, steps)
+    for name, entry in BENCH_SUITES.items():
+        if suite != name and not (suite == "all" and entry.in_all):
+            continue
         try:
-            Console().print(run_env_bench(out))
-        except EnvServerError as err:
+            status = entry.status(args) if callable(entry.status) else entry.status
+            if status:
+                with console.status(status):
+                    table = entry.run(args)
+            else:
+                table = entry.run(args)
+        except entry.errors as err:
             _fail(err)
-        if suite == "envs":
-            return
-    try:
-        cfg = load_config(config)
-    except USER_ERRORS as err:
-        _fail(err)
-    if suite in ("spec", "all"):
-        from gymrl.bench import run_spec_bench
-
-        try:
-            with console.status("decoding with and without speculative decoding, one engine at a time..."):
-                Console().print(run_spec_bench(cfg, out, repeats))
-        except USER_ERRORS + (RuntimeError,) as err:
-            _fail(err)
-        console.print(f"results: {out / 'spec.json'}, {out / 'spec.md'}")
-        if suite == "spec":
-            return
-    if suite == "mtp":
-        from gymrl.bench import run_mtp_bench
-
-        try:
-            with console.status("GRPO with the MTP layer frozen, then trained, from the same weights..."):
-                Console().print(run_mtp_bench(cfg, out, cfg.train.steps))
-        except USER_ERRORS + (EnvServerError,) as err:
-            _fail(err)
-        console.print(f"results: {out / 'mtp.json'}, {out / 'mtp.md'}, {out / 'mtp_acceptance.png'}")
-        return
-    if suite in ("async", "all"):
-        from gymrl.bench import run_async_bench
-
-        try:
-            with console.status("GRPO sync then async from the same weights..."):
-                Console().print(run_async_bench(cfg, out))
-        except USER_ERRORS + (EnvServerError,) as err:
-            _fail(err)
-        console.print(f"results: {out / 'async.json'}, {out / 'async.md'}")
-        if suite == "async":
-            return
-    if suite in ("vs-trl", "all"):
-        from gymrl.bench_vs_trl import run_vs_trl_bench
-
-        try:
-            configs = [cfg] + ([load_config(large_config)] if large_config and str(large_config) else [])
-            with console.status(f"gymrl sync, async and TRL, {steps} steps each, at {len(configs)} model size(s)..."):
-                Console().print(run_vs_trl_bench(configs, out, steps))
-        except USER_ERRORS + (EnvServerError, RuntimeError) as err:
-            _fail(err)
-        console.print(f"results: {out / 'vs-trl.json'}, {out / 'vs-trl.md'}, {out / 'vs-trl.png'}")
-        if suite == "vs-trl":
-            return
-    if suite in ("rollout", "all"):
-        from gymrl.bench_rollout import run_rollout_bench
-        from gymrl.session import start_session
-
-        try:
-            with console.status("starting: environment, model, Ray and vLLM engine(s)..."):
-                session = start_session(cfg)
-        except USER_ERRORS + (EnvServerError,) as err:
-            _fail(err)
-        try:
-            p = cfg.train.prompts_per_step
-            Console().print(run_rollout_bench(session, out, (p, 4 * p), repeats))
-        finally:
-            session.close()
-        console.print(f"results: {out / 'rollout.json'}, {out / 'rollout.md'}")
-        if suite == "rollout":
-            return
-    if suite in ("pool", "all"):
-        from gymrl.bench import run_pool_bench
-
-        try:
-            with console.status("two engines: alone, as a pool, and weight updates in flight..."):
-                Console().print(run_pool_bench(cfg, out, repeats))
-        except USER_ERRORS as err:
-            _fail(err)
-        console.print(f"results: {out / 'pool.json'}, {out / 'pool.md'}")
-        if suite == "pool":
-            return
-    from gymrl.bench import run_bench
-    from gymrl.session import start_session
-
-    try:
-        with console.status("starting: environment, model, Ray and vLLM engine(s)..."):
-            session = start_session(cfg)
-    except USER_ERRORS + (EnvServerError,) as err:
-        _fail(err)
-    try:
-        Console().print(run_bench(session, out, repeats))
-    finally:
-        session.close()
-    console.print(f"results: {out / 'results.json'}, {out / 'results.md'}")
+        Console().print(table)
+        if entry.outputs:
+            console.print(f"results: {', '.join(str(out / f) for f in entry.outputs)}")
 
 
 @envs_app.command("list")

@@ -25,6 +25,7 @@ from gymrl.envs.launcher import REPO_ROOT
 from gymrl.envs.registry import load_environment
 from gymrl.models.checkpoint import CheckpointInfo, inspect_checkpoint
 from gymrl.models.tiny import is_complete, model_dir_name
+from gymrl.resources import memory_problem
 
 Rows = list[tuple[str, str]]
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -168,6 +169,8 @@ def _engines(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, plan
                                  "the engines would wait forever")
     else:
         plan.sections["ray"] = [("cluster", f"{cfg.ray_address} (not contacted)")]
+    if cfg.ray_address is None and (problem := memory_problem(cfg)):
+        plan.warnings.append(problem)
 
     res = actor_resources(eng)
     plan.gpus_needed = int(eng.num_engines * res["num_gpus"])

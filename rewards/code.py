@@ -1,35 +1,39 @@
 """Reward for Python solutions, checked by assert-style tests run in the sandbox (``rewards.sandbox``).
 
 The solution is the last fenced ```python (or ```py) block after the thinking part; a response whose
-``<think>`` is never closed has no answer part. One sandboxed program defines the solution, then runs
-each test in its own try/except and reports it on a line tagged with a random nonce. The nonce, the
-tests and the solution reach that program on stdin, so none of them is in a file, argument or
-environment variable. A test counts only when its nonce-tagged "pass" line appears; a missing
-nonce-tagged "done" line means the run was cut short (exit, crash, limit), and the tests not reported
-count as failed. The result's breakdown gives ``tests_passed`` and ``tests_total``.
+``<think>`` is never closed has no answer part. The sandboxed program runs in two processes. The solution
+runs in a child forked before anything secret is read, with no stdin, its stdout sent to stderr, and only a
+request and a reply pipe to the parent. The parent, which never runs model code, reads the tests and a
+random nonce on stdin, makes itself non-dumpable (the child cannot open its ``/proc`` memory or file
+descriptors, nor ptrace it) and runs each test in its own try/except. A call a test makes to a name the
+solution defined goes to the child as ``repr()`` text of plain values and comes back as the ``repr()`` of
+the result; both sides read it with ``ast.literal_eval``, so only plain values cross (numbers, strings,
+bytes, None, booleans, and lists, tuples, sets, dicts of them; generators, ranges and dict views come back
+as lists, frozensets as sets). The parent reports each test on a line tagged with the nonce; a test counts
+only when its nonce-tagged "pass" line appears; a missing nonce-tagged "done" line means the run was cut
+short (a limit, the parent killed), and the tests not reported count as failed. The result's breakdown
+gives ``tests_passed`` and ``tests_total``.
 
-Defended (each has a test in tests/test_code_reward.py):
+So the verdict is the parent's alone, and the solution can only answer calls. Defended (each has a test in
+tests/test_code_reward.py or tests/test_hostile_inputs.py):
 
-- printing fake "PASS" lines: they lack the nonce;
-- ``sys.exit(0)`` anywhere: SystemExit is caught like any exception (at the top level it ends only the
-  solution's own code, and the tests still run; in a test, it fails the test);
-  ``os._exit(0)`` or a crash: the tests not yet reported count as failed and the done line is missing;
-- redefining ``AssertionError``: ``assert`` raises the real one, and a test passes only when it raises
-  nothing at all;
-- patching ``builtins``, ``__builtins__``, ``os`` or ``sys``: the runner binds what it needs before the
-  solution runs, and each test runs in a fresh namespace holding the solution's names plus a copy of
-  the builtins taken before the solution ran (names that shadow a builtin are dropped, except
-  ``entry_point``);
-- values that compare equal to anything (``__eq__`` returning True): ``assert a == b`` in the tests is
-  rewritten to a check that first compares each side with a fresh object, which nothing legitimate equals;
-- tracers installed by the solution are removed before each test; a ``__main__`` block does not run;
-  a solution that redirects or closes stdout still has its tests reported (on a copy of stdout).
+- printing fake "PASS" lines, or writing to any descriptor: the child has no descriptor of the report and
+  does not know the nonce;
+- digging the nonce, the tests or the reporting function out of frames or memory (``sys._getframe``,
+  ``gc``, ``/proc/<parent>/mem``): they live only in the parent;
+- ``sys.exit(0)`` or ``os._exit(0)`` anywhere, a crash, a limit hit by the solution: its process ends, the
+  tests that still call it fail, and the parent reports every test and "done";
+- redefining ``AssertionError``, patching ``builtins``, ``os``, ``sys``, modules the tests import, or
+  installing tracers: all of that happens in the child; the tests' ``assert`` runs in the parent;
+- values that compare equal to anything (``__eq__`` returning True) or are merely truthy: a result crosses
+  as its ``repr()`` read as a plain value, so it is that value (an ``int`` subclass is its int) or the call
+  raises TypeError; ``assert a == b`` is rewritten to name both sides when they differ;
+- a ``__main__`` block does not run; input() reads an empty stdin.
 
-Not defended, because the solution and the tests share one interpreter: code that digs the nonce or
-the tests out of the runner's frames or memory (``sys._getframe(1).f_locals``, ``gc``) and forges lines
-or hard-codes answers; a tracer the solution installs while a test runs; patches to modules the tests
-import (``math.isclose = ...``); an ``__eq__`` that recognises the probe; objects that are merely truthy
-in a bare ``assert f(x)``. Closing these needs the tests to check results in another process.
+Limits of the design: tests may pass the solution plain values only and get plain values back (a test that
+passes a lambda, checks an object's methods or expects a list to be changed in place fails); the solution
+can still read the runner's own source (nothing secret) and use the CPU, memory and time the sandbox
+allows. Not defended: kernel exploits and the other gaps listed in ``rewards.sandbox``.
 """
 
 import ast
@@ -98,7 +102,7 @@ def score_code(response: str, tests: list[str] | str, *, entry_point: str | None
 
 
 class _GuardEquality(ast.NodeTransformer):
-    """``assert a == b`` becomes ``assert _gymrl_eq(a, b)`` (see ``eq`` in the runner)."""
+    """``assert a == b`` becomes ``assert _gymrl_eq(a, b)``, which names both sides when they differ."""
 
     def visit_Assert(self, node: ast.Assert) -> ast.Assert:
         test = node.test
@@ -131,78 +135,209 @@ def _prepare_tests(tests: list[str] | str, entry_point: str | None) -> tuple[lis
     return shown, prepared
 
 
-# The program run in the sandbox. Its stdin is the nonce line, then the tests, the solution and the entry
-# point as JSON, so none of them is in the program file. Everything the runner uses is bound to locals
-# before the solution runs, so later patches to builtins, os or sys cannot reach it. Its lines:
-# ``<nonce>:<test index>:pass|fail:<detail>``, ``<nonce>:setup:error:<detail>``, ``<nonce>:done::``.
-_RUNNER = r'''
-import builtins, json, os, sys
+# The program run in the sandbox, in two processes. Its stdin is the nonce line, then the tests, the solution and
+# the entry point as JSON, so none of them is in the program file. Before reading it the program forks the
+# solution's process (the child), which closes stdin, sends its stdout to stderr and keeps only two pipes to the
+# parent; the parent then makes itself non-dumpable, so the child cannot read its memory or descriptors through
+# /proc or ptrace. The parent alone knows the nonce and the tests and writes the report; it never runs model
+# code: the child executes the solution, and each call a test makes to a name the solution defined is sent to
+# the child as repr() text and answered with the repr() of the result, both read back with ast.literal_eval.
+# Its lines: ``<nonce>:<test index>:pass|fail:<detail>``, ``<nonce>:setup:error:<detail>``, ``<nonce>:done::``.
+_RUNNER = r"""
+import ast, builtins, ctypes, json, os, signal, sys, types
 
-def _run():
-    read, write, dup, exit_, settrace, setprofile = os.read, os.write, os.dup, os._exit, sys.settrace, sys.setprofile
-    compile_, exec_, dict_, str_, type_ = compile, exec, dict, str, type
-    ascii_, bool_, enumerate_ = ascii, bool, enumerate
-    Exception_, BaseException_, AssertionError_ = Exception, BaseException, AssertionError
+MAX_REPLY = 1 << 20  # bytes of one reply from the solution's process
+
+
+def describe(exc):
+    try:
+        return ascii(type(exc).__name__ + ": " + str(exc))[1:-1][:300]
+    except BaseException:
+        return "an exception that cannot be shown"
+
+
+def short(value):
+    try:
+        return ascii(value)[:100]
+    except BaseException:
+        return "<unprintable>"
+
+
+def child(requests, replies):
+    # The solution's process. It never sees the nonce or the tests: they are read after the fork.
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)  # its prints count against the output limit, and can never reach the report
+    for fd in range(3, 1024):
+        if fd not in (requests, replies):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    reader, writer = os.fdopen(requests, "r", encoding="utf-8"), os.fdopen(replies, "w", encoding="utf-8")
+    literal, dumps, loads = ast.literal_eval, json.dumps, json.loads
+    lazy = (types.GeneratorType, map, filter, zip, range, reversed, enumerate, type({}.keys()), type({}.values()),
+            type({}.items()))
+
+    def plain(value):  # iterators become lists, frozensets sets: what a test compares them with
+        if isinstance(value, lazy):
+            return list(value)
+        if isinstance(value, frozenset):
+            return set(value)
+        return value
+
+    def reply(message):
+        writer.write(dumps(message) + "\n")
+        writer.flush()
+
+    names = {"__name__": "solution"}
+    for line in reader:
+        message = loads(line)
+        if message["op"] == "load":
+            error = None
+            try:
+                exec(compile(message["code"], "<solution>", "exec"), names)
+            except BaseException as exc:
+                error = describe(exc)
+            values = {}
+            for key, value in list(names.items()):
+                if not key.startswith("__") and not callable(value) and not isinstance(value, types.ModuleType):
+                    values[key] = repr(value)[:10000]
+            reply({"error": error, "callables": [k for k, v in names.items() if callable(v) and not k.startswith("__")],
+                   "values": values})
+        else:
+            try:
+                result = names[message["name"]](*literal(message["args"]), **literal(message["kwargs"]))
+                reply({"value": repr(plain(result))})
+            except BaseException as exc:
+                reply({"raised": type(exc).__name__, "error": describe(exc).partition(": ")[2]})
+
+
+def main():
+    requests_r, requests_w = os.pipe()
+    replies_r, replies_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(requests_w)
+        os.close(replies_r)
+        try:
+            child(requests_r, replies_w)
+        finally:
+            os._exit(0)
+    os.close(requests_r)
+    os.close(replies_w)
+    if ctypes.CDLL(None).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE 0: no /proc/<pid>/mem, fd or ptrace for the child
+        raise SystemExit("prctl(PR_SET_DUMPABLE) failed")
     chunks = []
-    while chunk := read(0, 1 << 16):
+    while chunk := os.read(0, 1 << 16):
         chunks.append(chunk)
     nonce, payload = b"".join(chunks).decode().split("\n", 1)
     payload = json.loads(payload)
     tests, solution, entry_point = payload["tests"], payload["solution"], payload["entry_point"]
-    del chunks, payload
-    out = dup(1)  # reports go here even if the solution redirects or closes stdout
-    pristine = dict_(builtins.__dict__)
+    pristine = dict(builtins.__dict__)
+    buffer = [b""]
 
     def say(key, status="", detail=""):
-        write(out, (nonce + ":" + key + ":" + status + ":" + detail[:300] + "\n").encode("utf-8", "replace"))
+        os.write(1, (nonce + ":" + key + ":" + status + ":" + detail[:300] + "\n").encode("utf-8", "replace"))
 
-    def describe(exc):
+    class SolutionProcessError(Exception):
+        pass
+
+    ended = []
+
+    def gone():  # how the solution's process ended, once it has
+        if not ended:
+            _, status = os.waitpid(pid, 0)
+            if os.WIFSIGNALED(status):
+                sig = os.WTERMSIG(status)
+                how = {signal.SIGXCPU: "cpu limit", signal.SIGXFSZ: "file size limit"}.get(sig, "killed by " + signal.Signals(sig).name)
+            else:
+                how = "exit code %d" % os.WEXITSTATUS(status)
+            ended.append(SolutionProcessError("the solution's process ended (" + how + ")"))
+        return ended[0]
+
+    def ask(message):
+        if ended:
+            raise ended[0]
         try:
-            return ascii_(type_(exc).__name__ + ": " + str_(exc))[1:-1][:300]
-        except BaseException_:
-            return "an exception that cannot be shown"
-
-    def short(value):
+            os.write(requests_w, (json.dumps(message) + "\n").encode())
+        except OSError:
+            raise gone() from None
+        while b"\n" not in buffer[0]:
+            chunk = os.read(replies_r, 1 << 16)
+            if not chunk:
+                raise gone()
+            buffer[0] += chunk
+            if len(buffer[0]) > MAX_REPLY:
+                raise SolutionProcessError("the solution's process sent a reply over %d bytes" % MAX_REPLY)
+        line, _, buffer[0] = buffer[0].partition(b"\n")
         try:
-            return ascii_(value)[:100]
-        except BaseException_:
-            return "<unprintable>"
+            reply = json.loads(line)
+            assert isinstance(reply, dict)
+            return reply
+        except Exception:
+            raise SolutionProcessError("the solution's process sent a garbled reply") from None
 
-    probe = type_("Probe", (), {})()
+    def returned(name, text):
+        try:
+            return ast.literal_eval(text)
+        except Exception:
+            raise TypeError(name + " returned " + short(text)[:80] + ", not a plain value (numbers, strings, "
+                            "bytes, None, True/False and lists, tuples, sets, dicts of them)") from None
 
-    def eq(a, b):  # ``assert a == b``, refusing values that equal a fresh object
-        for value in (a, b):
+    def proxy(name):
+        def call(*args, **kwargs):
             try:
-                fake = bool_(value == probe)
-            except Exception_:
-                fake = False
-            if fake:
-                raise AssertionError_(short(value) + " compares equal to anything")
+                text_args, text_kwargs = repr(args), repr(kwargs)
+                ast.literal_eval(text_args), ast.literal_eval(text_kwargs)
+            except Exception:
+                raise TypeError("only plain values can be passed to " + name) from None
+            reply = ask({"op": "call", "name": name, "args": text_args, "kwargs": text_kwargs})
+            if "value" in reply:
+                return returned(name, str(reply["value"]))
+            raised, error = str(reply.get("raised"))[:100], str(reply.get("error"))[:300]
+            kind = getattr(builtins, raised, None)
+            if not (isinstance(kind, type) and issubclass(kind, Exception) and kind is not AssertionError):
+                kind, error = RuntimeError, raised + ": " + error  # SystemExit, the solution's own classes, ...
+            raise kind(error)
+        call.__name__ = name
+        return call
+
+    defined = {}
+    try:
+        loaded = ask({"op": "load", "code": solution})
+        if loaded.get("error"):
+            say("setup", "error", str(loaded["error"]))
+        for name in loaded.get("callables", []):
+            defined[str(name)] = proxy(str(name))
+        for name, text in dict(loaded.get("values", {})).items():
+            try:
+                defined[str(name)] = ast.literal_eval(str(text))
+            except Exception:
+                pass
+    except SolutionProcessError as exc:
+        say("setup", "error", describe(exc))
+    if entry_point and entry_point not in defined:
+        say("setup", "error", "NameError: entry point " + entry_point + " is not defined")
+
+    def eq(a, b):  # ``assert a == b``, with both sides in the message
         if not a == b:
-            raise AssertionError_(short(a) + " != " + short(b))
+            raise AssertionError(short(a) + " != " + short(b))
         return True
 
-    compiled = [compile_(test, "<test %d>" % (i + 1), "exec") for i, test in enumerate(tests)]
-    names = {"__name__": "solution", "__builtins__": dict_(pristine)}
-    try:
-        exec_(compile_(solution, "<solution>", "exec"), names)
-    except BaseException_ as exc:
-        say("setup", "error", describe(exc))
-    if entry_point and entry_point not in names:
-        say("setup", "error", "NameError: entry point " + entry_point + " is not defined")
-    for i, test in enumerate_(compiled):
-        settrace(None)
-        setprofile(None)
-        scope = {k: v for k, v in names.items() if k not in pristine or k == entry_point}
-        scope.update(__name__="test", __builtins__=dict_(pristine), _gymrl_eq=eq)
+    for i, test in enumerate(tests):
+        scope = {k: v for k, v in defined.items() if k not in pristine or k == entry_point}
+        scope.update(__name__="test", __builtins__=dict(pristine), _gymrl_eq=eq)
         try:
-            exec_(test, scope)
-        except BaseException_ as exc:
-            say(str_(i), "fail", describe(exc))
+            exec(compile(test, "<test %d>" % (i + 1), "exec"), scope)
+        except BaseException as exc:
+            say(str(i), "fail", describe(exc))
         else:
-            say(str_(i), "pass")
+            say(str(i), "pass")
     say("done")
-    exit_(0)
+    os.kill(pid, signal.SIGKILL)
+    os._exit(0)
 
-_run()
-'''
+
+main()
+"""

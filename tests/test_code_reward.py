@@ -89,7 +89,7 @@ def test_giant_output_after_passing_tests_keeps_what_passed():
 
 def test_infinite_loop_times_out():
     r = score("def add_one(x):\n    while True:\n        pass", limits=SandboxLimits(wall_seconds=5, cpu_seconds=1))
-    assert r.reward == 0.0 and "run cut short before test 1 reported" in r.reason
+    assert r.reward == 0.0 and "test 1 failed" in r.reason  # the solution's process hit its limit; the tests fail
     assert "cpu limit" in r.reason or "wall timeout" in r.reason
 
 
@@ -107,9 +107,9 @@ def test_early_sys_exit_does_not_pass_tests():
 
 def test_os_exit_does_not_pass_tests():
     r = score("import os\nos._exit(0)")
-    assert r.reward == 0.0 and "run cut short before test 1 reported (exit code 0)" in r.reason
+    assert r.reward == 0.0 and "the solution's process ended (exit code 0)" in r.reason
     r = score("import os\ndef add_one(x):\n    os._exit(0)", mode="all")
-    assert r.reward == 0.0 and "run cut short" in r.reason
+    assert r.reward == 0.0 and "test 1 failed" in r.reason and "process ended (exit code 0)" in r.reason
 
 
 def test_fake_pass_lines_do_not_count():
@@ -124,7 +124,7 @@ import os
 os._exit(0)
 """
     r = score(fake)
-    assert r.reward == 0.0 and "run cut short" in r.reason
+    assert r.reward == 0.0 and "the solution's process ended (exit code 0)" in r.reason
 
 
 def test_redefining_assertion_error_or_patching_builtins_does_not_help():
@@ -143,6 +143,9 @@ sys.settrace(lambda *a: None)
 def add_one(x):
     return 7
 """)
+    # The patches break only the solution's own process (here its literal_eval, whose compile() is gone).
+    assert r.reward == 0.0 and r.reason.startswith("0/3 tests passed; test 1 failed")
+    r = score("import builtins\nbuiltins.AssertionError = Exception\ndef add_one(x):\n    return 7")
     assert r.reward == 0.0 and r.reason.startswith("0/3 tests passed; test 1 failed") and "7 != 2" in r.reason
 
 
@@ -158,7 +161,7 @@ def add_one(x):
 """
     for test in ["assert len(add_one(1)) == 3", "assert sorted(add_one(2)) == [1, 2, 3]"]:
         r = score(code, [test])
-        assert r.reward == 0.0 and "TypeError" in r.reason, (test, r)
+        assert r.reward == 0.0, (test, r)  # (the patched len() breaks the solution's own process)
     assert score(code, ["assert abs(-5) == 5"]).reward == 1.0  # the test's abs() is the real one
 
 
@@ -171,7 +174,8 @@ class Anything(int):
 def add_one(x):
     return Anything(0)
 """)
-    assert r.reward == 0.0 and "compares equal to anything" in r.reason
+    # Its result crosses as its repr(): the int 0, right only for add_one(-1).
+    assert r.reward == pytest.approx(1 / 3) and "0 != 2" in r.reason
 
 
 def test_main_block_does_not_run_and_input_is_empty():

@@ -5,5 +5,6 @@ from rewards.code import score_code
 
 
 class CodeServer(TextVerifyServer):
+    score_in_thread = True  # a sandboxed run mostly waits on its processes: let other requests in meanwhile
     def score(self, row, text):
         return score_code(text, row["tests"], entry_point=row.get("entry_point"), mode=row.get("mode", "fraction"))

@@ -22,7 +22,7 @@ def _rows(size: int, difficulty: str, n_train: int, n_eval: int, seed: int) -> d
 @dataclass(frozen=True)
 class Tasks:
     size: int = 4
-    difficulty: str = "easy"
+    difficulty: str | int = "easy"  # easy, medium, hard or a number of blank cells
     n_train: int = 400
     n_eval: int = 40
     seed: int = 0

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from environments.tool_use.tools import calculate
 from gymrl.envs.nemo_server import RowVerifyRequest, TextVerifyResponse, final_message_text
+from gymrl.utf8 import clean, clean_text
 from rewards.arithmetic import score_arithmetic
 from rewards.tool_use import score_kv_copy
 from rewards.types import RewardResult
@@ -70,9 +71,9 @@ class ToolUseServer(SimpleResourcesServer):
         if text is None:
             result = RewardResult(0.0, "the episode ended without a final answer (a tool call was last)")
         elif row.get("kind") == "calc":
-            result = score_arithmetic(text, int(row["expected"]))
+            result = score_arithmetic(clean_text(text), int(row["expected"]))
         elif final_store is None:
             result = RewardResult(0.0, "no seeded session for this episode")
         else:
             result = score_kv_copy(row["initial_store"], final_store, row["source"], row["target"])
-        return TextVerifyResponse(**body.model_dump(), reward=result.reward, reason=result.reason)
+        return TextVerifyResponse(**clean(body.model_dump()), reward=result.reward, reason=clean_text(result.reason))

@@ -20,7 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gymrl.envs.client import Cookies, EnvClient, EnvServerError, EpisodeLost
+from gymrl.utf8 import clean
 from rewards.types import RewardResult
+
+MAX_TOOL_ARGUMENT_CHARS = 64 * 1024  # a tool call's JSON arguments; a longer call is refused, never sent
+MAX_TOOL_OUTPUT_CHARS = 64 * 1024  # a tool's reply as the model reads it; the rest is cut off, with a note
 
 Split = Literal["train", "eval"]
 
@@ -101,7 +105,7 @@ class Environment:
 
     def verify(self, task: Task, output: str | list[dict[str, Any]], cookies: Cookies | None = None) -> RewardResult:
         """Score a response text, or an episode's Responses-API output items (with its session cookies)."""
-        reply = self.client.verify(task.row, output, cookies)
+        reply = self.client.verify(task.row, clean(output), cookies)  # lone surrogates cannot go out as UTF-8
         if not isinstance(reply, dict) or isinstance(reply.get("reward"), bool) or \
                 not isinstance(reply.get("reward"), (int, float)) or not math.isfinite(reply["reward"]):
             raise EnvServerError(f"env '{self.name}': /verify replied without a finite numeric reward: {str(reply)[:200]}")
@@ -140,13 +144,25 @@ class Episode:
 
     def call_tool(self, name: str, arguments: dict[str, Any] | None) -> str:
         """The tool's output for the model. Only the task's own tools reach the server (never /verify or
-        /seed_session); a bad call gets an error the model can read, as NeMo Gym's agents give."""
+        /seed_session); a bad call gets an error the model can read, as NeMo Gym's agents give. Arguments
+        longer than ``MAX_TOOL_ARGUMENT_CHARS`` (as JSON) are refused without a request; a reply longer
+        than ``MAX_TOOL_OUTPUT_CHARS`` is cut there, with a note saying how much was left out."""
+        name = clean(name)
         if name not in self._tool_names:
-            return json.dumps({"error": f"unknown tool {name!r}; available: {sorted(self._tool_names)}"})
+            shown = name if len(name) <= 80 else name[:80] + "..."
+            return json.dumps({"error": f"unknown tool {shown!r}; available: {sorted(self._tool_names)}"})
         if arguments is None:
             return json.dumps({"error": "tool call arguments are not a JSON object"})
+        arguments = clean(arguments)
+        size = len(json.dumps(arguments, ensure_ascii=False))
+        if size > MAX_TOOL_ARGUMENT_CHARS:
+            return json.dumps({"error": f"tool call arguments are {size} characters long; the limit is "
+                                        f"{MAX_TOOL_ARGUMENT_CHARS}"})
         output, self.cookies = self.env.client.call_tool(name, arguments, self.cookies)
         self._check_session()
+        if len(output) > MAX_TOOL_OUTPUT_CHARS:
+            cut = len(output) - MAX_TOOL_OUTPUT_CHARS
+            output = output[:MAX_TOOL_OUTPUT_CHARS] + f"\n[tool output truncated: {cut} more characters]"
         return output
 
     def verify(self, output: list[dict[str, Any]]) -> RewardResult:

@@ -6,8 +6,9 @@ the task's JSONL row (its ground-truth fields arrive with the /verify request, a
 them), the text is the model's final answer text. Everything else is NeMo Gym's own server.
 """
 
+import asyncio
 from abc import abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 from nemo_gym.base_resources_server import (
     BaseResourcesServerConfig,
@@ -17,6 +18,7 @@ from nemo_gym.base_resources_server import (
 )
 from pydantic import ConfigDict
 
+from gymrl.utf8 import clean, clean_text
 from rewards.types import RewardResult
 
 
@@ -51,6 +53,10 @@ def final_message_text(body: BaseVerifyRequest) -> str | None:
 
 class TextVerifyServer(SimpleResourcesServer):
     config: BaseResourcesServerConfig
+    # True: ``score`` runs in a worker thread, so the server answers other requests while it waits (for a
+    # sandboxed run, say). False: it runs on the event loop's thread, the main thread, where math-verify's
+    # SIGALRM timeouts work; a slow ``score`` then holds every other request of the server.
+    score_in_thread: ClassVar[bool] = False
 
     @abstractmethod
     def score(self, row: dict[str, Any], text: str) -> RewardResult:
@@ -58,9 +64,10 @@ class TextVerifyServer(SimpleResourcesServer):
 
     async def verify(self, body: RowVerifyRequest) -> TextVerifyResponse:
         row = body.model_extra or {}
-        try:
-            result = self.score(row, response_text(body))
+        try:  # lone surrogates (JSON \udcff escapes) become U+FFFD: the reply must encode as UTF-8
+            text = clean_text(response_text(body))
+            result = await asyncio.to_thread(self.score, row, text) if self.score_in_thread else self.score(row, text)
         except Exception as err:  # a verifier bug must not take the server down; it scores 0 with the reason
             result = RewardResult(0.0, f"verifier error: {type(err).__name__}: {err}")
-        return TextVerifyResponse(**body.model_dump(), reward=result.reward, reason=result.reason,
+        return TextVerifyResponse(**clean(body.model_dump()), reward=result.reward, reason=clean_text(result.reason),
                                   breakdown=result.breakdown)

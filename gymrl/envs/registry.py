@@ -14,6 +14,7 @@ The server of an installed plugin runs in the NeMo Gym venv with the plugin's im
 must exist in both).
 """
 
+import dataclasses
 import importlib
 import importlib.util
 from importlib.metadata import entry_points
@@ -59,10 +60,30 @@ def import_root(module: str) -> Path:
     return root
 
 
+def make_tasks(name: str, cls: type, args: dict) -> object:
+    """``cls(**args)``, each option checked against the dataclass's field types first (pydantic's lax mode:
+    ``"9"`` for an int is 9, a list for a tuple is a tuple); an unknown option or a bad value is a ValueError
+    naming ``envs[NAME].args.KEY``."""
+    if not dataclasses.is_dataclass(cls):
+        try:
+            return cls(**args)
+        except TypeError as err:
+            raise ValueError(f"envs[{name}].args: {err}") from None
+    options = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [k for k in args if k not in options]
+    if unknown:
+        raise ValueError(f"envs[{name}].args.{unknown[0]}: unknown option of environment '{name}'; its options: "
+                         f"{', '.join(options)}")
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(cls).validate_python(dict(args))
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = ".".join(str(p) for p in e["loc"])
+        raise ValueError(f"envs[{name}].args{'.' + key if key else ''}: {e['msg']} (got {e.get('input')!r})") from None
+
+
 def load_environment(name: str, args: dict | None = None) -> Environment:
     module = importlib.import_module(plugin_module(name))
-    try:
-        tasks = module.Tasks(**(args or {}))
-    except TypeError as err:
-        raise ValueError(f"environment '{name}': bad env.args: {err}") from None
-    return Environment(name, tasks)
+    return Environment(name, make_tasks(name, module.Tasks, args or {}))

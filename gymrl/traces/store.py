@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from gymrl.utf8 import clean, clean_text
+
 if TYPE_CHECKING:  # the store itself imports nothing from the heavy stack
     from gymrl.envs.base import Task
     from gymrl.rollout.runner import RolloutBatch
@@ -206,7 +208,7 @@ class TraceWriter:
         if (env, task_id) in self._known_tasks:
             return
         with self.conn:
-            self.conn.execute("INSERT OR IGNORE INTO tasks VALUES (?, ?, ?)", (env, task_id, json.dumps(row)))
+            self.conn.execute("INSERT OR IGNORE INTO tasks VALUES (?, ?, ?)", (env, task_id, json.dumps(clean(row))))
         self._known_tasks.add((env, task_id))
 
     def write(self, record: TraceRecord) -> int:
@@ -219,19 +221,21 @@ class TraceWriter:
             raise
 
     def _insert(self, record: TraceRecord) -> int:
+        """One rollout; text that is not valid UTF-8 (lone surrogates) is stored with U+FFFD in their place."""
         r = record
         with self.conn:
             cur = self.conn.execute(
                 "INSERT INTO rollouts (step, split, env, task_id, sample, reward, reason, breakdown, finish_reason,"
                 " num_turns, num_tool_calls, completion_tokens, policy_version, engine_id, spec_acceptance,"
                 " spec_mean_accepted, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (r.step, r.split, r.env, r.task_id, r.sample, r.reward, r.reason, json.dumps(r.breakdown),
+                (r.step, r.split, r.env, r.task_id, r.sample, r.reward, clean_text(r.reason), json.dumps(r.breakdown),
                  r.finish_reason, r.num_turns, r.num_tool_calls, sum(r.mask), r.policy_version, r.engine_id,
                  r.spec_acceptance, r.spec_mean_accepted, r.created or time.time()),
             )
             self.conn.execute(
                 "INSERT INTO bodies VALUES (?, ?, ?, ?, ?)",
-                (cur.lastrowid, json.dumps(r.prompt), json.dumps(r.turns), r.response, json.dumps(r.timings)),
+                (cur.lastrowid, json.dumps(clean(r.prompt)), json.dumps(clean(r.turns)), clean_text(r.response),
+                 json.dumps(r.timings)),
             )
             self.conn.execute(
                 "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
