@@ -94,10 +94,7 @@ def train(
     from gymrl.train.producer import TooManyFailures
     from gymrl.train.progress import TrainProgress
 
-    from gymrl.resources import check_resources
-
     try:
-        check_resources(cfg)  # CPUs, GPUs, KV-cache memory this machine cannot give: fail before anything starts
         with console.status("starting: environment, model, Ray and vLLM engine(s)..."):
             session = start_session(cfg)
     except USER_ERRORS + (EnvServerError, EngineError) as err:

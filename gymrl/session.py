@@ -21,6 +21,7 @@ from gymrl.envs.launcher import REPO_ROOT, EnvServer, ServerSupervisor
 from gymrl.envs.registry import load_environment
 from gymrl.models.checkpoint import inspect_checkpoint, load_policy
 from gymrl.models.tiny import build_tiny_model
+from gymrl.resources import check_resources
 from gymrl.rollout.engine import EnginePool, start_engine, start_engines
 from gymrl.rollout.runner import RolloutRunner, check_prompts_fit
 from gymrl.rollout.tool_calls import parser_class
@@ -83,9 +84,8 @@ def start_env_servers(cfg: RunConfig, envs: dict[str, Environment], log_dir: Pat
                 servers.append(supervisor)
                 url = server.start(sc.start_timeout_s).url
                 supervisor.start()
-            client = EnvClient(env_cfg.name, url, sc.request_timeout_s, sc.retries)
-            client.supervisor = supervisor
-            envs[env_cfg.name].attach(client)
+            envs[env_cfg.name].attach(EnvClient(env_cfg.name, url, sc.request_timeout_s, sc.retries,
+                                                 supervisor=supervisor))
     except BaseException:
         for server in servers:
             server.stop()
@@ -115,6 +115,7 @@ class Session:
 
 
 def start_session(cfg: RunConfig) -> Session:
+    check_resources(cfg)  # CPUs, GPUs, KV-cache memory this machine cannot give: fail before anything starts
     envs = {e.name: load_environment(e.name, e.args) for e in cfg.envs}
     tasks = [t for env in envs.values() for split in ("train", "eval") for t in env.tasks(split)]
     if any(t.tools for t in tasks):

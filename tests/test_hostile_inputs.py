@@ -369,7 +369,8 @@ def nothing_starts(monkeypatch):
     def tripwire(*args, **kwargs):
         raise AssertionError("gymrl train started a session despite an impossible config")
 
-    monkeypatch.setattr(gymrl.session, "start_session", tripwire)
+    # start_session checks the resources first: its first step after the check must never be reached.
+    monkeypatch.setattr(gymrl.session, "load_environment", tripwire)
 
 
 @pytest.mark.parametrize("sets, needle", [
