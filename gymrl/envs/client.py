@@ -80,11 +80,14 @@ def _request_fields(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class EnvClient:
-    def __init__(self, name: str, base_url: str, timeout_s: float = 30.0, retries: int = 3, pool_size: int = 16):
+    def __init__(self, name: str, base_url: str, timeout_s: float = 30.0, retries: int = 3, pool_size: int = 16,
+                 supervisor=None):
+        """``supervisor``: the :class:`~gymrl.envs.launcher.ServerSupervisor` of a server gymrl started; a refused
+        connection then has it restart a dead server before the call is tried again."""
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.retries = retries
-        self.supervisor = None  # a ServerSupervisor when gymrl started the server: a refused connection restarts it
+        self.supervisor = supervisor
         self._http = httpx.Client(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout_s, connect=5.0),

@@ -2,14 +2,27 @@
 slow or garbage-answering server in front of a real NeMo Gym server."""
 
 import contextlib
+import sqlite3
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
 from gymrl.envs.client import EnvClient
+from gymrl.traces.store import TRACE_FILE
+
+
+@pytest.fixture
+def trained_per_step():
+    """``trained_per_step(run_dir)``: the number of rollouts in the trace store's train split, by step."""
+    def count(run_dir) -> Counter:
+        with contextlib.closing(sqlite3.connect(run_dir / TRACE_FILE)) as db:
+            return Counter(dict(db.execute("SELECT step, count(*) FROM rollouts WHERE split = 'train' GROUP BY step")))
+
+    return count
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ readable and whole."""
 
 import sqlite3
 import subprocess
-from collections import Counter
 from contextlib import closing
 
 import pytest
@@ -23,7 +22,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(disk)], check=True)  # busy if the run left a file open
 
 
-def test_a_full_trace_disk_stops_the_run_and_keeps_what_was_written(reset_session, small_disk, run_config):
+def test_a_full_trace_disk_stops_the_run_and_keeps_what_was_written(reset_session, small_disk, run_config, trained_per_step):
     session = reset_session()
 
     def fill_after_step_2(step, record, eval_reward):
@@ -42,8 +41,8 @@ def test_a_full_trace_disk_stops_the_run_and_keeps_what_was_written(reset_sessio
     assert "could not write rollouts" in str(caught.value) or "metrics" in str(caught.traceback[-1].path), caught
     with closing(sqlite3.connect(small_disk / TRACE_FILE)) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        per_step = Counter(dict(db.execute("SELECT step, count(*) FROM rollouts WHERE split = 'train' GROUP BY step")))
         evals = db.execute("SELECT count(*) FROM rollouts WHERE split = 'eval'").fetchone()[0]
+    per_step = trained_per_step(small_disk)
     trained = [r["step"] for r in read_metrics(small_disk / "metrics.jsonl") if r["step"] > 0]
     assert evals > 0 and 2 <= len(trained) < 8
     for step in trained:  # every step that trained has all its rollouts in the store

@@ -3,17 +3,15 @@ requests the dead one held, and the run finishes with every step's rollouts in t
 
 import os
 import signal
-import sqlite3
 from collections import Counter
 
 import ray
 
-from gymrl.traces.store import TRACE_FILE
 from gymrl.train.loop import train
 from gymrl.train.metrics import read_metrics
 
 
-def test_a_killed_engine_is_replaced_with_the_newest_weights_and_the_run_goes_on(reset_session, tmp_path, run_config):
+def test_a_killed_engine_is_replaced_with_the_newest_weights_and_the_run_goes_on(reset_session, tmp_path, run_config, trained_per_step):
     session = reset_session()
     pool = session.pool
     before = pool.restarts
@@ -30,9 +28,7 @@ def test_a_killed_engine_is_replaced_with_the_newest_weights_and_the_run_goes_on
     assert summary["steps"] == 3 and not summary["interrupted"]
     assert pool.restarts == before + 1 and ray.get(pool.actors[0].ready.remote())["pid"] != old_pid
     assert pool.stats()[0].policy_version == 3  # started with the newest push, then took the later ones
-    with sqlite3.connect(tmp_path / TRACE_FILE) as db:
-        per_step = Counter(dict(db.execute("SELECT step, count(*) FROM rollouts WHERE split = 'train' GROUP BY step")))
-    assert per_step == Counter({1: 128, 2: 128, 3: 128})
+    assert trained_per_step(tmp_path) == Counter({1: 128, 2: 128, 3: 128})
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert rows[-1]["engine_restarts"] == before + 1 and not (tmp_path / "failures.jsonl").exists()
     assert rows[-1]["logprob_gap"] < 0.05, rows[-1]["logprob_gap"]  # the new engine samples with the trainer's weights

@@ -2,7 +2,6 @@
 its environment server does not outlive it, the resumed run finishes every step once, and every rollout the
 killed run wrote is still in the traces (those after its last checkpoint set aside as ``interrupted-train``)."""
 
-import os
 import signal
 import sqlite3
 import subprocess
