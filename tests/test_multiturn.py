@@ -107,8 +107,10 @@ def test_groups_spread_over_the_engines_and_episodes_stay_on_theirs(tool_session
     assert all(len(engines) == 1 for engines in by_task.values())  # a group on one engine
     assert {e for engines in by_task.values() for e in engines} == {0, 1}
     metrics = tool_session.pool.step_metrics()
-    assert set(metrics) == {f"engine_{m}/{e}" for m in ("tokens_per_s", "queue_depth") for e in (0, 1)}
-    assert all(v > 0 for v in metrics.values()), metrics
+    per_engine = {f"engine_{m}/{e}" for m in ("tokens_per_s", "queue_depth") for e in (0, 1)}
+    assert set(metrics) == per_engine | {"engine_restarts"}
+    assert all(metrics[k] > 0 for k in per_engine), metrics
+    assert metrics["engine_restarts"] == 0
 
 
 def _perturbed(policy, seed: int):
