@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gymrl.envs.client import Cookies, EnvClient
+from gymrl.envs.client import Cookies, EnvClient, EnvServerError, _request_fields, responses_api_response
 from rewards.types import RewardResult
 
 Split = Literal["train", "eval"]
@@ -74,9 +74,11 @@ class Environment:
         self.config = dataclasses.asdict(tasks)  # identifies the task set (tiny-model cache key)
         self._tasks = tasks
         self._client: EnvClient | None = None
+        self._batch_verify: bool | None = None  # whether the server has /verify_batch (None: not asked yet)
 
     def attach(self, client: EnvClient) -> None:
         self._client = client
+        self._batch_verify = None
 
     def close(self) -> None:
         if self._client is not None:
@@ -100,9 +102,23 @@ class Environment:
 
     def verify(self, task: Task, output: str | list[dict[str, Any]], cookies: Cookies | None = None) -> RewardResult:
         """Score a response text, or an episode's Responses-API output items (with its session cookies)."""
-        reply = self.client.verify(task.row, output, cookies)
-        breakdown = {k: float(v) for k, v in (reply.get("breakdown") or {}).items() if isinstance(v, (int, float))}
-        return RewardResult(float(reply["reward"]), str(reply.get("reason", "")), breakdown)
+        return _verdict(self.client.verify(task.row, output, cookies))
+
+    def verify_batch(self, pairs: list[tuple[Task, str | list[dict[str, Any]]]]) -> list[RewardResult] | None:
+        """Score many responses (of tasks without session state) in one POST /verify_batch; None when the server
+        has no such route (an external NeMo Gym server, or one whose verify reads its session)."""
+        if not pairs or self._batch_verify is False:
+            return None if self._batch_verify is False else []
+        payload = {"requests": [_request_fields(t.row) | {"response": responses_api_response(o)} for t, o in pairs]}
+        try:
+            replies = self.client.post("/verify_batch", payload)["responses"]
+        except EnvServerError as err:
+            if self._batch_verify is None and ("404" in str(err) or "405" in str(err)):
+                self._batch_verify = False  # asked once: this server verifies one rollout a request
+                return None
+            raise
+        self._batch_verify = True
+        return [_verdict(r) for r in replies]
 
     def verify_many(self, pairs: list[tuple[Task, str]], workers: int = 8) -> list[RewardResult]:
         with ThreadPoolExecutor(workers) as pool:
@@ -124,6 +140,11 @@ class Environment:
                           row["responses_create_params"].get("tools") or [])
             for row in picks
         ]
+
+
+def _verdict(reply: dict[str, Any]) -> RewardResult:
+    breakdown = {k: float(v) for k, v in (reply.get("breakdown") or {}).items() if isinstance(v, (int, float))}
+    return RewardResult(float(reply["reward"]), str(reply.get("reason", "")), breakdown)
 
 
 class Episode:

@@ -191,6 +191,26 @@ def play_episode(env: Environment, task: Task, assistant_turns: list[str], parse
     return state.episode.verify(state.items), state.turns
 
 
+def verify_states(envs: dict[str, Environment], states: list[EpisodeState]) -> list[RewardResult]:
+    """Every episode's verdict. Episodes without session state (no tools) of one environment go to its server in one
+    /verify_batch round trip; the rest (and servers without that route) one /verify each, 8 at a time."""
+    verdicts: list[RewardResult | None] = [None] * len(states)
+    by_env: dict[str, list[int]] = {}
+    for k, s in enumerate(states):
+        if not s.task.tools and not s.episode.cookies:
+            by_env.setdefault(s.task.env, []).append(k)
+    for env, ks in by_env.items():
+        batch = envs[env].verify_batch([(states[k].task, states[k].items) for k in ks])
+        for k, v in zip(ks, batch or []):
+            verdicts[k] = v
+    rest = [k for k, v in enumerate(verdicts) if v is None]
+    if rest:
+        with ThreadPoolExecutor(8) as threads:
+            for k, v in zip(rest, threads.map(lambda k: states[k].episode.verify(states[k].items), rest)):
+                verdicts[k] = v
+    return verdicts
+
+
 class RolloutRunner:
     """Turns tasks into rollouts on the engine pool, scored by the environments' servers."""
 
@@ -272,8 +292,7 @@ class RolloutRunner:
             spec.append(turn_reply.spec)
 
         started = time.perf_counter()
-        with ThreadPoolExecutor(8) as threads:
-            verdicts = list(threads.map(lambda s: s.episode.verify(s.items), states))
+        verdicts = verify_states(self.envs, states)
         rollouts = [
             Rollout(s.task.id, s.task.env, s.prompt_ids, s.completion_ids, s.mask, s.logprobs, s.text, s.finish_reason,
                     v.reward, v.reason, s.oldest_version(policy_version), s.engine_id or 0, v.breakdown, s.turns,
