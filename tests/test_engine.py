@@ -6,7 +6,7 @@ import torch
 from gymrl.config import SamplingConfig
 from gymrl.rollout.engine import PromptTooLongError
 from gymrl.rollout.weight_sync import pack_state_dict
-from gymrl.train.policy import pad_batch, token_logprobs
+from gymrl.train.policy import logprobs_from_logits, pad_batch, stop_banned_mask, stop_token_ids, token_logprobs
 
 # Engine and trainer both run the model in float32 on CPU; measured differences are ~1e-6 (summation
 # order in the fused vLLM kernels vs PyTorch). 1e-4 leaves room for that and is far below the
@@ -33,6 +33,23 @@ def test_generates_groups_with_behaviour_logprobs(fresh_session):
         assert r.text == s.tokenizer.decode(r.completion_ids, skip_special_tokens=True)
         # The engine's behaviour logprobs are the trainer's logprobs of the same tokens.
         ours = trainer_logprobs(s, r.prompt_ids, r.completion_ids)
+        assert torch.allclose(ours, torch.tensor(r.logprobs), atol=LOGPROB_TOL)
+
+
+def test_min_tokens_behaviour_logprobs_match_the_trainer(fresh_session):
+    """With sampling.min_tokens the engine samples with the stop tokens banned and reports the logprobs of that
+    masked distribution; the trainer, told where the ban held, scores the same tokens the same way."""
+    s = fresh_session
+    tasks = s.envs["arithmetic"].tasks("train")[:2]
+    batch = s.runner.run(tasks, 2, SamplingConfig(max_tokens=24, min_tokens=24), policy_version=0)
+    stop = stop_token_ids(s.tokenizer, s.policy)
+    for r in batch.rollouts:
+        assert len(r.completion_ids) == 24 and r.stop_banned == [(0, 24)]
+        ids, attn, mask = pad_batch([r.prompt_ids], [r.completion_ids], s.tokenizer.pad_token_id)
+        banned = stop_banned_mask([len(r.prompt_ids)], [r.stop_banned], ids.shape[1])
+        with torch.no_grad():
+            logits = s.policy(input_ids=ids, attention_mask=attn).logits
+        ours = logprobs_from_logits(logits, ids, 1.0, banned, stop)[0][mask[0].bool()]
         assert torch.allclose(ours, torch.tensor(r.logprobs), atol=LOGPROB_TOL)
 
 

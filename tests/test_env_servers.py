@@ -33,6 +33,31 @@ def test_verify_through_the_real_server(arithmetic_server):
     env.close()
 
 
+def test_verify_batch_gives_the_verdicts_of_verify(arithmetic_server):
+    """POST /verify_batch (gymrl's launcher adds it): one round trip, the same verdicts as one /verify each."""
+    env = load_environment("arithmetic")
+    env.attach(EnvClient("arithmetic", arithmetic_server.url))
+    tasks = env.tasks("eval")[:6]
+    pairs = [(t, f"<answer>{t.row['expected'] + k % 2}</answer>") for k, t in enumerate(tasks)]
+    batch = env.verify_batch(pairs)
+    assert [(v.reward, v.reason) for v in batch] == [(v.reward, v.reason) for v in env.verify_many(pairs)]
+    assert [v.reward for v in batch] == [1.0, 0.0] * 3
+    assert env.verify_batch([]) == []
+    env.close()
+
+
+def test_verify_batch_falls_back_where_the_server_has_no_route():
+    """A server whose verify reads its session (tool_use) gets no /verify_batch: verify_batch says so (None),
+    once, and the runner verifies one rollout a request."""
+    env = load_environment("tool_use")
+    task = env.tasks("eval")[0]
+    with EnvServer("tool_use") as server:
+        env.attach(EnvClient("tool_use", server.url))
+        assert env.verify_batch([(task, "<answer>1</answer>")]) is None
+        assert env._batch_verify is False
+        env.close()
+
+
 def test_reward_breakdown_arrives_through_the_real_server():
     env = load_environment("sudoku", {"partial_credit": True})
     task = env.tasks("eval")[0]

@@ -315,3 +315,20 @@ def test_tis_needs_behaviour_logps_and_a_cap_of_at_least_one() -> None:
         grpo_loss(x["logps"], x["old"], x["adv"], x["mask"], GRPOLossConfig(is_correction="tis"))
     with pytest.raises(ValueError, match="is_cap"):
         GRPOLossConfig(is_correction="tis", is_cap=0.5)
+
+
+def test_stop_banned_logprobs_are_the_renormalised_distribution():
+    """Where the stop tokens were banned (sampling.min_tokens), a token's logprob is its logprob among the
+    other tokens: log p(t) - log(1 - p(stop))."""
+    from gymrl.train.policy import logprobs_from_logits, stop_banned_mask
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 10)
+    ids = torch.randint(1, 10, (2, 6))  # token 0 (the stop token) is never a target
+    banned = stop_banned_mask([2, 3], [[(0, 3)], []], 6)
+    assert banned.tolist() == [[False, True, True, True, False], [False] * 5]
+    plain = logprobs_from_logits(logits, ids)
+    masked = logprobs_from_logits(logits, ids, 1.0, banned, [0])
+    p_stop = torch.softmax(logits[:, :-1], -1)[..., 0]
+    expected = torch.where(banned, plain - torch.log1p(-p_stop), plain)
+    assert torch.allclose(masked, expected, atol=1e-6)

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gymrl.envs.client import Cookies, EnvClient, EnvServerError, EpisodeLost
+from gymrl.envs.client import Cookies, EnvClient, EnvServerError, EpisodeLost, _request_fields, responses_api_response
 from gymrl.utf8 import clean
 from rewards.types import RewardResult
 
@@ -79,9 +79,11 @@ class Environment:
         self.config = dataclasses.asdict(tasks)  # identifies the task set (tiny-model cache key)
         self._tasks = tasks
         self._client: EnvClient | None = None
+        self._batch_verify: bool | None = None  # whether the server has /verify_batch (None: not asked yet)
 
     def attach(self, client: EnvClient) -> None:
         self._client = client
+        self._batch_verify = None
 
     def close(self) -> None:
         if self._client is not None:
@@ -105,7 +107,30 @@ class Environment:
 
     def verify(self, task: Task, output: str | list[dict[str, Any]], cookies: Cookies | None = None) -> RewardResult:
         """Score a response text, or an episode's Responses-API output items (with its session cookies)."""
-        reply = self.client.verify(task.row, clean(output), cookies)  # lone surrogates cannot go out as UTF-8
+        # lone surrogates cannot go out as UTF-8
+        return self._verdict(self.client.verify(task.row, clean(output), cookies))
+
+    def verify_batch(self, pairs: list[tuple[Task, str | list[dict[str, Any]]]]) -> list[RewardResult] | None:
+        """Score many responses (of tasks without session state) in one POST /verify_batch; None when the server
+        has no such route (an external NeMo Gym server, or one whose verify reads its session)."""
+        if not pairs or self._batch_verify is False:
+            return None if self._batch_verify is False else []
+        payload = {"requests": [_request_fields(t.row) | {"response": responses_api_response(clean(o))} for t, o in pairs]}
+        try:
+            reply = self.client.post("/verify_batch", payload)
+        except EnvServerError as err:
+            if self._batch_verify is None and ("404" in str(err) or "405" in str(err)):
+                self._batch_verify = False  # asked once: this server verifies one rollout a request
+                return None
+            raise
+        replies = reply.get("responses") if isinstance(reply, dict) else None
+        if not isinstance(replies, list) or len(replies) != len(pairs):
+            raise EnvServerError(f"env '{self.name}': /verify_batch did not answer {len(pairs)} verdicts: {str(reply)[:200]}")
+        self._batch_verify = True
+        return [self._verdict(r) for r in replies]
+
+    def _verdict(self, reply: Any) -> RewardResult:
+        """A /verify reply as a reward; one without a finite numeric reward is the server's fault, not a 0."""
         if not isinstance(reply, dict) or isinstance(reply.get("reward"), bool) or \
                 not isinstance(reply.get("reward"), (int, float)) or not math.isfinite(reply["reward"]):
             raise EnvServerError(f"env '{self.name}': /verify replied without a finite numeric reward: {str(reply)[:200]}")

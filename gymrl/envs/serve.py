@@ -11,6 +11,7 @@ import inspect
 import os
 import threading
 import time
+import typing
 
 import uvicorn
 from nemo_gym.base_resources_server import SimpleResourcesServer
@@ -38,6 +39,7 @@ def build_app(env: str, host: str, port: int, package: str | None = None):
     server = cls(config=config, server_client=client)
     app = server.setup_webserver()
     server.setup_liveness(app)  # GET / -> {"status": "ok"}, the harness's health check
+    add_verify_batch(app, server)
     return app
 
 
@@ -51,6 +53,30 @@ def exit_with_parent(parent_pid: int) -> None:
                 os._exit(0)
 
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+# The verdict's own fields: a batch reply leaves out the echo of the request (the task row and the response).
+ECHOED = ("responses_create_params", "response")
+
+
+def add_verify_batch(app, server) -> None:
+    """POST /verify_batch {"requests": [verify request, ...]} -> {"responses": [verdict, ...]}: many rollouts'
+    /verify in one round trip (gymrl's addition; NeMo Gym's /verify is one rollout a request, and its HTTP and
+    middleware cost several ms each, more than scoring an answer). Only for servers whose verify needs nothing but
+    the request body (no session state): a tool environment's verify reads its session, so it gets no batch route
+    and the harness falls back to /verify."""
+    params = list(inspect.signature(server.verify).parameters)
+    if params != ["body"]:
+        return
+    model = typing.get_type_hints(type(server).verify)["body"]
+
+    @app.post("/verify_batch")
+    async def verify_batch(payload: dict) -> dict:
+        replies = []
+        for item in payload["requests"]:
+            verdict = (await server.verify(model.model_validate(item))).model_dump(mode="json", exclude=set(ECHOED))
+            replies.append(verdict)
+        return {"responses": replies}
 
 
 def main() -> None:

@@ -42,6 +42,9 @@ class Rollout:
     temperature: float = 1.0  # sampled at (tool tasks: sampling.tool_temperature); the trainer scores at it too
     versions: list[int] = field(default_factory=list)  # per completion token: the version that sampled it
     spec: SpecStats | None = None  # its turns' speculative drafts (None: off)
+    # (start, end) completion positions where the engine banned the stop tokens (sampling.min_tokens): the engine's
+    # behaviour logprobs are of that masked distribution, so the trainer scores those positions with it too.
+    stop_banned: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.versions:  # built without per-token versions (a test, a replay): all policy_version
@@ -109,6 +112,7 @@ class EpisodeState:
         self.text = ""
         self.finish_reason = "stop"
         self.engine_id: int | None = None
+        self.stop_banned: list[tuple[int, int]] = []
 
     @property
     def ids(self) -> list[int]:
@@ -118,9 +122,17 @@ class EpisodeState:
         """The oldest policy version among the model's tokens (``default`` for an empty completion)."""
         return min((v for v, m in zip(self.versions, self.mask) if m), default=default)
 
-    def add_model_turn(self, c: Completion, parser: ToolCallParser | None, parsed: ParsedTurn | None = None) -> None:
+    def add_model_turn(self, c: Completion, parser: ToolCallParser | None, parsed: ParsedTurn | None = None,
+                       max_model_len: int | None = None) -> None:
         """``parsed``: the turn's tool calls as a server already read them (an OpenAI endpoint); else ``parser``
-        reads them from the text."""
+        reads them from the text. ``max_model_len``: the engine's, which caps the turn's min_tokens as it caps
+        max_tokens (``engine.sampling_params``)."""
+        if self.sampling is not None and self.sampling.min_tokens:
+            banned = min(self.sampling.min_tokens, self.sampling.max_tokens, len(c.token_ids))
+            if max_model_len is not None:
+                banned = min(banned, max_model_len - len(self.ids))
+            if banned > 0:
+                self.stop_banned.append((len(self.completion_ids), len(self.completion_ids) + banned))
         self.completion_ids += c.token_ids
         self.mask += [1] * len(c.token_ids)
         self.logprobs += c.logprobs
@@ -179,6 +191,26 @@ def play_episode(env: Environment, task: Task, assistant_turns: list[str], parse
     return state.episode.verify(state.items), state.turns
 
 
+def verify_states(envs: dict[str, Environment], states: list[EpisodeState]) -> list[RewardResult]:
+    """Every episode's verdict. Episodes without session state (no tools) of one environment go to its server in one
+    /verify_batch round trip; the rest (and servers without that route) one /verify each, 8 at a time."""
+    verdicts: list[RewardResult | None] = [None] * len(states)
+    by_env: dict[str, list[int]] = {}
+    for k, s in enumerate(states):
+        if not s.task.tools and not s.episode.cookies:
+            by_env.setdefault(s.task.env, []).append(k)
+    for env, ks in by_env.items():
+        batch = envs[env].verify_batch([(states[k].task, states[k].items) for k in ks])
+        for k, v in zip(ks, batch or []):
+            verdicts[k] = v
+    rest = [k for k, v in enumerate(verdicts) if v is None]
+    if rest:
+        with ThreadPoolExecutor(8) as threads:
+            for k, v in zip(rest, threads.map(lambda k: states[k].episode.verify(states[k].items), rest)):
+                verdicts[k] = v
+    return verdicts
+
+
 class RolloutRunner:
     """Turns tasks into rollouts on the engine pool, scored by the environments' servers."""
 
@@ -230,7 +262,7 @@ class RolloutRunner:
         active, completions = states, [c for group in first.groups for c in group]
         for turn in range(1, self.cfg.max_turns + 1):
             for state, c in zip(active, completions):
-                state.add_model_turn(c, parser)
+                state.add_model_turn(c, parser, max_model_len=self.max_model_len)
             active = [s for s in active if s.pending_calls]
             if not active:
                 break
@@ -260,12 +292,11 @@ class RolloutRunner:
             spec.append(turn_reply.spec)
 
         started = time.perf_counter()
-        with ThreadPoolExecutor(8) as threads:
-            verdicts = list(threads.map(lambda s: s.episode.verify(s.items), states))
+        verdicts = verify_states(self.envs, states)
         rollouts = [
             Rollout(s.task.id, s.task.env, s.prompt_ids, s.completion_ids, s.mask, s.logprobs, s.text, s.finish_reason,
                     v.reward, v.reason, s.oldest_version(policy_version), s.engine_id or 0, v.breakdown, s.turns,
-                    s.sampling.temperature, s.versions, SpecStats.total(s.spec))
+                    s.sampling.temperature, s.versions, SpecStats.total(s.spec), s.stop_banned)
             for s, v in zip(states, verdicts)
         ]
         return RolloutBatch(rollouts, group_size, generate_seconds, time.perf_counter() - started, tool_seconds,

@@ -37,7 +37,7 @@ from gymrl.train.metrics import MetricsLog, plot_acceptance, plot_lengths, plot_
 from gymrl.train.checkpoint import StopSignal, load_checkpoint, save_checkpoint
 from gymrl.train.producer import Cursor, Failure, Group, RolloutProducer
 from gymrl.traces.store import TRACE_FILE, TraceWriter, run_metadata
-from gymrl.train.policy import logprobs_from_logits, pad_batch, token_logprobs
+from gymrl.train.policy import logprobs_from_logits, pad_batch, stop_banned_mask, stop_token_ids
 
 @dataclass
 class StepResult:
@@ -84,6 +84,7 @@ class GRPOTrainer:
             is_cap=cfg.train.is_cap,
         )
         self.version = 0
+        self.stop_ids = stop_token_ids(session.tokenizer, session.policy)  # banned by sampling.min_tokens
 
     def evaluate(self, tasks: list[Task]) -> tuple[dict[str, float], RolloutBatch]:
         return evaluate(self.s.runner, tasks, self.cfg.sampling.max_tokens, self.version)
@@ -126,11 +127,13 @@ class GRPOTrainer:
                 mtp_sums.append(self._mtp_sums(ids, hidden, logits, mask))
             else:
                 logits = self.policy(input_ids=ids, attention_mask=attn).logits
-            logps = logprobs_from_logits(logits, ids, temperature)
+            banned = stop_banned_mask([len(r.prompt_ids) for r in part], [r.stop_banned for r in part], ids.shape[1])
+            logps = logprobs_from_logits(logits, ids, temperature, banned, self.stop_ids)
             ref = None
             if self.reference is not None:
                 with torch.no_grad():
-                    ref = token_logprobs(self.reference, ids, attn, temperature)
+                    ref = logprobs_from_logits(self.reference(input_ids=ids, attention_mask=attn).logits, ids,
+                                               temperature, banned, self.stop_ids)
             # One optimizer step per batch: the policy before the update is the one computing logps, so with TIS
             # the clipped ratio is 1 and the importance weight carries the behaviour gap; without, the behaviour
             # logprobs are the ratio's old policy.
