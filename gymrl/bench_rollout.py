@@ -2,7 +2,9 @@
 the environment server and the reward, on the same prompts, at two batch sizes; and where the rest goes.
 
 Raw: vLLM's own generate, timed inside the engine actor (no Ray hop, no verification). Rollout: the
-``RolloutRunner`` timed by the caller. The breakdown of a rollout's wall time: the engine decoding (its busy
+``RolloutRunner`` timed by the caller, two ways: all tasks in one call (decoding, then every /verify), and one call
+per group from its own thread, as the trainer's ``RolloutProducer`` makes them (a group's /verify overlaps the
+decoding of the others). The breakdown of a rollout's wall time: the engine decoding (its busy
 time, read from the actor), the Ray hop and output handling (the runner's generate time less the engine's),
 the /verify round trips (HTTP and the server) less the reward functions themselves (timed in-process on the
 same responses), and the rest (episode set-up, rollout assembly). Prompt tokenisation is cached by the runner,
@@ -11,6 +13,7 @@ so it is measured apart, once per task, uncached.
 
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
@@ -23,6 +26,14 @@ from gymrl.trl_baseline import IN_PROCESS_REWARDS
 def _tasks(session, count: int) -> list:
     pool = session.envs[session.cfg.envs[0].name].tasks("train")
     return [pool[i % len(pool)] for i in range(count)]
+
+
+def _per_group(runner, tasks: list, n: int, sampling) -> tuple[int, float]:
+    """(completion tokens, wall seconds) of one ``runner.run`` per group, all at once, as the producer's threads."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(len(tasks)) as threads:
+        batches = list(threads.map(lambda t: runner.run([t], n, sampling, 0), tasks))
+    return sum(b.num_tokens for b in batches), time.perf_counter() - started
 
 
 def measure_rollout(session, prompts: int, repeats: int) -> dict:
@@ -38,10 +49,13 @@ def measure_rollout(session, prompts: int, repeats: int) -> dict:
     tokenise = time.perf_counter() - started
     actor = session.pool.actors[0]
     runner.run(tasks, n, sampling, 0)  # warm-up: first requests pay one-off costs
-    raw, rollout, parts = [], [], []
+    _per_group(runner, tasks, n, sampling)
+    raw, rollout, per_group, parts = [], [], [], []
     for _ in range(repeats):
         tokens, seconds, _ = ray.get(actor.timed_generate.remote(ids, n, sampling))
         raw.append(tokens / seconds)
+        tokens, seconds = _per_group(runner, tasks, n, sampling)
+        per_group.append(tokens / seconds)
         busy = sum(s.busy_seconds for s in session.pool.stats())
         started = time.perf_counter()
         batch = runner.run(tasks, n, sampling, 0)
@@ -61,6 +75,8 @@ def measure_rollout(session, prompts: int, repeats: int) -> dict:
     return {"prompts": prompts, "group_size": n, "sequences": prompts * n, "raw_vllm_tokens_per_s": _summary(raw),
             "rollout_tokens_per_s": _summary(rollout),
             "rollout_over_raw": statistics.median(h / r for h, r in zip(rollout, raw)),
+            "per_group_tokens_per_s": _summary(per_group),
+            "per_group_over_raw": statistics.median(g / r for g, r in zip(per_group, raw)),
             "breakdown_s": breakdown | {"tokenisation_uncached_s": tokenise}}
 
 
@@ -74,6 +90,8 @@ def run_rollout_bench(session, out: Path, batch_prompts: tuple[int, ...], repeat
             (label, "raw vLLM tokens/s (in the engine actor)", f"{b['raw_vllm_tokens_per_s']['median']:.0f}"),
             (label, "gymrl rollout tokens/s (Ray + env server + reward)", f"{b['rollout_tokens_per_s']['median']:.0f}"),
             (label, "rollout / raw", f"{b['rollout_over_raw']:.2f}"),
+            (label, "gymrl rollout tokens/s, one call per group (as the trainer)", f"{b['per_group_tokens_per_s']['median']:.0f}"),
+            (label, "per group / raw", f"{b['per_group_over_raw']:.2f}"),
             (label, "rollout wall (s)", f"{d['wall_s']:.3f}"),
             (label, "  engine decoding (busy) (s)", f"{d['engine_decode_s']:.3f}"),
             (label, "  Ray hop, queueing, output handling (s)", f"{d['ray_and_outputs_s']:.3f}"),

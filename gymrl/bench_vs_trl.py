@@ -77,8 +77,11 @@ def compare_with_trl(session, out: Path, steps: int, generations: tuple[str, ...
             policy = AutoModelForCausalLM.from_pretrained(run.policy, dtype=torch.float32)
             session.pool.push_weights(pack_policy(policy), 0)
             evaluation, _ = evaluate(session.runner, held_out_tasks(session), cfg.sampling.max_tokens, 0)
+            measured = list(zip(run.step_seconds, run.generate_seconds))[1:]  # step 1 warms up
+            generate = statistics.median(g for _, g in measured)
             runs[name] = _figures(run.step_seconds, run.completion_tokens, evaluation["eval_reward"]) | {
-                "torch_threads": run.torch_threads}
+                "torch_threads": run.torch_threads,
+                "phases": {"generate_s": generate, "rest_s": statistics.median(s - g for s, g in measured)}}
     finally:
         torch.set_num_threads(threads)
         session.policy.load_state_dict(initial)
@@ -122,6 +125,14 @@ def write_vs_trl(sizes: list[dict], out: Path) -> Table:
                      f"trainer {p['train_s']:.2f} s, fixed costs {p['fixed_s']:.2f} s ({100 * p['fixed_fraction']:.0f}%: "
                      f"weight push {p['push_s']:.2f} s, Ray, /verify round trips, scheduling)"
                      + (" - at this size fixed costs dominate." if p["fixed_fraction"] > 0.5 else "."))
+        for name, r in size["runs"].items():
+            if name.startswith("TRL"):
+                target = r["step_s"]["median"] / 2.5
+                notes.append(f"- {label}: a {name} step takes {r['step_s']['median']:.2f} s: generation "
+                             f"{r['phases']['generate_s']:.2f} s, the rest (reward, forward and backward, optimizer) "
+                             f"{r['phases']['rest_s']:.2f} s. 2.5x its steps/s is {target:.2f} s a step; gymrl's trainer "
+                             f"step alone (the same forward and backward) took {p['train_s']:.2f} s in sync"
+                             + (", more than that." if p["train_s"] > target else "."))
         notes += [f"- {label}: {name} did not run: {why}" for name, why in size["skipped"].items()]
     results = {"versions": versions("trl", "vllm", "torch", "transformers", "ray"), "sizes": sizes}
     _plot(sizes, out / "vs-trl.png")

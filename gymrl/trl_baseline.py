@@ -41,6 +41,7 @@ class TrlRun:
 
     generation: str
     step_seconds: list[float]
+    generate_seconds: list[float]  # of each step, the part in TRL's generation (``GRPOTrainer._generate``)
     completion_tokens: list[float]
     reward_mean: list[float]
     torch_threads: int
@@ -116,12 +117,23 @@ def train_with_trl(cfg: RunConfig, model: Path, generation: str, out: Path) -> T
     timer = StepTimer()
     trainer = trl.GRPOTrainer(model=str(model), reward_funcs=reward, args=grpo_config(cfg, generation, out),
                               train_dataset=data, callbacks=[timer])
+    generate_seconds: list[float] = []
+    generate = trainer._generate  # one call a step: one generation batch per optimizer step (grpo_config)
+
+    def timed_generate(prompts):
+        started = time.perf_counter()
+        try:
+            return generate(prompts)
+        finally:
+            generate_seconds.append(time.perf_counter() - started)
+
+    trainer._generate = timed_generate
     trainer.train()
     logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
     batch = cfg.train.prompts_per_step * cfg.train.group_size
     policy = out / POLICY_DIR
     trainer.model.save_pretrained(policy)
-    return TrlRun(generation, timer.seconds, [h["completions/mean_length"] * batch for h in logs],
+    return TrlRun(generation, timer.seconds, generate_seconds, [h["completions/mean_length"] * batch for h in logs],
                   [h["reward"] for h in logs], torch.get_num_threads(), trl.__version__, str(policy))
 
 

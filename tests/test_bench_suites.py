@@ -44,6 +44,8 @@ def test_vs_trl_suite(fresh_session, tmp_path):
         assert 0 < r["step_s"]["min"] <= r["step_s"]["median"] <= r["step_s"]["max"]
         assert r["steps_per_s"] == pytest.approx(1 / r["step_s"]["median"])
         assert r["tokens_per_s"]["median"] > 0 and 0 <= r["held_out_reward"] <= 1
+    for name in (n for n in runs if n.startswith("TRL")):  # TRL's step split at its generation call
+        assert runs[name]["phases"]["generate_s"] > 0 and runs[name]["phases"]["rest_s"] > 0, runs[name]
     assert set(size["ratios"]) == {f"{g} / {t}" for g in ("gymrl sync", "gymrl async") for t in runs if t.startswith("TRL")}
     for name, ratio in size["ratios"].items():
         g, t = (runs[x] for x in name.split(" / "))
@@ -59,6 +61,7 @@ def test_vs_trl_suite(fresh_session, tmp_path):
     assert GRPOTrainer(fresh_session).evaluate(held_out_tasks(fresh_session))[0]["eval_reward"] == summary["initial_eval_reward"]
     table = (tmp_path / "vs-trl.md").read_text()
     assert all(name in table for name in list(runs) + list(size["ratios"]))
+    assert "a TRL (transformers) step takes" in table and "2.5x its steps/s is" in table
     assert (tmp_path / "vs-trl.png").stat().st_size > 0
 
 
@@ -72,8 +75,9 @@ def test_rollout_suite(fresh_session, tmp_path):
         raw, rollout = b["raw_vllm_tokens_per_s"]["median"], b["rollout_tokens_per_s"]["median"]
         assert raw > 0 and rollout > 0
         assert b["rollout_over_raw"] == pytest.approx(rollout / raw)  # one repeat: the median of one quotient
+        assert b["per_group_over_raw"] == pytest.approx(b["per_group_tokens_per_s"]["median"] / raw) > 0
         d = b["breakdown_s"]
         assert d["engine_decode_s"] > 0 and d["reward_s"] > 0 and d["tokenisation_uncached_s"] > 0
         parts = ("engine_decode_s", "ray_and_outputs_s", "verify_http_s", "reward_s", "other_s")
         assert sum(d[k] for k in parts) == pytest.approx(d["wall_s"])  # no tools: the parts cover the wall time
-    assert "rollout / raw" in (tmp_path / "rollout.md").read_text()
+    assert "rollout / raw" in (tmp_path / "rollout.md").read_text() and "per group / raw" in (tmp_path / "rollout.md").read_text()
