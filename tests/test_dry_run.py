@@ -261,6 +261,8 @@ class FakePool:
 
 
 class FakeEpisode:
+    cookies = None  # no server session
+
     def __init__(self, task):
         self.task = task
 
@@ -271,6 +273,9 @@ class FakeEpisode:
 class FakeEnv:
     def open_episode(self, task):
         return FakeEpisode(task)
+
+    def verify_batch(self, pairs):
+        return None  # as a server without /verify_batch: the runner verifies each episode
 
 
 def test_tasks_with_tools_sample_with_the_tool_settings(tokenizer):

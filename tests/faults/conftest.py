@@ -48,7 +48,8 @@ def _run_config(session, run_dir, steps: int, rollout: dict | None = None, **tra
 
 
 class FaultProxy:
-    """An HTTP server in front of ``upstream`` that forwards every request, or answers ``/verify`` with a fault:
+    """An HTTP server in front of ``upstream`` that forwards every request, or answers the verify routes (``/verify``,
+    and ``/verify_batch``, which the runner uses for groups without tools) with a fault:
     ``slow`` (waits ``delay_s`` first), ``garbage`` (200 with bytes that are not JSON) or ``error`` (HTTP 500);
     with ``window_s``, only the /verify calls in the ``window_s`` seconds from the first faulted one."""
 
@@ -105,7 +106,7 @@ class FaultProxy:
 
     def _take_fault(self, path: str) -> str:
         with self._lock:
-            if self.mode == "pass" or path != "/verify":
+            if self.mode == "pass" or path not in ("/verify", "/verify_batch"):
                 return "pass"
             now = time.monotonic()
             if self.window_s is not None:

@@ -87,7 +87,8 @@ def test_garbage_and_slow_answers_fail_their_groups_and_the_run_goes_on(proxied_
         if step == 1:
             proxy.fault("garbage", window_s=1.0)  # bytes that are not JSON, to the first try and the retry
         elif step == 2:
-            proxy.fault("slow", window_s=4.0, delay_s=6.0)  # past the client's 4 s timeout
+            # past the client's 4 s timeout, for the first try and the retry (a group verifies in one request)
+            proxy.fault("slow", window_s=10.0, delay_s=6.0)
 
     with run_config(session, tmp_path, 4, rollout={"max_failed_groups": 100}):  # a slow server fails many in a row
         summary = train(session, faults)
