@@ -5,9 +5,12 @@ them as ``\\udcff`` escapes, and ``surrogateescape`` decoding makes them from st
 cannot be encoded as UTF-8, so an HTTP body (httpx), a SQLite TEXT value or a JSON reply that holds one
 fails to encode. :func:`clean` replaces each surrogate with U+FFFD, the replacement character a
 decoder writes for a bad byte (``bytes.decode(errors="replace")``), in strings nested in dicts and lists.
-Valid text is returned as it is (the check is one encode attempt). Pure Python: both venvs import it.
+Valid text is returned as it is (the check is one encode attempt; for a nested value, one JSON encoding in C
+before any walk, since the walk cost a sixth of a server's ``/verify_batch`` time). Pure Python: both venvs
+import it.
 """
 
+import json
 import re
 from typing import Any
 
@@ -24,11 +27,22 @@ def clean_text(text: str) -> str:
 
 
 def clean(value: Any) -> Any:
-    """``value`` with :func:`clean_text` applied to every string in it (dict keys too); other values as they are."""
+    """``value`` with :func:`clean_text` applied to every string in it (dict keys too); other values as they are.
+    A value with no lone surrogate (nearly all) is returned as it is."""
+    if isinstance(value, str):
+        return clean_text(value)
+    try:
+        json.dumps(value, ensure_ascii=False, default=repr).encode("utf-8")
+        return value
+    except (TypeError, ValueError):  # a lone surrogate (UnicodeEncodeError), or keys JSON cannot hold
+        return _walk(value)
+
+
+def _walk(value: Any) -> Any:
     if isinstance(value, str):
         return clean_text(value)
     if isinstance(value, dict):
-        return {clean(k): clean(v) for k, v in value.items()}
+        return {_walk(k): _walk(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(clean(v) for v in value)
+        return type(value)(_walk(v) for v in value)
     return value

@@ -25,6 +25,7 @@ from gymrl.resources import gpu_problem, machine_cpus
 from gymrl.rollout.engine import Completion
 from gymrl.rollout.runner import EpisodeState, play_episode
 from gymrl.rollout.tool_calls import ToolCallParser
+from gymrl.utf8 import clean
 from gymrl.traces.store import TraceReader, TraceRecord, TraceWriter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +103,15 @@ def test_endless_output_cut_at_max_tokens_scores_zero_and_runs_no_tool(envs, par
     assert state.pending_calls == []  # a cut-off turn's calls do not run
     verdict = state.episode.verify(state.items)
     assert verdict.reward == 0.0 and "never set" in verdict.reason
+
+
+def test_clean_replaces_lone_surrogates_at_any_depth_and_returns_clean_values_as_they_are():
+    dirty = {"a": ["x\udcff", {"k\ud800": ("t", "\udc80")}], 1: 2.5, "n": None}
+    assert clean(dirty) == {"a": ["x\ufffd", {"k\ufffd": ("t", "\ufffd")}], 1: 2.5, "n": None}
+    json.dumps(clean(dirty), ensure_ascii=False).encode("utf-8")  # encodes now
+    valid = {"a": ["\u00e9t\u00e9", {"b": 1}]}
+    assert clean(valid) is valid  # nothing to replace: no copy
+    assert clean({(1, 2): "\udcff"}) == {(1, 2): "\ufffd"}  # keys JSON cannot hold are walked too
 
 
 def test_non_utf8_bytes_decode_with_replacement_and_break_nothing(envs, parsers, tmp_path):
