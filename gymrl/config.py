@@ -275,6 +275,24 @@ class TrainConfig(Section):
     )
     mtp_learning_rate: float = Field(default=1e-3, gt=0, description="AdamW learning rate of the MTP layer (with "
                                      "mtp_loss_weight > 0); it follows lr_schedule like the policy's.")
+    device: Literal["cpu", "cuda"] = Field(
+        default="cpu",
+        description="Where the trainer runs. cuda: on the last GPU when the machine has more than the engines reserve "
+        "(one generating, one training), else on GPU 0 beside the engines (keep engine.gpu_memory_utilization low).",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="The trainer's weights and compute. bfloat16 on cuda halves memory and runs the tensor cores; the "
+        "AdamW state follows the weights' dtype. Logprobs are computed in float32 either way.",
+    )
+    weight_sync: Literal["auto", "bytes", "ipc", "broadcast"] = Field(
+        default="auto",
+        description="How a push reaches the engines. bytes: one safetensors blob through Ray's object store (any "
+        "machine); ipc: one flat CUDA buffer shared by CUDA IPC (trainer and engines on one GPU); broadcast: one "
+        "flat buffer sent by a collective broadcast to every engine worker, NCCL on cuda and gloo on CPU (the "
+        "trainer on its own GPU). auto: ipc when trainer and engines share a GPU, broadcast when the trainer has one "
+        "of its own, bytes on CPU.",
+    )
 
 
 class EvalConfig(Section):
@@ -344,6 +362,15 @@ class RunConfig(Section):
             raise ValueError(f"train.push_every={self.train.push_every} needs train.max_staleness >= "
                              f"{self.train.push_every - 1}: between pushes the engines' weights fall that many "
                              "versions behind, and every sample would be too stale to use")
+        sync, device = self.train.weight_sync, self.train.device
+        if sync == "ipc" and (device != "cuda" or self.engine.device != "cuda"):
+            raise ValueError("train.weight_sync: ipc shares a CUDA buffer, so it needs train.device and engine.device "
+                             f"cuda (they are {device} and {self.engine.device})")
+        if sync == "broadcast" and device != self.engine.device:
+            raise ValueError(f"train.weight_sync: broadcast needs trainer and engines on one kind of device (train."
+                             f"device is {device}, engine.device {self.engine.device}): NCCL joins GPUs, gloo CPUs")
+        if self.train.dtype == "bfloat16" and device == "cpu":
+            raise ValueError("train.dtype: bfloat16 training is for train.device cuda; on CPU keep float32")
         if self.sampling.max_tokens >= self.engine.max_model_len:
             raise ValueError(
                 f"sampling.max_tokens ({self.sampling.max_tokens}) must be smaller than "

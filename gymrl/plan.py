@@ -29,7 +29,6 @@ from gymrl.resources import memory_problem
 
 Rows = list[tuple[str, str]]
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-TRAINER_BYTES_PER_PARAM = 16  # float32 weights (4) + gradients (4) + AdamW's two moments (8)
 
 
 @dataclass
@@ -203,24 +202,43 @@ def _engines(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, plan
 
 
 def _trainer(cfg: RunConfig, info: CheckpointInfo | None, plan: Plan) -> None:
+    from gymrl.resources import trainer_gpu
+
     tr = cfg.train
+    gpu = trainer_gpu(cfg, plan.gpus_visible) if tr.device == "cuda" else None
+    if gpu is None:
+        where = "cpu: this process"
+    elif plan.gpus_visible == 0:
+        where = (f"cuda: this process, on a GPU of its own when the machine has more than the {plan.gpus_needed} the "
+                 "engines reserve, else on GPU 0 beside them (no GPU visible here)")
+    elif plan.gpus_visible > plan.gpus_needed:
+        where = f"cuda:{gpu}: this process, a GPU of its own (Ray gets the others)"
+    else:
+        where = "cuda:0: this process, sharing GPU 0 with the engines"
     rows: Rows = [
-        ("device", "cpu: this process, float32 policy, AdamW (gymrl has no GPU trainer yet)"),
+        ("device", f"{where}; {tr.dtype} policy, AdamW; weight sync {tr.weight_sync}"),
         ("schedule", f"{tr.steps} steps; batch {tr.prompts_per_step} prompts x {tr.group_size} samples = "
                      f"{tr.prompts_per_step * tr.group_size} rollouts; micro-batch {tr.micro_batch_size}"),
         ("objective", f"{tr.loss_type}, lr {tr.learning_rate:g}, beta {tr.beta:g}, clip "
                       f"[{tr.epsilon_low:g}, {tr.epsilon_high:g}]; eval every {cfg.eval.every} steps"),
     ]
     if info is not None and info.num_parameters is not None:
-        need = info.num_parameters * (TRAINER_BYTES_PER_PARAM + (4 if tr.beta > 0 else 0))
-        rows.append(("memory", f"about {_gb(need)} of host memory; {_gb(_host_memory())} here; weight push "
-                               f"{_gb(info.num_parameters * 4)} per step"))
-        if need > _host_memory():
-            plan.warnings.append(f"the trainer needs about {_gb(need)} of host memory (float32 + AdamW), this machine "
-                                 f"has {_gb(_host_memory())}")
-    if cfg.engine.device == "cuda":
-        plan.warnings.append("engines run on cuda, but the trainer runs on this process's CPU in float32: fine for "
-                             "small models, not for a multi-billion-parameter policy")
+        width = DTYPE_BYTES[tr.dtype]
+        need = info.num_parameters * (width * 4 + (width if tr.beta > 0 else 0))  # weights, grads, AdamW's 2 moments
+        memory = "GPU" if gpu is not None else "host"
+        rows.append(("memory", f"about {_gb(need)} of {memory} memory" + (
+            f"; {_gb(_host_memory())} here" if gpu is None else "") + f"; weight push {_gb(info.num_parameters * width)} "
+            "per step"))
+        gpu_memory = _gpus()[1]
+        if gpu is not None and gpu_memory and need > gpu_memory:
+            plan.warnings.append(f"the trainer needs about {_gb(need)} of GPU memory ({tr.dtype} weights, gradients "
+                                 f"and AdamW's moments), more than the {_gb(gpu_memory)} of a GPU here: use train.lora")
+        if gpu is None and need > _host_memory():
+            plan.warnings.append(f"the trainer needs about {_gb(need)} of host memory ({tr.dtype} + AdamW), this "
+                                 f"machine has {_gb(_host_memory())}")
+    if cfg.engine.device == "cuda" and tr.device == "cpu":
+        plan.warnings.append("engines run on cuda, but the trainer runs on this process's CPU (train.device cpu): "
+                             "fine for small models, not for a multi-billion-parameter policy")
     plan.sections["trainer"] = rows
 
 

@@ -59,8 +59,34 @@ def cpu_problem(cfg: RunConfig, cpus: int | None = None) -> str | None:
     return None
 
 
+def engine_gpus(cfg: RunConfig) -> int:
+    """GPUs the engines reserve through Ray."""
+    return cfg.engine.num_engines * cfg.engine.tensor_parallel_size if cfg.engine.device == "cuda" else 0
+
+
+def trainer_gpu(cfg: RunConfig, gpus: int | None = None) -> int | None:
+    """The GPU index the trainer takes on a local Ray (None: it runs on CPU): the last GPU when the machine has more
+    than the engines reserve (Ray is then given only the others, so no engine lands on it), else GPU 0, shared with
+    an engine."""
+    if cfg.train.device != "cuda":
+        return None
+    gpus = visible_gpus() if gpus is None else gpus
+    return gpus - 1 if gpus > engine_gpus(cfg) else 0
+
+
+def ray_gpus(cfg: RunConfig, gpus: int | None = None) -> int | None:
+    """``num_gpus`` for a local ``ray.init``: all but the trainer's own GPU, if it has one (Ray hands out GPUs 0 to
+    num_gpus - 1); None lets Ray count them."""
+    gpus = visible_gpus() if gpus is None else gpus
+    own = trainer_gpu(cfg, gpus)
+    return gpus - 1 if own is not None and gpus > engine_gpus(cfg) else None
+
+
 def gpu_problem(cfg: RunConfig, gpus: int | None = None) -> str | None:
     eng = cfg.engine
+    if cfg.train.device == "cuda" and eng.device != "cuda":
+        gpus = visible_gpus() if gpus is None else gpus
+        return "train.device is cuda, but this machine shows no GPU (torch.cuda.device_count() = 0)" if gpus == 0 else None
     if eng.device != "cuda":
         return None
     gpus = visible_gpus() if gpus is None else gpus

@@ -21,7 +21,7 @@ from gymrl.envs.launcher import REPO_ROOT, EnvServer, ServerSupervisor
 from gymrl.envs.registry import load_environment
 from gymrl.models.checkpoint import inspect_checkpoint, load_policy
 from gymrl.models.tiny import build_tiny_model
-from gymrl.resources import check_resources
+from gymrl.resources import check_resources, ray_gpus
 from gymrl.rollout.engine import EnginePool, start_engine, start_engines
 from gymrl.rollout.runner import RolloutRunner, check_prompts_fit
 from gymrl.rollout.tool_calls import parser_class
@@ -60,9 +60,11 @@ def init_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    local = cfg.ray_address is None
     ray.init(
         address=cfg.ray_address,
-        num_cpus=cfg.ray_num_cpus if cfg.ray_address is None else None,
+        num_cpus=cfg.ray_num_cpus if local else None,
+        num_gpus=ray_gpus(cfg) if local else None,  # the trainer's own GPU is not Ray's to give to an engine
         include_dashboard=False,
         log_to_driver=bool(os.environ.get("GYMRL_VERBOSE")),
         logging_level=logging.WARNING,
@@ -136,7 +138,7 @@ def start_session(cfg: RunConfig) -> Session:
         from gymrl.models.mtp import check_mtp_training
 
         check_mtp_training(info.model_type, info.mtp_layers, model_path)
-    policy, tokenizer = load_policy(model_path)
+    policy, tokenizer = load_policy(model_path, cfg.train.dtype)
     if cfg.train.lora is not None:  # a bad target_modules fails now, not after the engines start
         from gymrl.train.lora import check_targets
 

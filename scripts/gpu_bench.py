@@ -27,13 +27,15 @@ def _median(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
-def copy_bandwidth(gib: float = 2.0, repeats: int = 20) -> dict:
-    """Device-to-device copy of a ``gib`` GiB random buffer, timed with CUDA events (median)."""
+def copy_bandwidth(gib: float = 2.0, repeats: int = 20, src_device: str = "cuda", dst_device: str = "cuda") -> dict:
+    """Device-to-device copy of a ``gib`` GiB random buffer (within a GPU, or from one GPU to another), timed with
+    CUDA events on the source's stream (median)."""
     import torch
 
     n = int(gib * 2**30)
-    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
+    torch.cuda.set_device(torch.device(src_device))
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=src_device)
+    dst = torch.empty(n, dtype=torch.uint8, device=dst_device)
     for _ in range(3):
         dst.copy_(src)
     times = []
@@ -144,6 +146,53 @@ def _pushes(pool, policy, prompts, repeats: int) -> dict:
     return out
 
 
+def part_train(cfg, work: Path, steps: int, repeats: int, trl: tuple[str, ...]) -> dict:
+    """The trainer on a GPU of its own (bf16; the engine on GPU 0, the trainer on the last GPU): the weight push by
+    NCCL broadcast against a copy between the two GPUs, then gymrl sync and async GRPO, and with ``trl`` TRL's
+    GRPOTrainer (gymrl's vs-trl suite: same model, tasks, reward, batch, lengths, lr and seed)."""
+    import torch
+
+    from gymrl.bench_vs_trl import compare_with_trl
+    from gymrl.session import start_session
+    from gymrl.train.loop import GRPOTrainer
+    from gymrl.train.policy import pad_batch, token_logprobs
+
+    gpus = torch.cuda.device_count()
+    out: dict = {"gpus": gpus, "copy_bandwidth": {} if not gpus else {  # none: a CPU rehearsal
+        "within_gpu0": copy_bandwidth(src_device="cuda:0", dst_device="cuda:0"),
+        f"gpu{gpus - 1}_to_gpu0": copy_bandwidth(src_device=f"cuda:{gpus - 1}", dst_device="cuda:0")}}
+    session = start_session(cfg)
+    try:
+        trainer = GRPOTrainer(session)  # moves the policy to its GPU; its pusher picks the way (auto)
+        pushes = []
+        for version in range(1, repeats + 2):
+            trainer.version = version
+            trainer.push_weights()
+            pushes.append(trainer.pusher.last)
+        pushes = pushes[1:]  # the first forms the broadcast group
+        size = pushes[0]["bytes"]
+        out["weight_push"] = {"method": trainer.pusher.method, "trainer_device": str(trainer.device),
+                              "weight_bytes": size, "push_s": _median([p["total_s"] for p in pushes]),
+                              "send_s": _median([p["send_s"] for p in pushes]),
+                              "pack_s": _median([p["pack_s"] for p in pushes]),
+                              "push_GBps": size / statistics.median(p["total_s"] for p in pushes) / 1e9,
+                              "send_GBps": size / statistics.median(p["send_s"] for p in pushes) / 1e9}
+        # The engine now holds the trainer's bf16 weights: its logprobs and the trainer's of the same tokens.
+        prompts = _prompts(cfg, session.tokenizer, 4)
+        seqs = [p + p[:8] for p in prompts]
+        engine = session.pool.score(seqs)
+        ids, attn, _ = pad_batch([s[:1] for s in seqs], [s[1:] for s in seqs], session.tokenizer.pad_token_id)
+        with torch.no_grad():
+            ours = token_logprobs(session.policy, ids.to(trainer.device), attn.to(trainer.device)).cpu()
+        out["weight_push"]["max_logprob_gap_engine_vs_trainer"] = max(
+            abs(a - float(b)) for e, o, s in zip(engine, ours, seqs) for a, b in zip(e, o[: len(s) - 1]))
+        del trainer
+        out["vs_trl"] = compare_with_trl(session, work / "vs-trl", steps, trl)
+    finally:
+        session.close()
+    return out
+
+
 def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: int) -> dict:
     import ray
     import torch
@@ -207,7 +256,7 @@ def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: i
 def markdown(res: dict) -> str:
     rows = []
     b = res.get("build", {})
-    if b and b["copy_bandwidth"]:
+    if b.get("copy_bandwidth"):
         bw, m = b["copy_bandwidth"], b["model"]
         rows += [("device-to-device copy, 2 GiB (GB/s copied; read+written)",
                   f"{bw['copied_GBps']:.0f}; {bw['read_plus_written_GBps']:.0f}"),
@@ -248,19 +297,49 @@ def markdown(res: dict) -> str:
             rows.append(("max logprob change: same weights bytes / ipc; changed via ipc; restored",
                          f"{wp['bytes']['logprob_gap_after_same_weights']:.3g} / {wp['ipc']['logprob_gap_after_same_weights']:.3g}; "
                          f"{wp['ipc_changed_weights_logprob_gap']:.3g}; {wp['restored_logprob_gap']:.3g}"))
+    for key, t in res.get("train", {}).items():
+        rows += _train_rows(key, t)
     return "\n".join(["| measure | value |", "| --- | --- |"] + [f"| {a} | {v} |" for a, v in rows]) + "\n"
+
+
+def _train_rows(key: str, t: dict) -> list[tuple[str, str]]:
+    """The ``train`` part's rows: copy bandwidths, the push, and every runner's step (and trainer) throughput."""
+    if "error" in t:
+        return [(f"train ({key})", "failed: " + t["error"][:300].replace("|", "/").replace("\n", " "))]
+    rows = [(f"[{key}] copy 2 GiB, {name} (GB/s copied)", f"{bw['copied_GBps']:.0f}")
+            for name, bw in t["copy_bandwidth"].items()]
+    w = t["weight_push"]
+    rows += [(f"[{key}] weight push ({w['method']}, trainer on {w['trainer_device']}, {w['weight_bytes'] / 1e9:.2f} GB): "
+              "s in all, GB/s; broadcast s, GB/s; pack s",
+              f"{w['push_s']['median']:.3f}, {w['push_GBps']:.1f}; {w['send_s']['median']:.3f}, {w['send_GBps']:.1f}; "
+              f"{w['pack_s']['median']:.3f}"),
+             (f"[{key}] max logprob gap, engine vs trainer after the push", f"{w['max_logprob_gap_engine_vs_trainer']:.3g}")]
+    v = t["vs_trl"]
+    for name, r in v["runs"].items():
+        ph = r["phases"]
+        train_s = ph.get("train_s", ph.get("rest_s"))
+        rows.append((f"[{key}] {name}: s/step median [min-max]; generated tok/s; trainer s/step; held-out reward",
+                     f"{r['step_s']['median']:.2f} [{r['step_s']['min']:.2f}-{r['step_s']['max']:.2f}]; "
+                     f"{r['tokens_per_s']['median']:,.0f}; {train_s:.2f}; {r['held_out_reward']:.3f}"))
+    for name, r in v["ratios"].items():
+        rows.append((f"[{key}] {name}: steps/s ratio; tok/s ratio", f"x{r['steps_per_s']:.2f}; x{r['tokens_per_s']:.2f}"))
+    if "gymrl sync" in v["runs"] and "gymrl async" in v["runs"]:
+        rows.append((f"[{key}] async / sync steps/s", f"x{v['runs']['gymrl async']['steps_per_s'] / v['runs']['gymrl sync']['steps_per_s']:.2f}"))
+    return rows
 
 
 def main() -> None:
     from gymrl.config import load_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", choices=("build", "engines", "report"))
+    p.add_argument("part", choices=("build", "engines", "train", "report"))
     p.add_argument("--config", default=str(ROOT / "configs" / "gpu_bench.yaml"))
     p.add_argument("--work", default="/tmp/gpubench")
     p.add_argument("--spec", default="0,1,2,3", help="num_speculative_tokens values (0 = off), one engine each")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--greedy-prompts", type=int, default=64)
+    p.add_argument("--steps", type=int, default=6, help="train: GRPO steps of each runner (step 1 warms up)")
+    p.add_argument("--trl", default="", help="train: TRL generations to compare with, e.g. transformers,vllm")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (YAML value)")
     args = p.parse_args()
     import yaml
@@ -280,6 +359,10 @@ def main() -> None:
     elif args.part == "engines":
         ks = [int(k) for k in args.spec.split(",")]
         res.setdefault("engines", {}).update(part_engines(cfg, work, ks, args.repeats, args.greedy_prompts))
+    elif args.part == "train":
+        trl = tuple(g for g in args.trl.split(",") if g)
+        res.setdefault("train", {})["trl_" + "_".join(trl) if trl else "gymrl"] = part_train(
+            cfg, work, args.steps, args.repeats, trl)
     file.write_text(json.dumps(res, indent=2))
     md = markdown(res)
     (work / "results.md").write_text(md)

@@ -16,14 +16,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-def load_policy(path: str | Path) -> tuple[torch.nn.Module, object]:
-    """(model in float32, tokenizer) from a local checkpoint folder."""
+def load_policy(path: str | Path, dtype: str = "float32") -> tuple[torch.nn.Module, object]:
+    """(model in ``dtype``, tokenizer) from a local checkpoint folder. Loaded in its dtype rather than cast after:
+    buffers that transformers computes in float32 (rotary frequencies) stay so."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint folder at '{path}'")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"not an HF checkpoint: '{path}' has no config.json")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
 

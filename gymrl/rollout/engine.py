@@ -371,6 +371,11 @@ class RolloutEngine:
             await self.llm.resume_generation()
         return WeightUpdate(self.engine_id, version, time.perf_counter() - started, load_seconds, in_flight, recompute_kv)
 
+    async def worker_call(self, method: str, payload: bytes | None = None) -> list:
+        """Call a :class:`~gymrl.rollout.weight_sync.WeightSyncExtension` method in every worker of this engine
+        (one result per tensor-parallel rank), without pausing its requests."""
+        return await self.llm.collective_rpc(method, args=() if payload is None else (payload,))
+
     def stats(self, new_peak_window: bool = False) -> EngineStats:
         """The counters now. ``new_peak_window``: start measuring ``peak_in_flight`` afresh after this
         reading (the per-step metrics do; a plain look at the engine leaves it alone)."""
@@ -453,7 +458,7 @@ class EnginePool:
         self._restart_lock = threading.Lock()
         self._load = [0] * len(actors)  # sequences this pool has in flight on each engine
         self._last: list[EngineStats] | None = None
-        self._weights: tuple | None = None  # (object ref, version, recompute_kv) of the newest push
+        self._weights: Callable[[], tuple] | None = None  # load_weights' arguments for a new engine: the newest push
 
     def _replace(self, e: int, dead, why: str):
         """A live actor in place of ``dead`` at engine ``e``: a new one with the newest weights, or the one another
@@ -473,17 +478,20 @@ class EnginePool:
             started = time.perf_counter()
             actor = self._restart(e)
             if self._weights is not None:
-                ray.get(actor.load_weights.remote(*self._weights))
+                ray.get(actor.load_weights.remote(*self._weights()))
             self.actors[e] = actor
             log.warning("engine %d restarted in %.1f s", e, time.perf_counter() - started)
             return actor
 
     def _call(self, calls: dict[int, Callable[[Any], Any]], timeout_s: float | None, what: str,
-              hung_is_dead: bool = False) -> dict[int, Any]:
+              hung_is_dead: bool = False, meanwhile: Callable[[], None] | None = None) -> dict[int, Any]:
         """Run ``calls[e](actor)`` on each engine ``e`` at once and wait for their results. A call whose engine died
         runs again on its replacement. Past ``timeout_s`` the calls left are cancelled: with ``hung_is_dead`` their
-        engines are replaced and asked again, else it is an :class:`EngineError`."""
+        engines are replaced and asked again, else it is an :class:`EngineError`. ``meanwhile`` runs here once the
+        calls are sent, before waiting (the trainer's side of a broadcast)."""
         pending = {e: (self.actors[e], call(self.actors[e])) for e, call in calls.items()}
+        if meanwhile is not None:
+            meanwhile()
         results = {}
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while pending:
@@ -550,12 +558,28 @@ class EnginePool:
         return time.perf_counter() - started
 
     def update_weights(self, blob: bytes, version: int, recompute_kv: bool = False,
-                       method: str = "gymrl_load_weights") -> list[WeightUpdate]:
-        """Load new weights into every engine at once; returns how each took them."""
+                       method: str = "gymrl_load_weights", meanwhile: Callable[[], None] | None = None,
+                       replay: Callable[[], bytes] | None = None) -> list[WeightUpdate]:
+        """Load new weights into every engine at once; returns how each took them. ``method`` and ``blob``: the
+        worker method and its payload (a safetensors blob by default; see weight_sync.py for the others).
+        ``meanwhile``: runs once the engines were asked (the sender's side of a broadcast). ``replay``: the same
+        weights as a safetensors blob, for an engine restarted later, when ``blob`` cannot be loaded again."""
         ref = ray.put(blob)  # one copy in the object store, read by every engine (and by a restarted one)
-        self._weights = (ref, version, recompute_kv)
+        if replay is None:
+            self._weights = lambda: (ref, version, recompute_kv, method)
+        else:  # packed only if an engine restarts
+            self._weights = lambda: (ray.put(replay()), version, recompute_kv)
         calls = {e: (lambda a: a.load_weights.remote(ref, version, recompute_kv, method)) for e in range(len(self.actors))}
-        done = self._call(calls, None, "weight update")
+        done = self._call(calls, None, "weight update", meanwhile=meanwhile)
+        return [done[e] for e in range(len(self.actors))]
+
+    def worker_call(self, method: str, payload: bytes | list[bytes] | None = None,
+                    meanwhile: Callable[[], None] | None = None) -> list[list]:
+        """:meth:`RolloutEngine.worker_call` on every engine at once (``payload``: one for all, or one per engine):
+        each engine's per-worker results."""
+        each = payload if isinstance(payload, list) else [payload] * len(self.actors)
+        done = self._call({e: (lambda a, e=e: a.worker_call.remote(method, each[e])) for e in range(len(self.actors))},
+                          None, method, meanwhile=meanwhile)
         return [done[e] for e in range(len(self.actors))]
 
     def score(self, sequences: list[list[int]]) -> list[list[float]]:

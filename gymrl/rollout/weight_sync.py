@@ -7,12 +7,17 @@ name, with no pickled functions (vLLM otherwise needs VLLM_ALLOW_INSECURE_SERIAL
 
 On one GPU the bytes need not leave the device: :func:`pack_flat` lays the weights out in one flat CUDA buffer
 and :func:`cuda_ipc_payload` sends only its CUDA IPC handle and layout (a few kB); the workers map the same
-memory and reload from views of it (``gymrl_load_weights_ipc``), one device-to-device copy in all.
+memory and reload from views of it (``gymrl_load_weights_ipc``), one device-to-device copy in all. With the
+trainer on a device of its own, the same flat buffer goes by one collective broadcast (NCCL between GPUs, gloo
+on CPU) to every engine worker, which joined a process group with the trainer once (``gymrl_join_broadcast``,
+``gymrl_load_weights_broadcast``).
 """
 
+import datetime
 import pickle
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -25,12 +30,17 @@ def pack_policy(model, mtp_layer=None) -> bytes:
     transformers keeps fused, such as DeepSeek-V3's experts, go split as ``save_pretrained`` writes them). A LoRA
     policy goes as its merged weights under the base model's names: the engines serve a plain model. An MTP layer
     that the trainer trains goes along under its checkpoint names, for the engines' drafters."""
+    return pack_state_dict(policy_tensors(model, mtp_layer))
+
+
+def policy_tensors(model, mtp_layer=None) -> dict[str, torch.Tensor]:
+    """The tensors :func:`pack_policy` sends, by checkpoint name, on the trainer's device (for :func:`pack_flat`)."""
     from gymrl.models.mtp import mtp_checkpoint_tensors
 
     tensors = checkpoint_tensors(base_model(model), _untied(merged_state_dict(model)))
     if mtp_layer is not None:
         tensors |= mtp_checkpoint_tensors(model, mtp_layer)
-    return pack_state_dict(tensors)
+    return tensors
 
 
 def pack_state_dict(state_dict: dict[str, torch.Tensor]) -> bytes:
@@ -92,6 +102,33 @@ def cuda_ipc_payload(flat: torch.Tensor, layout: Layout) -> bytes:
     return pickle.dumps((reduce_tensor(flat), layout))
 
 
+BROADCAST_TIMEOUT = datetime.timedelta(minutes=5)  # a member that never joins or sends fails the others this late
+
+
+def broadcast_group(host: str, port: int, rank: int, world_size: int, device: torch.device):
+    """One process's member of the trainer's broadcast group (rank 0: the trainer, which hosts the rendezvous
+    store). A stand-alone process group, not torch.distributed's default one: vLLM's workers already have theirs.
+    NCCL for CUDA tensors, gloo for CPU ones; every member must call this at once."""
+    store = dist.PrefixStore("gymrl-weights", dist.TCPStore(host, port, world_size, is_master=rank == 0,
+                                                            timeout=BROADCAST_TIMEOUT))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        return dist.ProcessGroupNCCL(store, rank, world_size, dist.ProcessGroupNCCL.Options())
+    return dist.ProcessGroupGloo(store, rank, world_size, BROADCAST_TIMEOUT)
+
+
+def broadcast(group, flat: torch.Tensor) -> None:
+    """Send (rank 0) or receive (the others) ``flat`` in place, and wait until it is complete."""
+    group.broadcast(flat, 0).wait()
+    if flat.is_cuda:
+        torch.cuda.synchronize(flat.device)
+
+
+def device_uuid(device: torch.device) -> str | None:
+    """The GPU's UUID (the same GPU under any CUDA_VISIBLE_DEVICES numbering); None on CPU."""
+    return str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None
+
+
 class WeightSyncExtension:
     """Mixed into vLLM's worker class; methods run inside every engine worker."""
 
@@ -104,7 +141,10 @@ class WeightSyncExtension:
     def gymrl_load_weights(self, blob: bytes) -> int:
         """Load the blob into the model, and its MTP-layer tensors, if any, into the MTP drafter; returns the number
         of tensors in the blob."""
-        weights = load_safetensors(blob)
+        return self._reload(load_safetensors(blob))
+
+    def _reload(self, weights: dict[str, torch.Tensor]) -> int:
+        """Load named checkpoint tensors into the model in place, and the MTP layer's, if any, into the drafter."""
         # In-place reload through vLLM's own path (handles fused qkv / gate_up layouts). A plain
         # model.load_weights() after start-up fails on CPU ("'Parameter' has no attribute 'weight_loader'").
         # The target model skips the MTP layer's names, as it does in a checkpoint.
@@ -133,11 +173,32 @@ class WeightSyncExtension:
     def gymrl_load_weights_ipc(self, payload: bytes) -> int:
         """Load from the trainer's flat CUDA buffer, mapped by its IPC handle (:func:`cuda_ipc_payload`)."""
         (rebuild, args), layout = pickle.loads(payload)  # our own trainer's payload, sent over the engine's RPC
-        weights = unpack_flat(rebuild(*args), layout)
-        self.model_runner.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
-        self._refresh_tied_lm_head()
+        count = self._reload(unpack_flat(rebuild(*args), layout))
         torch.cuda.synchronize()  # the copies out of the shared buffer are done before the trainer may free it
-        return len(weights)
+        return count
+
+    def _gymrl_device(self) -> torch.device:
+        return next(self.model_runner.get_model().parameters()).device
+
+    def gymrl_device_uuid(self) -> str | None:
+        """Which GPU this worker's model is on (None on CPU): a trainer on the same one pushes by CUDA IPC."""
+        return device_uuid(self._gymrl_device())
+
+    def gymrl_join_broadcast(self, payload: bytes) -> int:
+        """Join the trainer's broadcast group (:func:`broadcast_group`) as rank ``first_rank`` + this worker's rank
+        in its engine; returns that rank. A later join replaces the group (after an engine restart)."""
+        host, port, world_size, first_rank = pickle.loads(payload)
+        rank = first_rank + getattr(self, "rank", 0)
+        self._gymrl_group = broadcast_group(host, port, rank, world_size, self._gymrl_device())
+        return rank
+
+    def gymrl_load_weights_broadcast(self, payload: bytes) -> int:
+        """Receive the trainer's flat buffer by broadcast (its layout and size come in ``payload``) and reload from
+        views of it."""
+        layout, nbytes = pickle.loads(payload)
+        flat = torch.empty(nbytes, dtype=torch.uint8, device=self._gymrl_device())
+        broadcast(self._gymrl_group, flat)
+        return self._reload(unpack_flat(flat, layout))
 
     def _refresh_tied_lm_head(self) -> None:
         """Re-tie and re-prepare an lm_head that shares the input embedding.

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from gymrl.config import SamplingConfig
 from gymrl.envs.base import Task
 from gymrl.envs.client import EnvServerError
+from gymrl.resources import trainer_gpu
 from gymrl.models.checkpoint import inspect_checkpoint, save_policy
 from gymrl.models.mtp import draft_kl, draft_logits, load_mtp_layer
 from gymrl.rollout.engine import EngineError, SpecStats
 from gymrl.rollout.runner import RolloutBatch, RolloutRunner
-from gymrl.rollout.weight_sync import pack_policy
 from gymrl.session import Session
 from gymrl.train.grpo import GRPOLossConfig, group_advantages, grpo_loss
 from gymrl.train.lora import apply_lora
@@ -38,6 +38,7 @@ from gymrl.train.checkpoint import StopSignal, load_checkpoint, save_checkpoint
 from gymrl.train.producer import Cursor, Failure, Group, RolloutProducer
 from gymrl.traces.store import TRACE_FILE, TraceWriter, run_metadata
 from gymrl.train.policy import logprobs_from_logits, pad_batch, stop_banned_mask, stop_token_ids
+from gymrl.train.weight_push import WeightPusher
 
 @dataclass
 class StepResult:
@@ -55,6 +56,9 @@ class GRPOTrainer:
         self.s = session
         cfg = session.cfg
         self.cfg = cfg
+        gpu = trainer_gpu(cfg)
+        self.device = torch.device("cpu") if gpu is None else torch.device("cuda", gpu)
+        session.policy.to(self.device)  # loaded in train.dtype (load_policy)
         self.reference = None
         if cfg.train.beta > 0:  # the initial policy, copied before any LoRA adapter goes in
             self.reference = copy.deepcopy(session.policy).eval().requires_grad_(False)
@@ -65,6 +69,8 @@ class GRPOTrainer:
         info = inspect_checkpoint(session.model_path)
         self.mtp = load_mtp_layer(session.policy, session.model_path) if info.model_type == "deepseek_v3" and \
             info.mtp_layers else None
+        if self.mtp is not None:
+            self.mtp.to(device=self.device, dtype=getattr(torch, cfg.train.dtype))
         self.mtp_weight = cfg.train.mtp_loss_weight if self.mtp is not None else 0.0
         groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]  # with LoRA, the adapters only
         if self.mtp_weight > 0:
@@ -85,6 +91,7 @@ class GRPOTrainer:
         )
         self.version = 0
         self.stop_ids = stop_token_ids(session.tokenizer, session.policy)  # banned by sampling.min_tokens
+        self.pusher = WeightPusher(session.pool, cfg.train.weight_sync, self.device, cfg.engine.dtype)
 
     def evaluate(self, tasks: list[Task]) -> tuple[dict[str, float], RolloutBatch]:
         return evaluate(self.s.runner, tasks, self.cfg.sampling.max_tokens, self.version)
@@ -104,7 +111,7 @@ class GRPOTrainer:
         started = time.perf_counter()
         rollouts = batch.rollouts
         rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
-        advantages = group_advantages(rewards, batch.group_size, scale_by_std=self.cfg.train.scale_rewards)
+        advantages = group_advantages(rewards, batch.group_size, scale_by_std=self.cfg.train.scale_rewards).to(self.device)
         pad_id = self.s.tokenizer.pad_token_id
         total_tokens = max(1, batch.num_tokens)
         mb = self.cfg.train.micro_batch_size
@@ -121,13 +128,15 @@ class GRPOTrainer:
                 begin = len(r.prompt_ids) - 1
                 behaviour[i, begin : begin + len(r.logprobs)] = torch.tensor(r.logprobs)
             temperature = torch.tensor([r.temperature for r in part])  # tool tasks may sample at their own
+            banned = stop_banned_mask([len(r.prompt_ids) for r in part], [r.stop_banned for r in part], ids.shape[1])
+            ids, attn, mask, behaviour, temperature, banned = (
+                t.to(self.device, non_blocking=True) for t in (ids, attn, mask, behaviour, temperature, banned))
             if self.mtp_weight > 0:  # the same forward as the policy's, keeping the hidden states for the MTP layer
                 hidden = self.policy.model(input_ids=ids, attention_mask=attn).last_hidden_state
                 logits = self.policy.lm_head(hidden)
                 mtp_sums.append(self._mtp_sums(ids, hidden, logits, mask))
             else:
                 logits = self.policy(input_ids=ids, attention_mask=attn).logits
-            banned = stop_banned_mask([len(r.prompt_ids) for r in part], [r.stop_banned for r in part], ids.shape[1])
             logps = logprobs_from_logits(logits, ids, temperature, banned, self.stop_ids)
             ref = None
             if self.reference is not None:
@@ -182,9 +191,9 @@ class GRPOTrainer:
         return kl, agree, float(where.sum())
 
     def push_weights(self) -> float:
-        """Pack the trainer's weights and load them into every live engine."""
-        return self.s.pool.push_weights(pack_policy(self.policy, self.mtp if self.mtp_weight > 0 else None), self.version,
-                                        self.cfg.engine.recompute_kv_on_update)
+        """Load the trainer's weights into every live engine (``train.weight_sync``: by bytes, CUDA IPC or broadcast)."""
+        return self.pusher.push(self.policy, self.mtp if self.mtp_weight > 0 else None, self.version,
+                                self.cfg.engine.recompute_kv_on_update)
 
 
 def held_out_tasks(session: Session) -> list[Task]:

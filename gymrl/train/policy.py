@@ -64,7 +64,7 @@ def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor,
     elif temperature != 1.0:
         logits = logits / temperature
     if stop_banned is not None and stop_ids and bool(stop_banned.any()):
-        is_stop = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        is_stop = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         is_stop[[i for i in stop_ids if i < logits.shape[-1]]] = True
         logits = logits.masked_fill(stop_banned[..., None] & is_stop, float("-inf"))
     return torch.gather(F.log_softmax(logits, dim=-1), 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)

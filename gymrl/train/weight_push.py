@@ -1,0 +1,117 @@
+"""The trainer's side of a weight push (``train.weight_sync``): which way the weights go, and sending them.
+
+bytes: one safetensors blob through Ray's object store (works anywhere). ipc: one flat CUDA buffer whose IPC
+handle the engines map (trainer and engines on one GPU). broadcast: the same flat buffer sent by one collective
+broadcast to every engine worker (NCCL from the trainer's own GPU, gloo on CPU). The engines' side is
+:class:`gymrl.rollout.weight_sync.WeightSyncExtension`.
+"""
+
+import logging
+import pickle
+import socket
+import time
+
+import ray
+import torch
+
+from gymrl.rollout.engine import EnginePool
+from gymrl.rollout.weight_sync import (broadcast, broadcast_group, cuda_ipc_payload, device_uuid, pack_flat,
+                                       pack_policy, pack_state_dict, policy_tensors, unpack_flat)
+
+log = logging.getLogger(__name__)
+
+
+class WeightSyncError(RuntimeError):
+    """``train.weight_sync`` asks for a way that this placement of trainer and engines cannot use."""
+
+
+def choose_method(wanted: str, device: torch.device, engine_gpus: list[str | None]) -> str:
+    """The way a push goes, given the trainer's device and the GPU (UUID; None on CPU) of every engine worker."""
+    if wanted == "bytes" or (wanted == "auto" and device.type == "cpu"):
+        return "bytes"
+    mine = device_uuid(device)
+    shared = [g == mine for g in engine_gpus] if mine is not None else [False] * len(engine_gpus)
+    if wanted == "auto":
+        return "ipc" if all(shared) else "broadcast" if not any(shared) else "bytes"
+    if wanted == "ipc" and not all(shared):
+        raise WeightSyncError("train.weight_sync: ipc needs every engine on the trainer's GPU, and "
+                              f"{shared.count(False)} of {len(shared)} engine workers are not; use broadcast or auto")
+    if wanted == "broadcast" and any(shared):
+        raise WeightSyncError("train.weight_sync: broadcast needs the trainer on a device of its own (NCCL refuses "
+                              f"two members on one GPU), and {shared.count(True)} engine worker(s) share its GPU; use "
+                              "ipc or auto")
+    return wanted
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class WeightPusher:
+    """Pushes the trainer's policy into every engine of ``pool`` the configured way (chosen at the first push,
+    when the engines' devices are known)."""
+
+    def __init__(self, pool: EnginePool, wanted: str, device: torch.device, engine_dtype: str):
+        self.pool, self.wanted, self.device = pool, wanted, device
+        self.dtype = None if engine_dtype == "auto" else getattr(torch, engine_dtype)  # what the engines hold
+        self.method: str | None = None
+        self._group = None
+        self._group_restarts = -1  # the pool's restart count when the group formed: a new engine must join
+        self._flat: torch.Tensor | None = None  # kept alive: IPC maps it, a restarted engine is loaded from it
+        self.last: dict[str, float] = {}  # the newest push: bytes sent, seconds packing, sending, in all
+
+    def push(self, policy, mtp, version: int, recompute_kv: bool) -> float:
+        """Load the policy (and the MTP layer, if given) into every engine; returns the wall time."""
+        started = time.perf_counter()
+        if self.method is None:
+            gpus = [g for per_engine in self.pool.worker_call("gymrl_device_uuid") for g in per_engine]
+            self.method = choose_method(self.wanted, self.device, gpus)
+            log.info("weight sync: %s (train.weight_sync=%s)", self.method, self.wanted)
+        sent = {"send_s": 0.0}
+        if self.method == "bytes":
+            blob = pack_policy(policy, mtp)
+            packed, size = time.perf_counter(), len(blob)
+            self.pool.update_weights(blob, version, recompute_kv)
+        else:
+            self._flat = None  # the last push's buffer goes before the new one is built
+            flat, layout = pack_flat(policy_tensors(policy, mtp), self.dtype)
+            self._flat = flat
+            packed, size = time.perf_counter(), flat.numel()
+            replay = lambda: pack_state_dict({k: v.cpu() for k, v in unpack_flat(flat, layout).items()})  # noqa: E731
+            if self.method == "ipc":
+                self.pool.update_weights(cuda_ipc_payload(flat, layout), version, recompute_kv,
+                                         "gymrl_load_weights_ipc", replay=replay)
+            else:
+                self._join()
+
+                def send() -> None:
+                    begin = time.perf_counter()
+                    broadcast(self._group, flat)
+                    sent["send_s"] = time.perf_counter() - begin
+
+                self.pool.update_weights(pickle.dumps((layout, flat.numel())), version, recompute_kv,
+                                         "gymrl_load_weights_broadcast", meanwhile=send, replay=replay)
+        total = time.perf_counter() - started
+        self.last = {"bytes": float(size), "pack_s": packed - started, "total_s": total} | sent
+        return total
+
+    def _join(self) -> None:
+        """Form the broadcast group (the trainer is rank 0; engine e's workers follow in order), again after an
+        engine restart, since a new engine was not in the old group."""
+        if self._group is not None and self._group_restarts == self.pool.restarts:
+            return
+        restarts = self.pool.restarts
+        sizes = [len(w) for w in self.pool.worker_call("gymrl_device_uuid")]
+        host, port, world = ray.util.get_node_ip_address(), _free_port(), 1 + sum(sizes)
+        joins = [pickle.dumps((host, port, world, 1 + sum(sizes[:e]))) for e in range(len(sizes))]
+        group = None
+
+        def join_as_sender():
+            nonlocal group
+            group = broadcast_group(host, port, 0, world, self.device)
+
+        self.pool.worker_call("gymrl_join_broadcast", joins, meanwhile=join_as_sender)
+        self._group, self._group_restarts = group, restarts
+        log.info("weight broadcast group: %d members (%s)", world, "nccl" if self.device.type == "cuda" else "gloo")
