@@ -23,12 +23,14 @@ from pathlib import Path
 
 from gymrl.config import RunConfig
 from rewards.arithmetic import score_arithmetic
+from rewards.sudoku import score_sudoku_row
 from rewards.types import RewardResult
 
 # Environments whose reward TRL can call in-process: (task row, response text) -> RewardResult, the function the
 # environment's NeMo Gym server calls in its /verify.
 IN_PROCESS_REWARDS: dict[str, Callable[[dict, str], RewardResult]] = {
     "arithmetic": lambda row, text: score_arithmetic(text, int(row["expected"])),
+    "sudoku": lambda row, text: score_sudoku_row(row, text),
 }
 GENERATIONS = ("transformers", "vllm")
 RESULT_FILE = "trl_run.json"
@@ -61,14 +63,15 @@ def check_supported(cfg: RunConfig) -> None:
 
 def grpo_config(cfg: RunConfig, generation: str, out: Path):
     """TRL's GRPOConfig for gymrl's ``cfg``: one generation batch (prompts_per_step x group_size) per optimizer
-    step, as gymrl takes it."""
+    step, as gymrl takes it, on gymrl's trainer device and in its dtype (train.device, train.dtype)."""
     from trl import GRPOConfig
 
     t, s = cfg.train, cfg.sampling
     batch = t.prompts_per_step * t.group_size
     min_tokens = {"transformers": {"min_new_tokens": s.min_tokens}, "vllm": {"min_tokens": s.min_tokens}}[generation]
     return GRPOConfig(
-        output_dir=str(out / "trl_output"), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+        output_dir=str(out / "trl_output"), use_cpu=t.device == "cpu", bf16=t.dtype == "bfloat16",
+        model_init_kwargs={"dtype": t.dtype}, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, seed=cfg.seed, max_steps=t.steps,
         per_device_train_batch_size=batch, gradient_accumulation_steps=1, num_generations=t.group_size,
         max_completion_length=s.max_tokens, temperature=s.temperature, top_p=s.top_p,

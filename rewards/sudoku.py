@@ -195,6 +195,11 @@ def score_sudoku(response: str, puzzle: str, size: int, partial_credit: bool = F
     return RewardResult(reward, f"partial: {good}/{total} blank cells good; {violation}", breakdown)
 
 
+def score_sudoku_row(row: dict, response: str) -> RewardResult:
+    """:func:`score_sudoku` on a task row of the sudoku environment (``puzzle``, ``size``, ``partial_credit``)."""
+    return score_sudoku(response, row["puzzle"], int(row["size"]), partial_credit=bool(row.get("partial_credit")))
+
+
 # --- solver and generator ------------------------------------------------------------------------
 
 

@@ -158,9 +158,11 @@ def part_train(cfg, work: Path, steps: int, repeats: int, trl: tuple[str, ...]) 
     from gymrl.train.policy import pad_batch, token_logprobs
 
     gpus = torch.cuda.device_count()
-    out: dict = {"gpus": gpus, "copy_bandwidth": {} if not gpus else {  # none: a CPU rehearsal
-        "within_gpu0": copy_bandwidth(src_device="cuda:0", dst_device="cuda:0"),
-        f"gpu{gpus - 1}_to_gpu0": copy_bandwidth(src_device=f"cuda:{gpus - 1}", dst_device="cuda:0")}}
+    out: dict = {"gpus": gpus, "copy_bandwidth": {}}  # no GPU: a CPU rehearsal
+    if gpus:
+        out["copy_bandwidth"]["within_gpu0"] = copy_bandwidth(src_device="cuda:0", dst_device="cuda:0")
+    if gpus > 1:
+        out["copy_bandwidth"][f"gpu{gpus - 1}_to_gpu0"] = copy_bandwidth(src_device=f"cuda:{gpus - 1}", dst_device="cuda:0")
     session = start_session(cfg)
     try:
         trainer = GRPOTrainer(session)  # moves the policy to its GPU; its pusher picks the way (auto)
@@ -318,9 +320,12 @@ def _train_rows(key: str, t: dict) -> list[tuple[str, str]]:
     for name, r in v["runs"].items():
         ph = r["phases"]
         train_s = ph.get("train_s", ph.get("rest_s"))
-        rows.append((f"[{key}] {name}: s/step median [min-max]; generated tok/s; trainer s/step; held-out reward",
+        tokens = r["tokens_per_s"]["median"] * r["step_s"]["median"]  # completion tokens of a median step
+        rows.append((f"[{key}] {name}: s/step median [min-max]; generated tok/s; trainer s/step, its tok/s; "
+                     "held-out reward",
                      f"{r['step_s']['median']:.2f} [{r['step_s']['min']:.2f}-{r['step_s']['max']:.2f}]; "
-                     f"{r['tokens_per_s']['median']:,.0f}; {train_s:.2f}; {r['held_out_reward']:.3f}"))
+                     f"{r['tokens_per_s']['median']:,.0f}; {train_s:.2f}, {tokens / train_s:,.0f}; "
+                     f"{r['held_out_reward']:.3f}"))
     for name, r in v["ratios"].items():
         rows.append((f"[{key}] {name}: steps/s ratio; tok/s ratio", f"x{r['steps_per_s']:.2f}; x{r['tokens_per_s']:.2f}"))
     if "gymrl sync" in v["runs"] and "gymrl async" in v["runs"]:

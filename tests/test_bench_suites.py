@@ -23,7 +23,7 @@ def test_trl_sees_the_prompts_gymrl_sends(demo_cfg, demo_model):
 def test_trl_refuses_what_it_cannot_compare(demo_cfg):
     from gymrl.trl_baseline import check_supported
 
-    cfg = demo_cfg.model_copy(update={"envs": [demo_cfg.envs[0].model_copy(update={"name": "sudoku"})]})
+    cfg = demo_cfg.model_copy(update={"envs": [demo_cfg.envs[0].model_copy(update={"name": "tool_use"})]})
     with pytest.raises(ValueError, match="envs: vs-trl needs one environment with an in-process reward"):
         check_supported(cfg)
 
