@@ -26,8 +26,11 @@ prepare)
     plat+=(--platform "${p}_x86_64")
   done
   for list in wh:gpu-wheels.txt gym:gpu-gym-wheels.txt; do
+    grep -v '# sdist' "$here/${list#*:}" >"$work/binary.txt"
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
-      -d "$work/${list%%:*}" -r "$here/${list#*:}"
+      -d "$work/${list%%:*}" -r "$work/binary.txt"
+    # Pure-Python packages published as source only: a wheel built here serves any Python.
+    grep '# sdist' "$here/${list#*:}" | sed 's/ *#.*//' | xargs -r python3 -m pip wheel -q --no-deps -w "$work/${list%%:*}"
   done
   # Ray's Java jar (32 MB compressed) serves Java workers only: half a chunk saved.
   (cd "$work/wh" && zip -q -d ray-*.whl 'ray/jars/*')
