@@ -30,7 +30,7 @@ prepare)
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
       -d "$work/${list%%:*}" -r "$work/binary.txt"
     # Pure-Python packages published as source only: a wheel built here serves any Python.
-    grep '# sdist' "$here/${list#*:}" | sed 's/ *#.*//' | xargs -r python3 -m pip wheel -q --no-deps -w "$work/${list%%:*}"
+    { grep '# sdist' "$here/${list#*:}" || true; } | sed 's/ *#.*//' | xargs -r python3 -m pip wheel -q --no-deps -w "$work/${list%%:*}"
   done
   # Ray's Java jar (32 MB compressed) serves Java workers only: half a chunk saved.
   (cd "$work/wh" && zip -q -d ray-*.whl 'ray/jars/*')
