@@ -16,6 +16,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,7 +190,11 @@ def part_train(cfg, work: Path, steps: int, repeats: int, trl: tuple[str, ...]) 
         out["weight_push"]["max_logprob_gap_engine_vs_trainer"] = max(
             abs(a - float(b)) for e, o, s in zip(engine, ours, seqs) for a, b in zip(e, o[: len(s) - 1]))
         del trainer
-        out["vs_trl"] = compare_with_trl(session, work / "vs-trl", steps, trl)
+        try:
+            out["vs_trl"] = compare_with_trl(session, work / "vs-trl", steps, trl)
+        except Exception as err:  # keep the push figures above; the log has the traceback
+            traceback.print_exc()
+            out["vs_trl"] = {"error": f"{type(err).__name__}: {err}"}
     finally:
         session.close()
     return out
@@ -317,6 +322,8 @@ def _train_rows(key: str, t: dict) -> list[tuple[str, str]]:
               f"{w['pack_s']['median']:.3f}"),
              (f"[{key}] max logprob gap, engine vs trainer after the push", f"{w['max_logprob_gap_engine_vs_trainer']:.3g}")]
     v = t["vs_trl"]
+    if "error" in v:
+        return rows + [(f"[{key}] gymrl / TRL runs", "failed: " + v["error"][:300].replace("|", "/").replace("\n", " "))]
     for name, r in v["runs"].items():
         ph = r["phases"]
         train_s = ph.get("train_s", ph.get("rest_s"))
