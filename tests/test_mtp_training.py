@@ -41,7 +41,8 @@ def built(tmp_path_factory):
 def trainer(built, tmp_path, **train) -> GRPOTrainer:
     path, tokenizer, _ = built
     policy, _ = load_policy(path)
-    return GRPOTrainer(SimpleNamespace(cfg=config(tmp_path, **train), policy=policy, model_path=path, tokenizer=tokenizer))
+    return GRPOTrainer(SimpleNamespace(cfg=config(tmp_path, **train), policy=policy, model_path=path, tokenizer=tokenizer,
+                                       pool=None))  # no engines: these tests never push
 
 
 def batch(built, seed: int = 0, groups: int = 4, size: int = 4) -> RolloutBatch:
