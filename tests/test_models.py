@@ -125,9 +125,9 @@ def test_spec_fields_belong_to_their_architecture():
     deepseek = TinyModelSpec(architecture="deepseek_v3")
     assert (deepseek.tie_word_embeddings, deepseek.warmup_steps, deepseek.warmup_batch_size) == (False, 600, 32)
     assert TinyModelSpec(architecture="deepseek_v3", warmup_steps=5).warmup_steps == 5
-    with pytest.raises(ValueError, match="mtp_steps applies to architecture deepseek_v3 only"):
+    with pytest.raises(ValueError, match="mtp_steps applies to architecture deepseek_v3 and nemotron_h only"):
         TinyModelSpec(mtp_steps=10)
-    with pytest.raises(ValueError, match="head_dim applies to architecture qwen2 only"):
+    with pytest.raises(ValueError, match="head_dim applies to architecture qwen2 and nemotron_h only"):
         TinyModelSpec(architecture="deepseek_v3", head_dim=32)
     for spec in (TinyModelSpec(), deepseek):  # a run's saved config.json holds every field: --resume reads it back
         assert TinyModelSpec.model_validate_json(spec.model_dump_json()) == spec

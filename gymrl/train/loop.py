@@ -27,7 +27,7 @@ from gymrl.envs.base import Task
 from gymrl.envs.client import EnvServerError
 from gymrl.resources import trainer_gpu
 from gymrl.models.checkpoint import inspect_checkpoint, save_policy
-from gymrl.models.mtp import draft_kl, draft_logits, load_mtp_layer
+from gymrl.models.mtp import draft_kl, draft_logits, load_mtp_layer, mtp_layer_class
 from gymrl.rollout.engine import EngineError, SpecStats
 from gymrl.rollout.runner import RolloutBatch, RolloutRunner
 from gymrl.session import Session
@@ -67,7 +67,7 @@ class GRPOTrainer:
         # A checkpoint's MTP layer rides along (saved with every checkpoint, so the engines can draft with it); it
         # trains, and goes out with every push, only with train.mtp_loss_weight > 0.
         info = inspect_checkpoint(session.model_path)
-        self.mtp = load_mtp_layer(session.policy, session.model_path) if info.model_type == "deepseek_v3" and \
+        self.mtp = load_mtp_layer(session.policy, session.model_path) if mtp_layer_class(info.model_type) and \
             info.mtp_layers else None
         if self.mtp is not None:
             self.mtp.to(device=self.device, dtype=getattr(torch, cfg.train.dtype))
