@@ -296,7 +296,9 @@ def markdown(res: dict) -> str:
                   f"{r0['raw_tokens_per_s']['median']:,.0f} / {r0['pool_tokens_per_s']['median']:,.0f}"),
                  ("pool / raw", f"{r0['pool_over_raw']:.2f}")]
         wp = r0.get("weight_push", {})
-        for label in ("bytes", "ipc"):
+        if "weight_push_error" in r0:
+            rows.append(("weight push", "failed: " + r0["weight_push_error"][-300:].replace("|", "/").replace("\n", " ")))
+        for label in (x for x in ("bytes", "ipc") if x in wp):
             p = wp[label]
             rows.append((f"weight push, {label} ({p['weight_bytes'] / 1e9:.2f} GB bf16): s, GB/s, of which engine load s",
                          f"{p['push_s']['median']:.3f}, {p['push_GBps']:.1f}, {p['engine_load_s']['median']:.3f}"))
