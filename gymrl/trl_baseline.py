@@ -14,6 +14,7 @@ policy as an HF folder; the bench scores that policy with gymrl's own held-out e
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -154,7 +155,9 @@ def run_trl(cfg: RunConfig, model: Path, generation: str, out: Path, torch_threa
     (out / "trl.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         lines = [line.strip() for line in proc.stderr.splitlines() if line.strip() and "errors.pydantic.dev" not in line]
-        raise TrlRunError(lines[-1] if lines else f"exit status {proc.returncode}")
+        # The exception's own line, not what shutdown printed after it (NCCL's "destroy_process_group()" warning).
+        errors = [line for line in lines if re.search(r"\b\w*(Error|Exception)\b:", line)]
+        raise TrlRunError((errors or lines or [f"exit status {proc.returncode}"])[-1])
     return TrlRun(**json.loads((out / RESULT_FILE).read_text()))
 
 

@@ -28,7 +28,7 @@ def _median(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
-def copy_bandwidth(gib: float = 2.0, repeats: int = 20, src_device: str = "cuda", dst_device: str = "cuda") -> dict:
+def copy_bandwidth(gib: float = 2.0, repeats: int = 20, src_device: str = "cuda:0", dst_device: str = "cuda:0") -> dict:
     """Device-to-device copy of a ``gib`` GiB random buffer (within a GPU, or from one GPU to another), timed with
     CUDA events on the source's stream (median)."""
     import torch
@@ -179,7 +179,8 @@ def part_train(cfg, work: Path, steps: int, repeats: int, trl: tuple[str, ...]) 
                               "send_s": _median([p["send_s"] for p in pushes]),
                               "pack_s": _median([p["pack_s"] for p in pushes]),
                               "push_GBps": size / statistics.median(p["total_s"] for p in pushes) / 1e9,
-                              "send_GBps": size / statistics.median(p["send_s"] for p in pushes) / 1e9}
+                              # ipc has no send phase of its own (the engines map the trainer's buffer)
+                              "send_GBps": size / send / 1e9 if (send := statistics.median(p["send_s"] for p in pushes)) else None}
         # The engine now holds the trainer's bf16 weights: its logprobs and the trainer's of the same tokens.
         prompts = _prompts(cfg, session.tokenizer, 4)
         seqs = [p + p[:8] for p in prompts]
@@ -320,7 +321,8 @@ def _train_rows(key: str, t: dict) -> list[tuple[str, str]]:
     w = t["weight_push"]
     rows += [(f"[{key}] weight push ({w['method']}, trainer on {w['trainer_device']}, {w['weight_bytes'] / 1e9:.2f} GB): "
               "s in all, GB/s; broadcast s, GB/s; pack s",
-              f"{w['push_s']['median']:.3f}, {w['push_GBps']:.1f}; {w['send_s']['median']:.3f}, {w['send_GBps']:.1f}; "
+              f"{w['push_s']['median']:.3f}, {w['push_GBps']:.1f}; {w['send_s']['median']:.3f}, "
+              f"{'-' if w['send_GBps'] is None else format(w['send_GBps'], '.1f')}; "
               f"{w['pack_s']['median']:.3f}"),
              (f"[{key}] max logprob gap, engine vs trainer after the push", f"{w['max_logprob_gap_engine_vs_trainer']:.3g}")]
     v = t["vs_trl"]

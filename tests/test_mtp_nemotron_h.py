@@ -287,5 +287,5 @@ def test_trained_mtp_layer_agrees_with_the_model(built, policy):
     report = json.loads((path / "warmup.json").read_text())["mtp"]
     assert report["agreement_after"] > max(0.5, report["agreement_before"] + 0.3), report
     rows = torch.arange(len(data))  # examples the build never drew (another seed)
-    trained, untrained = agreement(model, layer, data, rows), agreement(model, new_mtp_layer(model, seed=0), data, rows)
+    trained, untrained = agreement(model, layer, data, rows, 8), agreement(model, new_mtp_layer(model, seed=0), data, rows, 8)
     assert trained > max(0.5, untrained + 0.3), (trained, untrained)
