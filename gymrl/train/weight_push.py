@@ -8,12 +8,12 @@ broadcast to every engine worker (NCCL from the trainer's own GPU, gloo on CPU).
 
 import logging
 import pickle
-import socket
 import time
 
 import ray
 import torch
 
+from gymrl.envs.launcher import free_port
 from gymrl.rollout.engine import EnginePool
 from gymrl.rollout.weight_sync import (broadcast, broadcast_group, cuda_ipc_payload, device_uuid, pack_flat,
                                        pack_policy, pack_state_dict, policy_tensors, unpack_flat)
@@ -41,12 +41,6 @@ def choose_method(wanted: str, device: torch.device, engine_gpus: list[str | Non
                               f"two members on one GPU), and {shared.count(True)} engine worker(s) share its GPU; use "
                               "ipc or auto")
     return wanted
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class WeightPusher:
@@ -104,7 +98,8 @@ class WeightPusher:
             return
         restarts = self.pool.restarts
         sizes = [len(w) for w in self.pool.worker_call("gymrl_device_uuid")]
-        host, port, world = ray.util.get_node_ip_address(), _free_port(), 1 + sum(sizes)
+        host = ray.util.get_node_ip_address()
+        port, world = free_port(host), 1 + sum(sizes)
         joins = [pickle.dumps((host, port, world, 1 + sum(sizes[:e]))) for e in range(len(sizes))]
         group = None
 
