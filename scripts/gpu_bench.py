@@ -201,7 +201,8 @@ def part_train(cfg, work: Path, steps: int, repeats: int, trl: tuple[str, ...]) 
     return out
 
 
-def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: int) -> dict:
+def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: int, results: dict, save) -> None:
+    """One engine per k into ``results``, saved after each (a call cut at its time limit keeps the ks it did)."""
     import ray
     import torch
     import vllm
@@ -219,7 +220,7 @@ def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: i
               SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=cfg.sampling.max_tokens))
     sampled = (_prompts(cfg, tokenizer, cfg.train.prompts_per_step), cfg.train.group_size, cfg.sampling)
     init_ray(cfg)
-    results: dict = {"versions": {"vllm": vllm.__version__, "torch": torch.__version__, "ray": ray.__version__}}
+    results["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__, "ray": ray.__version__}
     for k in ks:
         spec = SpeculativeConfig(method="mtp", num_speculative_tokens=k) if k else None
         engine_cfg = cfg.engine.model_copy(update={"speculative_config": spec, "num_engines": 1})
@@ -229,6 +230,7 @@ def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: i
             pool = EnginePool(start_engines(model, engine_cfg, cfg.seed))
         except Exception as err:  # noqa: BLE001 - record it and go on with the next k
             results[key] = {"error": f"{type(err).__name__}: {err}"[:2000]}
+            save()
             continue
         actor = pool.actors[0]
         try:
@@ -258,7 +260,7 @@ def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: i
             ray.kill(actor)
             time.sleep(5)  # the engine's processes gone and its GPU memory free before the next one
         print(key, json.dumps(results[key])[:600], flush=True)
-    return results
+        save()
 
 
 def markdown(res: dict) -> str:
@@ -367,6 +369,14 @@ def main() -> None:
     file = work / "results.json"
     res = json.loads(file.read_text()) if file.exists() else {}
     res.setdefault("machine", {"platform": platform.platform(), "python": platform.python_version()})
+
+    def save() -> str:
+        md = markdown(res)
+        for folder in (work, Path(os.environ["OUT"])) if os.environ.get("OUT") else (work,):
+            (folder / "results.json").write_text(json.dumps(res, indent=2))
+            (folder / "results.md").write_text(md)
+        return md
+
     if args.part == "build":
         import torch
 
@@ -374,19 +384,12 @@ def main() -> None:
         res["build"] = part_build(cfg, work)
     elif args.part == "engines":
         ks = [int(k) for k in args.spec.split(",")]
-        res.setdefault("engines", {}).update(part_engines(cfg, work, ks, args.repeats, args.greedy_prompts))
+        part_engines(cfg, work, ks, args.repeats, args.greedy_prompts, res.setdefault("engines", {}), save)
     elif args.part == "train":
         trl = tuple(g for g in args.trl.split(",") if g)
         res.setdefault("train", {})["trl_" + "_".join(trl) if trl else "gymrl"] = part_train(
             cfg, work, args.steps, args.repeats, trl)
-    file.write_text(json.dumps(res, indent=2))
-    md = markdown(res)
-    (work / "results.md").write_text(md)
-    if os.environ.get("OUT"):
-        out = Path(os.environ["OUT"])
-        (out / "results.json").write_text(json.dumps(res, indent=2))
-        (out / "results.md").write_text(md)
-    print(md)
+    print(save())
 
 
 if __name__ == "__main__":
