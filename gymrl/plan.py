@@ -127,7 +127,7 @@ def _names(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, has_to
 
         check_speculative(spec)
         if info is not None:
-            check_mtp(spec, info)
+            check_mtp(spec, info, cfg.engine.dtype)
         elif is_mtp(spec.method) and not (tiny is not None and tiny.architecture in ("deepseek_v3", "nemotron_h")):  # it has one
             plan.warnings.append("engine.speculative_config: MTP needs MTP layers in the checkpoint; not checked "
                                  "(no checkpoint here)")

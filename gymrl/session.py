@@ -132,7 +132,7 @@ def start_session(cfg: RunConfig) -> Session:
         reasoning_parser_class(cfg.rollout.reasoning_parser, reasoning_plugin_path(cfg, model_path))
     info = inspect_checkpoint(model_path)
     if spec is not None:
-        check_mtp(spec, info)
+        check_mtp(spec, info, cfg.engine.dtype)
     check_cpu_mla(cfg.engine, info.mla)
     if cfg.train.mtp_loss_weight > 0:
         from gymrl.models.mtp import check_mtp_training

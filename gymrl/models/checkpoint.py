@@ -117,6 +117,7 @@ class CheckpointInfo:
     weight_dtypes: list[str]
     has_tokenizer: bool
     mla: bool = False  # DeepSeek-style multi-head latent attention (the config names a kv_lora_rank)
+    dtype: str | None = None  # the dtype config.json declares (``dtype``, or transformers 4's ``torch_dtype``)
 
 
 def mtp_layers(config: dict) -> tuple[int, str | None]:
@@ -155,4 +156,5 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
     mla = any(section.get("kv_lora_rank") is not None for section in (config, config.get("text_config") or {}))
     return CheckpointInfo(path, list(config.get("architectures") or []), str(config.get("model_type", "?")), layers,
-                          field, params if files else None, nbytes if files else None, sorted(dtypes), tokenizer, mla)
+                          field, params if files else None, nbytes if files else None, sorted(dtypes), tokenizer, mla,
+                          config.get("dtype") or config.get("torch_dtype"))

@@ -31,8 +31,9 @@ from gymrl.models.tokenizer import IM_END, build_tokenizer
 
 log = logging.getLogger(__name__)
 
-# Bump when the build procedure changes in a way that changes the weights: old cache entries then miss.
-BUILD_VERSION = 1
+# Bump when the build procedure changes what it writes (weights or config): old cache entries then miss.
+# 2: Nemotron-H builds declare bfloat16 (``_declare_dtype``).
+BUILD_VERSION = 2
 COMPLETE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 WARMUP_REPORT = "warmup.json"
 
@@ -219,6 +220,17 @@ def is_complete(path: Path) -> bool:
     return path.is_dir() and all((path / f).is_file() for f in COMPLETE_FILES)
 
 
+
+def _declare_dtype(out: Path, dtype: str) -> None:
+    """Declare ``dtype`` in config.json over the float32 that ``save_pretrained`` writes (the weights stay float32).
+    Nemotron-3's checkpoints declare bfloat16, and vLLM builds Nemotron-H's MTP ``eh_proj`` in the declared dtype
+    whatever the engine's, so a float32 declaration breaks MTP drafting on a bfloat16 engine (measured: H200)."""
+    config_file = out / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = dtype
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def build_tiny_model(spec: TinyModelSpec, env: Any, cache_dir: Path, device: str | None = None) -> Path:
     """Build (or find in ``cache_dir``) the tiny policy for ``env``; returns its checkpoint folder.
 
@@ -293,6 +305,8 @@ def _build_into(spec: TinyModelSpec, env: Any, out: Path, device: str) -> None:
     model.config.use_cache = True
     model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id)
     model.save_pretrained(out)
+    if spec.architecture == "nemotron_h":
+        _declare_dtype(out, "bfloat16")
     if mtp_layer is not None:
         write_mtp_layer(model, mtp_layer, out)
     tokenizer.save_pretrained(out, save_jinja_files=False)

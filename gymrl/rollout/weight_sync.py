@@ -151,9 +151,13 @@ class WeightSyncExtension:
         self.model_runner.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
         self._refresh_tied_lm_head()
         draft = self.model_runner.get_draft_model() if hasattr(self.model_runner, "get_draft_model") else None
-        mtp_prefix = f"model.layers.{self.model_runner.model_config.hf_config.num_hidden_layers}."
-        if draft is not None and any(name.startswith(mtp_prefix) for name in weights):
-            self._load_draft(draft, {k: v for k, v in weights.items() if k.startswith(mtp_prefix)})
+        if draft is not None:  # the MTP layer's names: model.layers.{N}.* (DeepSeek-V3), mtp.* (Nemotron-H)
+            from gymrl.models.mtp import mtp_layer_class
+
+            config = self.model_runner.model_config.hf_config
+            mtp_prefix = mtp_layer_class(config.model_type).checkpoint_prefix(config)
+            if any(name.startswith(mtp_prefix) for name in weights):
+                self._load_draft(draft, {k: v for k, v in weights.items() if k.startswith(mtp_prefix)})
         self._repack_cpu_experts()
         return len(weights)
 
