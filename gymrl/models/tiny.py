@@ -31,9 +31,13 @@ from gymrl.models.tokenizer import IM_END, build_tokenizer
 
 log = logging.getLogger(__name__)
 
-# Bump when the build procedure changes what it writes (weights or config): old cache entries then miss.
-# 2: Nemotron-H builds declare bfloat16 (``_declare_dtype``).
-BUILD_VERSION = 2
+# Bump when the build procedure changes in a way that changes the weights: old cache entries then miss.
+BUILD_VERSION = 1
+# The dtype a family's config.json declares over the float32 that ``save_pretrained`` writes (the weights stay
+# float32). Nemotron-3's checkpoints declare bfloat16, and vLLM builds Nemotron-H's MTP ``eh_proj`` in the declared
+# dtype whatever the engine's: a float32 declaration broke MTP drafting on a bfloat16 engine (measured: H200).
+# Part of the cache key: builds made before the declaration miss.
+DECLARED_DTYPE = {"nemotron_h": "bfloat16"}
 COMPLETE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 WARMUP_REPORT = "warmup.json"
 
@@ -212,6 +216,8 @@ def model_dir_name(spec: TinyModelSpec, env: Any) -> str:
         "env": getattr(env, "name", type(env).__name__),
         "env_config": _env_config(env),
     }
+    if spec.architecture in DECLARED_DTYPE:
+        key["declared_dtype"] = DECLARED_DTYPE[spec.architecture]
     blob = json.dumps(key, sort_keys=True, default=str).encode()
     return f"tiny-{hashlib.sha256(blob).hexdigest()[:12]}"
 
@@ -222,9 +228,7 @@ def is_complete(path: Path) -> bool:
 
 
 def _declare_dtype(out: Path, dtype: str) -> None:
-    """Declare ``dtype`` in config.json over the float32 that ``save_pretrained`` writes (the weights stay float32).
-    Nemotron-3's checkpoints declare bfloat16, and vLLM builds Nemotron-H's MTP ``eh_proj`` in the declared dtype
-    whatever the engine's, so a float32 declaration breaks MTP drafting on a bfloat16 engine (measured: H200)."""
+    """Write ``dtype`` into the saved config.json (see ``DECLARED_DTYPE``)."""
     config_file = out / "config.json"
     config = json.loads(config_file.read_text())
     config["dtype"] = dtype
@@ -305,8 +309,8 @@ def _build_into(spec: TinyModelSpec, env: Any, out: Path, device: str) -> None:
     model.config.use_cache = True
     model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id)
     model.save_pretrained(out)
-    if spec.architecture == "nemotron_h":
-        _declare_dtype(out, "bfloat16")
+    if spec.architecture in DECLARED_DTYPE:
+        _declare_dtype(out, DECLARED_DTYPE[spec.architecture])
     if mtp_layer is not None:
         write_mtp_layer(model, mtp_layer, out)
     tokenizer.save_pretrained(out, save_jinja_files=False)
