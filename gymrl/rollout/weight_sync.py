@@ -155,8 +155,9 @@ class WeightSyncExtension:
             from gymrl.models.mtp import mtp_layer_class
 
             config = self.model_runner.model_config.hf_config
-            mtp_prefix = mtp_layer_class(config.model_type).checkpoint_prefix(config)
-            if any(name.startswith(mtp_prefix) for name in weights):
+            layer = mtp_layer_class(config.model_type)  # None: the drafter is a model of its own (ngram, draft)
+            mtp_prefix = layer.checkpoint_prefix(config) if layer is not None else None
+            if mtp_prefix and any(name.startswith(mtp_prefix) for name in weights):
                 self._load_draft(draft, {k: v for k, v in weights.items() if k.startswith(mtp_prefix)})
         self._repack_cpu_experts()
         return len(weights)
