@@ -62,7 +62,7 @@ def test_engine_matches_the_trainer_and_takes_pushes(engine):
     assert max_gap(before, trainer_logprobs(policy, tokenizer, seqs)) < TOL
     pool.push_weights(pack_policy(policy), 1)  # unchanged weights: nothing moves
     assert max_gap(pool.score(seqs), [torch.tensor(s) for s in before]) < 1e-5
-    state = policy.state_dict()
+    state = {k: v.clone() for k, v in policy.state_dict().items()}  # state_dict() aliases the parameters
     moved = {k: v * 0.5 if k.endswith(("dt_bias", "A_log", "embeddings.weight")) else v for k, v in state.items()}
     policy.load_state_dict(moved)
     try:

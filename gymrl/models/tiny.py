@@ -226,7 +226,6 @@ def is_complete(path: Path) -> bool:
     return path.is_dir() and all((path / f).is_file() for f in COMPLETE_FILES)
 
 
-
 def _declare_dtype(out: Path, dtype: str) -> None:
     """Write ``dtype`` into the saved config.json (see ``DECLARED_DTYPE``)."""
     config_file = out / "config.json"

