@@ -138,7 +138,9 @@ def _pushes(pool, policy, prompts, repeats: int) -> dict:
     if not torch.cuda.is_available():
         return out
     # An IPC push of changed weights must change the engine's logprobs; the bytes path then restores them.
-    changed = {k: (v * 0.5 if k.endswith("embed_tokens.weight") else v) for k, v in state.items()}
+    # The input embedding: ``embed_tokens`` (Qwen2, DeepSeek-V3), ``backbone.embeddings`` (Nemotron-H).
+    embedding = next(k for k in state if k.endswith(("embed_tokens.weight", "embeddings.weight")))
+    changed = {**state, embedding: state[embedding] * 0.5}
     flat, layout = pack_flat(changed)
     pool.update_weights(cuda_ipc_payload(flat, layout), version, method="gymrl_load_weights_ipc")
     out["ipc_changed_weights_logprob_gap"] = gap(pool.score(seqs))
