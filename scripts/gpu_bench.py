@@ -98,6 +98,27 @@ def _rate(actor, prompts, n, sampling, repeats: int) -> dict:
         "acceptance": total.acceptance, "mean_acceptance_length": total.mean_accepted_length}}
 
 
+def _greedy_match(pool, policy, prompts, sampling) -> dict:
+    """How much of the engine's greedy text is the trainer's own greedy choice, teacher-forced on that text: drafts
+    must not change what a greedy engine writes, so an MTP engine should score as the plain one does (both bf16, so
+    near-ties may differ)."""
+    import torch
+
+    gen = pool.generate(prompts, 1, sampling)
+    same = total = whole = 0
+    first_miss = []
+    with torch.no_grad():
+        for prompt, (completion,) in zip(prompts, gen.groups):
+            out = completion.token_ids
+            ids = torch.tensor([prompt + out], device=policy.device)
+            choice = policy(input_ids=ids).logits[0, len(prompt) - 1 : -1].argmax(-1).tolist()
+            hits = [a == b for a, b in zip(choice, out)]
+            same, total, whole = same + sum(hits), total + len(out), whole + all(hits)
+            first_miss.append(hits.index(False) if not all(hits) else len(out))
+    return {"tokens_matching_trainer": same / total, "sequences_matching_trainer": whole / len(prompts),
+            "first_mismatch_token": _median(first_miss)}
+
+
 def _pushes(pool, policy, prompts, repeats: int) -> dict:
     """The same bf16 weights pushed into the live engine two ways, and a check that each lands."""
     import torch
@@ -117,7 +138,8 @@ def _pushes(pool, policy, prompts, repeats: int) -> dict:
     for label in ("bytes", "ipc") if torch.cuda.is_available() else ("bytes",):
         total, load, pack = [], [], []
         for _ in range(repeats):
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():  # a CPU rehearsal has nothing to wait for
+                torch.cuda.synchronize()
             started = time.perf_counter()
             if label == "bytes":  # the CPU path: safetensors blob through Ray, reload in the worker
                 blob, method = pack_state_dict(state), "gymrl_load_weights"
@@ -240,6 +262,10 @@ def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: i
             r = {"engine_start_s": time.perf_counter() - started, "load_seconds": info["load_seconds"],
                  "speculative": info["speculative"], "spec_fallback": info["spec_fallback"],
                  "greedy": _rate(actor, *greedy, repeats), "sampled": _rate(actor, *sampled, repeats)}
+            try:
+                r["greedy_vs_trainer"] = _greedy_match(pool, policy, greedy[0], greedy[2])
+            except Exception as err:  # noqa: BLE001 - keep the throughput figures
+                r["greedy_vs_trainer_error"] = f"{type(err).__name__}: {err}"[-2000:]
             if k == 0:
                 prompts, n, sampling = sampled
                 raw, harness = [], []
@@ -294,6 +320,10 @@ def markdown(res: dict) -> str:
             if x["spec"]:
                 cell += f", acceptance {x['spec']['acceptance']:.3f}, mean acceptance length {x['spec']['mean_acceptance_length']:.2f}"
             rows.append((f"{w}: decode, {'no speculative decoding' if k == 0 else f'MTP k={k}'}", cell))
+        if "greedy_vs_trainer" in r:
+            g = r["greedy_vs_trainer"]
+            rows.append((f"greedy text, k={k}: tokens / whole sequences that are the trainer's greedy choice",
+                         f"{g['tokens_matching_trainer']:.3f} / {g['sequences_matching_trainer']:.3f}"))
         rows.append((f"engine start, k={k} (s)", f"{r['engine_start_s']:.0f}"))
     r0 = eng.get("mtp_0", {})
     if "pool_over_raw" in r0:
