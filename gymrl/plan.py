@@ -117,10 +117,12 @@ def _names(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, has_to
         from gymrl.rollout.vllm_checks import check_engine_args
 
         check_engine_args(cfg.engine.extra_args)
-    from gymrl.rollout.vllm_checks import check_cpu_mla
+    from gymrl.rollout.vllm_checks import check_cpu_mamba_spec, check_cpu_mla
 
     tiny = cfg.model.build_tiny
     check_cpu_mla(cfg.engine, info.mla if info is not None else tiny is not None and tiny.architecture == "deepseek_v3")
+    check_cpu_mamba_spec(cfg.engine, info.mamba if info is not None else
+                         tiny is not None and tiny.architecture == "nemotron_h" and "M" in tiny.hybrid_pattern)
     spec = cfg.engine.speculative_config
     if spec is not None:
         from gymrl.rollout.vllm_checks import check_mtp, check_speculative, is_mtp
@@ -131,9 +133,10 @@ def _names(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, has_to
         elif is_mtp(spec.method) and not (tiny is not None and tiny.architecture in ("deepseek_v3", "nemotron_h")):  # it has one
             plan.warnings.append("engine.speculative_config: MTP needs MTP layers in the checkpoint; not checked "
                                  "(no checkpoint here)")
-        if is_mtp(spec.method) and cfg.engine.device == "cpu" and info is not None and info.model_type == "nemotron_h":
-            plan.warnings.append("engine.speculative_config: vLLM's CPU build cannot run Nemotron-H MTP (its non-gated "
-                                 "MoE is CUDA/ROCm/XPU only); use device cuda")
+        if is_mtp(spec.method) and cfg.engine.device == "cpu" and info is not None and info.relu2_moe:
+            plan.warnings.append("engine.speculative_config: vLLM's CPU build cannot run this Nemotron-H's MoE layers "
+                                 "(non-gated relu2 MoE is CUDA/ROCm/XPU only); use device cuda, or an attention-only "
+                                 "MTP layer and no E layers (build_tiny: mtp_pattern '*')")
     return rows
 
 

@@ -25,8 +25,8 @@ from gymrl.resources import check_resources, ray_gpus
 from gymrl.rollout.engine import EnginePool, start_engine, start_engines
 from gymrl.rollout.runner import RolloutRunner, check_prompts_fit
 from gymrl.rollout.tool_calls import parser_class
-from gymrl.rollout.vllm_checks import (check_cpu_mla, check_engine_args, check_mtp, check_speculative,
-                                      reasoning_parser_class, reasoning_plugin_path)
+from gymrl.rollout.vllm_checks import (check_cpu_mamba_spec, check_cpu_mla, check_engine_args, check_mtp,
+                                      check_speculative, reasoning_parser_class, reasoning_plugin_path)
 
 
 class WarmupMix:
@@ -134,6 +134,7 @@ def start_session(cfg: RunConfig) -> Session:
     if spec is not None:
         check_mtp(spec, info, cfg.engine.dtype)
     check_cpu_mla(cfg.engine, info.mla)
+    check_cpu_mamba_spec(cfg.engine, info.mamba)
     if cfg.train.mtp_loss_weight > 0:
         from gymrl.models.mtp import check_mtp_training
 

@@ -145,13 +145,30 @@ def test_mtp_on_a_model_without_mtp_layers_is_an_error(nothing_heavy, tmp_path):
     model = fake_checkpoint(tmp_path / "no-mtp")
     assert_one_line_error(dry_run(NANO, f"model.path={model}"), "engine.speculative_config: method 'mtp'",
                           "names none (num_nextn_predict_layers")
-    with_mtp = fake_checkpoint(tmp_path / "mtp", num_nextn_predict_layers=1)
-    greedy = ("sampling.temperature=0", "sampling.tool_temperature=0")  # the CPU build drafts only for greedy
-    result = dry_run(NANO, f"model.path={with_mtp}", "engine.device=cpu", "engine.cpus_per_engine=1", *greedy)
+    with_mtp = fake_checkpoint(tmp_path / "mtp", num_nextn_predict_layers=1, hybrid_override_pattern="M*E",
+                               mtp_hybrid_override_pattern="*E")
+    result = dry_run(NANO, f"model.path={with_mtp}", "engine.device=cpu", "engine.cpus_per_engine=1",
+                     "engine.extra_args={enable_prefix_caching: false}")
     assert result.exit_code == 0, result.output
     out = flat(result.stdout)
     assert "MTP layers 1 (num_nextn_predict_layers)" in out
-    assert "vLLM's CPU build cannot run Nemotron-H MTP" in out
+    assert "vLLM's CPU build cannot run this Nemotron-H's MoE layers" in out
+
+
+def test_mamba_speculative_decoding_on_cpu_needs_prefix_caching_off(nothing_heavy, tmp_path):
+    # Nemotron-3's pattern fields, and the layer lists transformers 5 writes instead.
+    for name, config in [("patterns", dict(hybrid_override_pattern="M*-", mtp_hybrid_override_pattern="*")),
+                         ("lists", dict(layers_block_type=["linear_attention", "full_attention", "mlp"],
+                                        mtp_layers_block_type=["full_attention"]))]:
+        model = fake_checkpoint(tmp_path / name, num_nextn_predict_layers=1, **config)
+        cpu = (f"model.path={model}", "engine.device=cpu", "engine.cpus_per_engine=1")
+        assert_one_line_error(dry_run(NANO, *cpu), "engine.extra_args: speculative decoding of a Mamba hybrid",
+                              "enable_prefix_caching: false")
+        result = dry_run(NANO, *cpu, "engine.extra_args={enable_prefix_caching: false}")
+        assert result.exit_code == 0, result.output
+        assert "cannot run this Nemotron-H's MoE layers" not in flat(result.stdout)  # attention-only: CPU drafts
+    no_mamba = fake_checkpoint(tmp_path / "no-mamba", num_nextn_predict_layers=1, hybrid_override_pattern="*-")
+    assert dry_run(NANO, f"model.path={no_mamba}", "engine.device=cpu", "engine.cpus_per_engine=1").exit_code == 0
 
 
 def test_nemotron_h_mtp_needs_the_engine_in_the_declared_dtype(nothing_heavy, tmp_path):

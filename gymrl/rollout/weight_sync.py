@@ -146,9 +146,9 @@ class WeightSyncExtension:
 
     def gymrl_fix_kernels(self) -> bool:
         """Patch what this vLLM build gets wrong in the worker (``vllm_fixes.py``); True if anything was patched."""
-        from gymrl.rollout.vllm_fixes import fix_cpu_expand_kernel
+        from gymrl.rollout.vllm_fixes import fix_cpu_expand_kernel, fix_cpu_mamba_conv_update
 
-        return fix_cpu_expand_kernel()
+        return fix_cpu_expand_kernel() | fix_cpu_mamba_conv_update()
 
     def gymrl_load_weights(self, blob: bytes) -> int:
         """Load the blob into the model, and its MTP-layer tensors, if any, into the MTP drafter; returns the number
