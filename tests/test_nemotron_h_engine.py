@@ -48,7 +48,7 @@ def built(tmp_path_factory):
     return cfg, path, policy, tokenizer, prompts
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # stopped after its one test: Ray (2 CPUs) then has room for the MTP engine beside the suite's own
 def engine(built):
     cfg, path, policy, tokenizer, prompts = built
     (actor,) = start_engines(str(path.resolve()), cfg.engine, cfg.seed)
