@@ -1,7 +1,10 @@
-"""``rollout.timeout_s``: a generation that outlasts it is cancelled and raised as an EngineError that names the
-key, and the pool's load count is given back (the next call is balanced as before). The engine stand-in is a real
-Ray actor whose generate never returns, as a hung vLLM step would not."""
+"""Engine waits that must not be silent. ``rollout.timeout_s``: a generation that outlasts it is cancelled and
+raised as an EngineError that names the key, and the pool's load count is given back (the next call is balanced as
+before). An engine that Ray has no room for is warned about with what it needs. The engine stand-ins are real Ray
+actors: one whose generate never returns, as a hung vLLM step would not, and one Ray cannot place."""
 
+import logging
+import threading
 import time
 from pathlib import Path
 
@@ -9,7 +12,7 @@ import pytest
 import ray
 
 from gymrl.config import SamplingConfig, load_config
-from gymrl.rollout.engine import EngineError, EnginePool
+from gymrl.rollout.engine import EngineError, EnginePool, wait_ready
 from gymrl.session import init_ray
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -21,9 +24,19 @@ class StuckEngine:
         time.sleep(120)
 
 
+@ray.remote
+class UnplacedEngine:
+    def ready(self):
+        return {"spec_fallback": None}
+
+
 @pytest.fixture(scope="module")
-def stuck():
+def cluster():
     init_ray(load_config(DEMO_CONFIG))  # as the engine tests start Ray: whichever runs first, the same cluster
+
+
+@pytest.fixture(scope="module")
+def stuck(cluster):
     actor = StuckEngine.remote()
     yield actor
     ray.kill(actor)
@@ -38,3 +51,16 @@ def test_a_generation_past_the_timeout_is_aborted_and_names_the_key(stuck):
     assert time.monotonic() - started < 15
     assert pool._load == [0]  # the aborted sequences no longer count as in flight
     assert pool.restarts == 0  # a slow generation is not a dead engine: nothing was restarted
+
+
+def test_an_engine_ray_cannot_place_is_warned_about_with_what_it_needs(cluster, caplog):
+    cfg = load_config(DEMO_CONFIG, {"engine.cpus_per_engine": 64}).engine
+    actor = UnplacedEngine.options(num_cpus=64).remote()  # more than this Ray has: it is never placed
+    threading.Timer(5.0, ray.kill, [actor]).start()  # ends the wait, as a user's Ctrl-C would
+    with caplog.at_level(logging.WARNING, logger="gymrl.rollout.engine"):
+        with pytest.raises(ray.exceptions.RayActorError):
+            wait_ready([actor], cfg, warn_after_s=1.0)
+    (warning,) = [r.getMessage() for r in caplog.records if "not ready after" in r.getMessage()]
+    assert "1 of 1 engine(s) not ready after 1 s" in warning
+    assert "Each engine needs CPU 64, GPU 0" in warning and "it can never be placed" in warning
+    assert "engine.cpus_per_engine" in warning and "ray_num_cpus" in warning

@@ -406,7 +406,7 @@ def start_engines(model_path: str, cfg: EngineConfig, seed: int) -> list:
         actor_cls.options(runtime_env={"env_vars": env}).remote(model_path, cfg, seed, i)
         for i in range(cfg.num_engines)
     ]
-    fallbacks = [info["spec_fallback"] for info in ray.get([a.ready.remote() for a in actors]) if info["spec_fallback"]]
+    fallbacks = [info["spec_fallback"] for info in wait_ready(actors, cfg) if info["spec_fallback"]]
     if fallbacks:
         extra = f" (and {len(fallbacks) - 1} more engine(s) the same way)" if len(fallbacks) > 1 else ""
         log.warning("speculative decoding off: %s%s", fallbacks[0], extra)
@@ -417,8 +417,34 @@ def start_engine(model_path: str, cfg: EngineConfig, seed: int, engine_id: int):
     """One engine actor, started and loaded: how the pool replaces an engine that died."""
     actor = _engine_actor_class(cfg).options(runtime_env={"env_vars": _engine_env(cfg)}).remote(
         model_path, cfg, seed, engine_id)
-    ray.get(actor.ready.remote())
+    wait_ready([actor], cfg)
     return actor
+
+
+def _resource_text(counts: dict) -> str:
+    return ", ".join(f"{key} {counts.get(key, 0):g}" for key in ("CPU", "GPU"))
+
+
+PLACEMENT_WARNING_S = 120.0  # an engine load takes 20-160 s on the lent machines
+
+
+def wait_ready(actors: list, cfg: EngineConfig, warn_after_s: float = PLACEMENT_WARNING_S) -> list[dict]:
+    """The actors' ``ready()`` answers. Ray keeps an actor it has no room for waiting without an error, so an
+    engine still not ready after ``warn_after_s`` gets one warning with what it needs and what Ray has free."""
+    refs = [actor.ready.remote() for actor in actors]
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=warn_after_s)
+    if pending:
+        resources = actor_resources(cfg)
+        need = {"CPU": resources["num_cpus"], "GPU": resources["num_gpus"]}
+        free, total = ray.available_resources(), ray.cluster_resources()
+        never = any(need[key] > total.get(key, 0) for key in need)
+        log.warning("%d of %d engine(s) not ready after %.0f s: still loading, or waiting for Ray to place them. "
+                    "Each engine needs %s (engine.cpus_per_engine, engine.tensor_parallel_size); Ray has %s free "
+                    "of %s%s. Fewer engines, a smaller engine.cpus_per_engine or a larger ray_num_cpus make room.",
+                    len(pending), len(refs), warn_after_s, _resource_text(need), _resource_text(free),
+                    _resource_text(total),
+                    " (less than one engine needs: it can never be placed)" if never else "")
+    return ray.get(refs)
 
 
 class EngineError(RuntimeError):
