@@ -246,7 +246,10 @@ def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: i
     init_ray(cfg)
     results["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__, "ray": ray.__version__}
     for k in ks:
-        spec = SpeculativeConfig(method="mtp", num_speculative_tokens=k) if k else None
+        base = cfg.engine.speculative_config
+        if base is None or base.method != "mtp":
+            base = SpeculativeConfig(method="mtp", num_speculative_tokens=1)
+        spec = base.model_copy(update={"num_speculative_tokens": k}) if k else None  # the config's other keys kept
         engine_cfg = cfg.engine.model_copy(update={"speculative_config": spec, "num_engines": 1})
         key = f"mtp_{k}"
         started = time.perf_counter()

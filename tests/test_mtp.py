@@ -16,7 +16,7 @@ import ray
 import torch
 from safetensors import safe_open
 
-from gymrl.config import SamplingConfig, load_config
+from gymrl.config import SamplingConfig, SpeculativeConfig, load_config
 from gymrl.envs.registry import load_environment
 from gymrl.models.checkpoint import inspect_checkpoint, load_policy
 from gymrl.models.mtp import load_mtp_layer, new_mtp_layer
@@ -223,11 +223,20 @@ def test_deepseek_build_is_deterministic_mtp_layer_included(tmp_path):
     assert report["steps"] == 3 and report["final_loss_ema"] > 0
 
 
-def test_cpu_mla_needs_the_rotary_op_off(mtp_cfg):
-    check_cpu_mla(mtp_cfg.engine, mla=True)  # the config carries the fix
+def test_cpu_mla_needs_the_rotary_op_off_and_in_float32_the_reference_backend(mtp_cfg):
+    check_cpu_mla(mtp_cfg.engine, mla=True)  # the config carries both fixes
     bare = mtp_cfg.engine.model_copy(update={"extra_args": {}})
     with pytest.raises(ValueError, match="rotary_embedding"):
         check_cpu_mla(bare, mla=True)
+    rope_only = mtp_cfg.engine.model_copy(update={"extra_args": {
+        k: v for k, v in mtp_cfg.engine.extra_args.items() if k != "attention_backend"}})
+    with pytest.raises(ValueError, match="attention_backend: CPU_MLA"):
+        check_cpu_mla(rope_only, mla=True)
+    check_cpu_mla(rope_only.model_copy(update={"dtype": "bfloat16"}), mla=True)  # AMX MLA takes bf16
+    drafter_unnamed = mtp_cfg.engine.model_copy(update={"speculative_config": SpeculativeConfig(
+        method="mtp", num_speculative_tokens=3)})
+    with pytest.raises(ValueError, match="engine.speculative_config: MTP drafts .* need attention_backend: CPU_MLA"):
+        check_cpu_mla(drafter_unnamed, mla=True)
     check_cpu_mla(bare, mla=False)
     check_cpu_mla(bare.model_copy(update={"device": "cuda"}), mla=True)
 

