@@ -96,8 +96,9 @@ def conv_reference(history: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 def test_conv_update_resumes_from_the_last_accepted_token():
-    """Two verify steps of k=2 drafts for two sequences (and a padded slot): the second step's outputs are the
-    convolution over the accepted tokens only, whichever number of drafts the first step kept."""
+    """Three verify steps of k=2 drafts for two sequences (and a padded slot): each step's outputs are the
+    convolution over the accepted tokens only, whichever number of drafts the step before kept, also when the
+    sequences bring different numbers of tokens."""
     torch.manual_seed(0)
     dim, width, k = 3, 4, 2
     weight, bias = torch.randn(dim, width), torch.randn(dim)
@@ -123,6 +124,11 @@ def test_conv_update_resumes_from_the_last_accepted_token():
     second = [torch.randn(dim, 1 + k) for _ in history]
     for got, h, x in zip(step(second, kept), history, second):
         torch.testing.assert_close(got, conv_reference(torch.cat([h, x], 1), weight, bias)[:, -(1 + k):])
+    kept = [2, 1]  # and sequences of different lengths in one call (padded to the longest inside)
+    history = [torch.cat([h, x[:, :n]], 1) for h, x, n in zip(history, second, kept)]
+    third = [torch.randn(dim, 2), torch.randn(dim, 1 + k)]
+    for got, h, x in zip(step(third, kept), history, third):
+        torch.testing.assert_close(got, conv_reference(torch.cat([h, x], 1), weight, bias)[:, -x.shape[1]:])
     assert conv_state[0].abs().sum() == 0  # the null block untouched
 
 

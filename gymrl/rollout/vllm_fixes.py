@@ -67,25 +67,38 @@ def conv1d_update_with_drafts(original, x: torch.Tensor, conv_state: torch.Tenso
     """vLLM's ``causal_conv1d_update`` on the varlen layout (``x`` [tokens, dim], ``conv_state`` [lines, dim,
     columns]): each sequence's window starts at state column ``num_accepted_tokens - 1``, and its new state is that
     window's last ``width - 2`` columns followed by all of its ``x`` (the Triton kernel's ``IS_SPEC_DECODING``
-    path). Calls without drafts go to ``original``."""
+    path). All sequences at once, padded to the longest (it runs for every Mamba layer at every verify step).
+    Calls without drafts go to ``original``."""
     if num_accepted_tokens is None or query_start_loc is None:
         return original(x, conv_state, weight, bias, activation, conv_state_indices=conv_state_indices,
                         query_start_loc=query_start_loc, null_block_id=null_block_id, out=out, **kwargs)
-    width = weight.shape[1]
-    silu = activation in (True, "silu", "swish")
     out = x if out is None else out
-    lines = conv_state_indices if conv_state_indices.dim() == 1 else conv_state_indices[:, 0]
-    for i, line in enumerate(lines.tolist()):
-        start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
-        if line == null_block_id or end == start:
-            continue
-        state = conv_state[line]  # [dim, columns]
-        first = int(num_accepted_tokens[i]) - 1
-        tokens = x[start:end].t().to(state.dtype)  # [dim, n]
-        window = torch.cat([state[:, first : first + width - 1], tokens], dim=1)
-        y = F.conv1d(window[None], weight[:, None, :].to(state.dtype), bias, groups=weight.shape[0])[0]
-        state[:, : width - 2 + (end - start)] = window[:, 1:].clone()
-        out[start:end] = (F.silu(y) if silu else y).t().to(out.dtype)
+    lines = (conv_state_indices if conv_state_indices.dim() == 1 else conv_state_indices[:, 0]).long()
+    count = lines.numel()
+    starts = query_start_loc[:count].long()
+    lengths = query_start_loc[1 : count + 1].long() - starts
+    keep = lengths > 0 if null_block_id is None else (lengths > 0) & (lines != null_block_id)
+    if not bool(keep.any()):
+        return out
+    lines, starts, lengths = lines[keep], starts[keep], lengths[keep]
+    first = num_accepted_tokens[:count].long()[keep] - 1
+    batch, dim, width, longest = lines.numel(), conv_state.shape[1], weight.shape[1], int(lengths.max())
+    steps = torch.arange(longest)
+    valid = steps[None] < lengths[:, None]  # [batch, longest]
+    rows = (starts[:, None] + steps[None]).clamp(max=x.shape[0] - 1)
+    state = conv_state[lines]  # [batch, dim, columns], a copy
+    columns = first[:, None] + torch.arange(width - 1)[None]
+    previous = state.gather(2, columns[:, None, :].expand(-1, dim, -1))  # [batch, dim, width - 1]
+    tokens = (x[rows] * valid[..., None]).transpose(1, 2).to(state.dtype)  # [batch, dim, longest]
+    window = torch.cat([previous, tokens], dim=2)
+    y = F.conv1d(window.reshape(1, batch * dim, -1), weight.to(state.dtype).repeat(batch, 1)[:, None, :],
+                 None if bias is None else bias.repeat(batch), groups=batch * dim).view(batch, dim, longest)
+    kept = width - 2 + longest  # the new state: the window less its first column, each sequence's own length
+    written = torch.arange(kept)[None] < (width - 2 + lengths)[:, None]
+    state[:, :, :kept] = torch.where(written[:, None, :], window[:, :, 1:], state[:, :, :kept])
+    conv_state[lines] = state
+    y = F.silu(y) if activation in (True, "silu", "swish") else y
+    out[rows[valid]] = y.transpose(1, 2)[valid].to(out.dtype)
     return out
 
 
