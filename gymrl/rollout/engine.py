@@ -387,25 +387,19 @@ class RolloutEngine:
         return reading
 
 
-def _engine_actor_class(cfg: EngineConfig):
-    return ray.remote(**actor_resources(cfg))(RolloutEngine)
-
-
-def _engine_env(cfg: EngineConfig) -> dict[str, str]:
+def _launch_engine(model_path: str, cfg: EngineConfig, seed: int, engine_id: int):
+    """An engine actor, created (Ray places it and loads the model in the background)."""
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if cfg.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
-    return env
+    return ray.remote(**actor_resources(cfg))(RolloutEngine).options(runtime_env={"env_vars": env}).remote(
+        model_path, cfg, seed, engine_id)
 
 
 def start_engines(model_path: str, cfg: EngineConfig, seed: int) -> list:
     """Start ``cfg.num_engines`` engine actors and wait until each has loaded its model; an engine that
     had to drop the speculative config says why, printed once for the pool."""
-    actor_cls, env = _engine_actor_class(cfg), _engine_env(cfg)
-    actors = [
-        actor_cls.options(runtime_env={"env_vars": env}).remote(model_path, cfg, seed, i)
-        for i in range(cfg.num_engines)
-    ]
+    actors = [_launch_engine(model_path, cfg, seed, i) for i in range(cfg.num_engines)]
     fallbacks = [info["spec_fallback"] for info in wait_ready(actors, cfg) if info["spec_fallback"]]
     if fallbacks:
         extra = f" (and {len(fallbacks) - 1} more engine(s) the same way)" if len(fallbacks) > 1 else ""
@@ -415,8 +409,7 @@ def start_engines(model_path: str, cfg: EngineConfig, seed: int) -> list:
 
 def start_engine(model_path: str, cfg: EngineConfig, seed: int, engine_id: int):
     """One engine actor, started and loaded: how the pool replaces an engine that died."""
-    actor = _engine_actor_class(cfg).options(runtime_env={"env_vars": _engine_env(cfg)}).remote(
-        model_path, cfg, seed, engine_id)
+    actor = _launch_engine(model_path, cfg, seed, engine_id)
     wait_ready([actor], cfg)
     return actor
 
