@@ -102,19 +102,15 @@ def _greedy_match(pool, policy, prompts, sampling) -> dict:
     """How much of the engine's greedy text is the trainer's own greedy choice, teacher-forced on that text: drafts
     must not change what a greedy engine writes, so an MTP engine should score as the plain one does (both bf16, so
     near-ties may differ)."""
-    import torch
+    from gymrl.train.policy import greedy_hits
 
     gen = pool.generate(prompts, 1, sampling)
     same = total = whole = 0
     first_miss = []
-    with torch.no_grad():
-        for prompt, (completion,) in zip(prompts, gen.groups):
-            out = completion.token_ids
-            ids = torch.tensor([prompt + out], device=policy.device)
-            choice = policy(input_ids=ids).logits[0, len(prompt) - 1 : -1].argmax(-1).tolist()
-            hits = [a == b for a, b in zip(choice, out)]
-            same, total, whole = same + sum(hits), total + len(out), whole + all(hits)
-            first_miss.append(hits.index(False) if not all(hits) else len(out))
+    for prompt, (completion,) in zip(prompts, gen.groups):
+        hits = greedy_hits(policy, prompt, completion.token_ids)
+        same, total, whole = same + sum(hits), total + len(hits), whole + all(hits)
+        first_miss.append(hits.index(False) if not all(hits) else len(hits))
     return {"tokens_matching_trainer": same / total, "sequences_matching_trainer": whole / len(prompts),
             "first_mismatch_token": _median(first_miss)}
 

@@ -68,3 +68,12 @@ def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor,
         is_stop[[i for i in stop_ids if i < logits.shape[-1]]] = True
         logits = logits.masked_fill(stop_banned[..., None] & is_stop, float("-inf"))
     return torch.gather(F.log_softmax(logits, dim=-1), 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def greedy_hits(model, prompt: list[int], completion: list[int]) -> list[bool]:
+    """Whether each completion token is the model's greedy choice given the text before it (teacher-forced): how a
+    greedy engine's text is checked against the trainer's model, e.g. that speculative drafts left it unchanged."""
+    with torch.no_grad():
+        ids = torch.tensor([prompt + completion], device=model.device)
+        choice = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].argmax(-1).tolist()
+    return [a == b for a, b in zip(choice, completion)]
