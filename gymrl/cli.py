@@ -12,16 +12,13 @@ from rich.table import Table
 
 from gymrl.config import ConfigError, describe_fields, load_config
 from gymrl.envs.client import EnvServerError
+from gymrl.errors import USER_ERRORS, console, fail
 from gymrl.traces.cli import traces_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="gymrl: RL environment harness for language models.")
 envs_app = typer.Typer(no_args_is_help=True, help="Environment plugins.")
 app.add_typer(envs_app, name="envs")
 app.add_typer(traces_app, name="traces")
-console = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
-
-# Errors a user can fix from the message alone: shown as one line, without a traceback.
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -32,11 +29,6 @@ def _overrides(pairs: list[str]) -> dict:
             raise ConfigError(f"--set expects KEY=VALUE, got '{pair}'")
         out[key] = yaml.safe_load(value)
     return out
-
-
-def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}", highlight=False)
-    raise typer.Exit(2)
 
 
 def _print_config_help() -> None:
@@ -62,9 +54,9 @@ def train(
         _print_config_help()
         return
     if config is None and resume is None:
-        _fail(ConfigError("give a config file, e.g. gymrl train configs/demo.yaml, or --resume RUN_DIR"))
+        fail(ConfigError("give a config file, e.g. gymrl train configs/demo.yaml, or --resume RUN_DIR"))
     if config is not None and resume is not None:
-        _fail(ConfigError("--resume takes the run's own config (RUN_DIR/config.json): give one or the other"))
+        fail(ConfigError("--resume takes the run's own config (RUN_DIR/config.json): give one or the other"))
     checkpoint = None
     try:
         if resume is not None:
@@ -76,14 +68,14 @@ def train(
                 raise FileNotFoundError(f"nothing to resume in '{resume}': no checkpoint under {resume / 'checkpoints'}")
         cfg = load_config(config, _overrides(set_))
     except USER_ERRORS as err:
-        _fail(err)
+        fail(err)
     if dry_run:
         from gymrl.plan import make_plan, render
 
         try:
             plan = make_plan(cfg)
         except USER_ERRORS as err:
-            _fail(err)
+            fail(err)
         render(plan, str(config), Console())
         return
     from gymrl.rollout.engine import EngineError
@@ -98,13 +90,13 @@ def train(
         with console.status("starting: environment, model, Ray and vLLM engine(s)..."):
             session = start_session(cfg)
     except USER_ERRORS + (EnvServerError, EngineError) as err:
-        _fail(err)
+        fail(err)
     try:
         with TrainProgress(cfg.train.steps, console) as progress:
             summary = run_training(session, progress.update, checkpoint)
     except USER_ERRORS + (EnvServerError, EngineError, CheckpointError, TooManyFailures, TraceDiskFull) as err:
         last = latest_checkpoint(Path(cfg.run_dir))
-        _fail(RuntimeError(f"{err}\nthe run stopped; " + (
+        fail(RuntimeError(f"{err}\nthe run stopped; " + (
             f"its last checkpoint is {last}: continue with `gymrl train --resume {cfg.run_dir}`" if last
             else "it saved no checkpoint")))
     finally:
@@ -135,7 +127,7 @@ def export(
             return
         files = export_hf(checkpoint, out)
     except USER_ERRORS + (FileExistsError, CheckpointError, GGUFExportError) as err:
-        _fail(err)
+        fail(err)
     console.print(f"wrote {out}: {', '.join(files)}", highlight=False)
 
 
@@ -183,7 +175,7 @@ def eval_(
         data = apply_overrides(base, {k: v for k, v in flags.items() if v is not None} | _overrides(set_))
         cfg = parse_config(data, str(config or "gymrl eval"))
     except USER_ERRORS as err:
-        _fail(err)
+        fail(err)
     progress = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
 
     def on_start(total: int):
@@ -194,7 +186,7 @@ def eval_(
         with progress:
             result = run_eval(cfg, endpoint, checkpoint, n, samples, cfg.sampling, on_start)
     except USER_ERRORS + (EndpointError, EnvServerError, CheckpointError) as err:
-        _fail(err)
+        fail(err)
     typer.echo((result.run_dir / "report.md").read_text())
     console.print(f"run directory: {result.run_dir} (report.json, report.md, traces.db; gymrl traces stats "
                   f"{result.run_dir})", highlight=False)
@@ -227,7 +219,7 @@ class BenchArgs:
             try:
                 self._cfg = load_config(self.config)
             except USER_ERRORS as err:
-                _fail(err)
+                fail(err)
         return self._cfg
 
 
@@ -354,9 +346,9 @@ def bench(
     """Benchmarks: raw vLLM vs harness rollout tokens/s, weight push, trainer step; speculative decoding;
     reward, env-server and trace-store speed; env-server load."""
     if suite not in SUITES:
-        _fail(ValueError(f"--suite must be {', '.join(SUITES[:-1])} or all, got '{suite}'"))
+        fail(ValueError(f"--suite must be {', '.join(SUITES[:-1])} or all, got '{suite}'"))
     if steps < 2:
-        _fail(ValueError(f"--steps must be at least 2 (step 1 is a warm-up), got {steps}"))
+        fail(ValueError(f"--steps must be at least 2 (step 1 is a warm-up), got {steps}"))
     args = BenchArgs(config, out, repeats, large_config, steps)
     for name, entry in BENCH_SUITES.items():
         if suite != name and not (suite == "all" and entry.in_all):
@@ -369,7 +361,7 @@ def bench(
             else:
                 table = entry.run(args)
         except entry.errors as err:
-            _fail(err)
+            fail(err)
         Console().print(table)
         if entry.outputs:
             console.print(f"results: {', '.join(str(out / f) for f in entry.outputs)}")
@@ -395,7 +387,7 @@ def envs_new(name: str = typer.Argument(..., help="Name of the new environment (
     try:
         path = scaffold(name)
     except (ValueError, FileExistsError) as err:
-        _fail(err)
+        fail(err)
     console.print(f"created {path}; check it with: gymrl envs test {name}")
 
 
@@ -411,7 +403,7 @@ def envs_test(
     try:
         report = check_environment(name, max_tasks, tool_call_parser=tool_call_parser)
     except (ValueError, EnvServerError) as err:
-        _fail(err)
+        fail(err)
     for failure in report.failures[:20]:
         console.print(f"  [red]x[/] {failure}", highlight=False)
     console.print(report.summary(), highlight=False)
@@ -433,7 +425,7 @@ def envs_serve(
     try:
         module = plugin_module(name)
     except ValueError as err:
-        _fail(err)
+        fail(err)
     os.environ["PYTHONPATH"] = server_pythonpath(module)
     os.execv(str(DEFAULT_GYM_PYTHON), [str(DEFAULT_GYM_PYTHON), "-m", "gymrl.envs.serve", "--env", name,
                                        "--module", module, "--host", host, "--port", str(port)])

@@ -13,6 +13,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from gymrl.errors import USER_ERRORS, fail
 from gymrl.traces import query
 from gymrl.traces.store import TRACE_FILE, TraceFilter, TraceReader, TraceRecord
 
@@ -45,14 +46,12 @@ SPLIT = typer.Option(None, help="Only train or eval rollouts.")
 @contextmanager
 def _user_errors(*more: type[Exception]):
     """A mistake the user can fix (a missing run, an unknown env or rollout) is one line and exit code 2."""
-    from gymrl.cli import USER_ERRORS, _fail  # here, not at the top: gymrl.cli imports this module
-
     try:
         yield
     except KeyError as err:  # the store's "no rollout N", without KeyError's quotes
-        _fail(ValueError(err.args[0] if err.args else err))
+        fail(ValueError(err.args[0] if err.args else err))
     except USER_ERRORS + (sqlite3.DatabaseError,) + more as err:
-        _fail(err)
+        fail(err)
 
 
 @contextmanager
