@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from gymrl.cli import app
 from gymrl.models.checkpoint import load_policy
-from gymrl.rollout.engine import start_engines
+from gymrl.rollout.pool import start_engines
 from gymrl.session import init_ray
 from gymrl.train.checkpoint import (CheckpointError, StopSignal, export_hf, latest_checkpoint, list_checkpoints,
                                     load_checkpoint, save_checkpoint)

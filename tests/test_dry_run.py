@@ -14,7 +14,8 @@ from gymrl.config import ConfigError, EngineConfig, RolloutConfig, SamplingConfi
 from gymrl.envs.base import Task
 from gymrl.models.chat import environment_turn_ids, render_prompt
 from gymrl.models.tokenizer import build_tokenizer
-from gymrl.rollout.engine import Completion, Generation, actor_resources, engine_kwargs
+from gymrl.rollout.engine import Completion, Generation, engine_kwargs
+from gymrl.rollout.pool import actor_resources
 from gymrl.rollout.runner import RolloutRunner
 from gymrl.train.policy import token_logprobs
 from rewards.types import RewardResult
@@ -33,7 +34,7 @@ def nothing_heavy(monkeypatch):
     import gymrl.envs.launcher
     import gymrl.models.checkpoint
     import gymrl.models.tiny
-    import gymrl.rollout.engine
+    import gymrl.rollout.pool
     import gymrl.session
 
     def tripwire(what):
@@ -43,7 +44,7 @@ def nothing_heavy(monkeypatch):
 
     for module, name in [(ray, "init"), (gymrl.session, "start_session"), (gymrl.session, "build_tiny_model"),
                          (gymrl.models.tiny, "build_tiny_model"), (gymrl.session, "load_policy"),
-                         (gymrl.models.checkpoint, "load_policy"), (gymrl.rollout.engine, "start_engines"),
+                         (gymrl.models.checkpoint, "load_policy"), (gymrl.rollout.pool, "start_engines"),
                          (gymrl.session, "start_engines"), (gymrl.envs.launcher.EnvServer, "start")]:
         monkeypatch.setattr(module, name, tripwire(f"{module.__name__}.{name}"))
     ray_was_up = ray.is_initialized()  # another module's session may hold Ray already

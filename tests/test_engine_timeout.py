@@ -12,7 +12,7 @@ import pytest
 import ray
 
 from gymrl.config import SamplingConfig, load_config
-from gymrl.rollout.engine import EngineError, EnginePool, wait_ready
+from gymrl.rollout.pool import EngineError, EnginePool, wait_ready
 from gymrl.session import init_ray
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -57,7 +57,7 @@ def test_an_engine_ray_cannot_place_is_warned_about_with_what_it_needs(cluster, 
     cfg = load_config(DEMO_CONFIG, {"engine.cpus_per_engine": 64}).engine
     actor = UnplacedEngine.options(num_cpus=64).remote()  # more than this Ray has: it is never placed
     threading.Timer(5.0, ray.kill, [actor]).start()  # ends the wait, as a user's Ctrl-C would
-    with caplog.at_level(logging.WARNING, logger="gymrl.rollout.engine"):
+    with caplog.at_level(logging.WARNING, logger="gymrl.rollout.pool"):
         with pytest.raises(ray.exceptions.RayActorError):
             wait_ready([actor], cfg, warn_after_s=1.0)
     (warning,) = [r.getMessage() for r in caplog.records if "not ready after" in r.getMessage()]

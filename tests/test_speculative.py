@@ -15,7 +15,8 @@ import torch
 from gymrl.config import SamplingConfig, SpeculativeConfig
 from gymrl.envs.registry import load_environment
 from gymrl.models.checkpoint import load_policy
-from gymrl.rollout.engine import EnginePool, SpecStats, start_engines
+from gymrl.rollout.engine import SpecStats
+from gymrl.rollout.pool import EnginePool, start_engines
 from gymrl.rollout.runner import encode_prompt
 from gymrl.session import init_ray, resolve_model_path
 from gymrl.train.policy import pad_batch, token_logprobs

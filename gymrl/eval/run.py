@@ -97,7 +97,7 @@ def run_eval(cfg: RunConfig, endpoint: str | None, checkpoint: Path | None, n: i
     from gymrl.envs.registry import load_environment
     from gymrl.eval.endpoint import ChatEndpoint
     from gymrl.eval.episodes import EndpointRunner
-    from gymrl.rollout.engine import EnginePool, start_engines
+    from gymrl.rollout.pool import EnginePool, start_engines
     from gymrl.rollout.runner import check_prompts_fit
     from gymrl.session import init_ray, start_env_servers
     from gymrl.train.checkpoint import find_checkpoint, policy_folder

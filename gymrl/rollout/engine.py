@@ -1,4 +1,4 @@
-"""A vLLM engine hosted by a Ray actor, and a pool of them.
+"""A vLLM engine hosted by a Ray actor (:mod:`gymrl.rollout.pool` starts the actors and spreads work over them).
 
 The actor holds one ``AsyncLLM``, so requests run side by side with everything else the actor does:
 it samples G completions per prompt with the logprob of each sampled token (the behaviour logprobs the
@@ -17,12 +17,8 @@ import asyncio
 import itertools
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
-import ray
 
 from gymrl.config import EngineConfig, SamplingConfig
 
@@ -169,11 +165,6 @@ def engine_kwargs(model_path: str, cfg: EngineConfig, seed: int, engine_id: int 
     return kwargs
 
 
-def actor_resources(cfg: EngineConfig) -> dict[str, float]:
-    """Ray resources of one engine actor: its CPUs, and on cuda one GPU per tensor-parallel rank."""
-    return {"num_cpus": cfg.cpus_per_engine, "num_gpus": cfg.tensor_parallel_size if cfg.device == "cuda" else 0}
-
-
 def _build_engine(kwargs: dict):
     from vllm import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -216,8 +207,8 @@ def version_per_token(spans, n_tokens: int, default: int) -> list[int]:
 
 
 class RolloutEngine:
-    """One vLLM engine. Run it as a Ray actor with :func:`start_engines` (an async actor: its requests
-    and a weight update run concurrently on the actor's event loop)."""
+    """One vLLM engine. Run it as a Ray actor with :func:`gymrl.rollout.pool.start_engines` (an async actor: its
+    requests and a weight update run concurrently on the actor's event loop)."""
 
     def __init__(self, model_path: str, cfg: EngineConfig, seed: int, engine_id: int = 0):
         if cfg.device == "cpu":
@@ -385,243 +376,3 @@ class RolloutEngine:
         if new_peak_window:
             self._peak = self._in_flight
         return reading
-
-
-def _launch_engine(model_path: str, cfg: EngineConfig, seed: int, engine_id: int):
-    """An engine actor, created (Ray places it and loads the model in the background)."""
-    env = {"TOKENIZERS_PARALLELISM": "false"}
-    if cfg.device == "cpu":
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
-    return ray.remote(**actor_resources(cfg))(RolloutEngine).options(runtime_env={"env_vars": env}).remote(
-        model_path, cfg, seed, engine_id)
-
-
-def start_engines(model_path: str, cfg: EngineConfig, seed: int) -> list:
-    """Start ``cfg.num_engines`` engine actors and wait until each has loaded its model; an engine that
-    had to drop the speculative config says why, printed once for the pool."""
-    actors = [_launch_engine(model_path, cfg, seed, i) for i in range(cfg.num_engines)]
-    fallbacks = [info["spec_fallback"] for info in wait_ready(actors, cfg) if info["spec_fallback"]]
-    if fallbacks:
-        extra = f" (and {len(fallbacks) - 1} more engine(s) the same way)" if len(fallbacks) > 1 else ""
-        log.warning("speculative decoding off: %s%s", fallbacks[0], extra)
-    return actors
-
-
-def start_engine(model_path: str, cfg: EngineConfig, seed: int, engine_id: int):
-    """One engine actor, started and loaded: how the pool replaces an engine that died."""
-    actor = _launch_engine(model_path, cfg, seed, engine_id)
-    wait_ready([actor], cfg)
-    return actor
-
-
-def _resource_text(counts: dict) -> str:
-    return ", ".join(f"{key} {counts.get(key, 0):g}" for key in ("CPU", "GPU"))
-
-
-PLACEMENT_WARNING_S = 120.0  # an engine load takes 20-160 s on the lent machines
-
-
-def wait_ready(actors: list, cfg: EngineConfig, warn_after_s: float = PLACEMENT_WARNING_S) -> list[dict]:
-    """The actors' ``ready()`` answers. Ray keeps an actor it has no room for waiting without an error, so an
-    engine still not ready after ``warn_after_s`` gets one warning with what it needs and what Ray has free."""
-    refs = [actor.ready.remote() for actor in actors]
-    _, pending = ray.wait(refs, num_returns=len(refs), timeout=warn_after_s)
-    if pending:
-        resources = actor_resources(cfg)
-        need = {"CPU": resources["num_cpus"], "GPU": resources["num_gpus"]}
-        free, total = ray.available_resources(), ray.cluster_resources()
-        never = any(need[key] > total.get(key, 0) for key in need)
-        log.warning("%d of %d engine(s) not ready after %.0f s: still loading, or waiting for Ray to place them. "
-                    "Each engine needs %s (engine.cpus_per_engine, engine.tensor_parallel_size); Ray has %s free "
-                    "of %s%s. Fewer engines, a smaller engine.cpus_per_engine or a larger ray_num_cpus make room.",
-                    len(pending), len(refs), warn_after_s, _resource_text(need), _resource_text(free),
-                    _resource_text(total),
-                    " (less than one engine needs: it can never be placed)" if never else "")
-    return ray.get(refs)
-
-
-class EngineError(RuntimeError):
-    """A generation that failed for the engine's sake: it timed out, or its engine died past its restarts."""
-
-
-def _engine_died(err: Exception) -> bool:
-    """Whether ``err`` from an actor call means the engine is gone: the actor died, or vLLM's engine core in it."""
-    if isinstance(err, ray.exceptions.RayActorError):
-        return True
-    cause = getattr(err, "cause", None)
-    return isinstance(err, ray.exceptions.RayTaskError) and type(cause).__name__ == "EngineDeadError"
-
-
-class EnginePool:
-    """Spreads prompt groups over engine actors and pushes weights into all of them.
-
-    A group (the G samples of one prompt) stays on one engine, for its prefix cache; a new group goes
-    to the engine with the fewest sequences this pool has in flight there, and a later turn of an
-    episode goes back to the engine that sampled its first turn (``engine_ids``). Safe to call from
-    several threads at once (a weight push while rollouts are running, say).
-
-    Supervision: a call that finds its engine dead (the actor, or vLLM's engine core in it) replaces the
-    engine with a new actor (``restart``, at most ``max_restarts`` times over the pool), loads the newest
-    pushed weights into it and sends the call again; every step's :meth:`stats` doubles as a health check
-    that also replaces an engine that does not answer within ``health_timeout_s``. A generation that takes
-    longer than ``timeout_s`` is aborted and raised as :class:`EngineError`.
-    """
-
-    def __init__(self, actors: list, restart: Callable[[int], Any] | None = None, max_restarts: int = 0,
-                 timeout_s: float | None = None, health_timeout_s: float = 60.0):
-        self.actors = actors
-        self.restarts = 0
-        self._restart, self._max_restarts = restart, max_restarts
-        self._timeout_s, self._health_timeout_s = timeout_s, health_timeout_s
-        self._lock = threading.Lock()
-        self._restart_lock = threading.Lock()
-        self._load = [0] * len(actors)  # sequences this pool has in flight on each engine
-        self._last: list[EngineStats] | None = None
-        self._weights: Callable[[], tuple] | None = None  # load_weights' arguments for a new engine: the newest push
-
-    def _replace(self, e: int, dead, why: str):
-        """A live actor in place of ``dead`` at engine ``e``: a new one with the newest weights, or the one another
-        thread already put there. Raises :class:`EngineError` once the restarts are used up."""
-        with self._restart_lock:
-            if self.actors[e] is not dead:
-                return self.actors[e]
-            if self._restart is None or self.restarts >= self._max_restarts:
-                raise EngineError(f"engine {e} died ({why}) and no restart is left "
-                                  f"(engine.max_restarts={self._max_restarts}, {self.restarts} used)")
-            self.restarts += 1
-            log.warning("engine %d died (%s); restarting it (%d of %d)", e, why, self.restarts, self._max_restarts)
-            try:
-                ray.kill(dead)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
-            started = time.perf_counter()
-            actor = self._restart(e)
-            if self._weights is not None:
-                ray.get(actor.load_weights.remote(*self._weights()))
-            self.actors[e] = actor
-            log.warning("engine %d restarted in %.1f s", e, time.perf_counter() - started)
-            return actor
-
-    def _call(self, calls: dict[int, Callable[[Any], Any]], timeout_s: float | None, what: str,
-              hung_is_dead: bool = False, meanwhile: Callable[[], None] | None = None) -> dict[int, Any]:
-        """Run ``calls[e](actor)`` on each engine ``e`` at once and wait for their results. A call whose engine died
-        runs again on its replacement. Past ``timeout_s`` the calls left are cancelled: with ``hung_is_dead`` their
-        engines are replaced and asked again, else it is an :class:`EngineError`. ``meanwhile`` runs here once the
-        calls are sent, before waiting (the trainer's side of a broadcast)."""
-        pending = {e: (self.actors[e], call(self.actors[e])) for e, call in calls.items()}
-        if meanwhile is not None:
-            meanwhile()
-        results = {}
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while pending:
-            e, (actor, ref) = next(iter(pending.items()))
-            try:
-                results[e] = ray.get(ref, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-                del pending[e]
-            except ray.exceptions.GetTimeoutError:
-                if not hung_is_dead:
-                    for _, r in pending.values():
-                        ray.cancel(r)
-                    raise EngineError(f"{what} on engine(s) {sorted(pending)} took longer than {timeout_s:g} s "
-                                      "(rollout.timeout_s); its requests were aborted") from None
-                new = self._replace(e, actor, f"no answer to {what} within {timeout_s:g} s")
-                pending[e] = (new, calls[e](new))
-                deadline = time.monotonic() + timeout_s
-            except Exception as err:  # noqa: BLE001 - only a dead engine is retried
-                if not _engine_died(err):
-                    raise
-                new = self._replace(e, actor, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
-                pending[e] = (new, calls[e](new))
-        return results
-
-    def _assign(self, n: int, engine_ids: list[int | None]) -> list[int]:
-        with self._lock:
-            chosen = []
-            for pinned in engine_ids:
-                engine = pinned if pinned is not None else min(range(len(self.actors)), key=self._load.__getitem__)
-                self._load[engine] += n
-                chosen.append(engine)
-            return chosen
-
-    def generate(self, prompts: list[list[int]], n: int, sampling: Sampling,
-                 engine_ids: list[int | None] | None = None, seeds: list[int | None] | None = None) -> Generation:
-        """``sampling``: one for all prompts, or a list with one per prompt. ``engine_ids``: the engine
-        each prompt must go to (None: the least loaded). ``seeds``: each prompt's sampling seed (None: the
-        engine's generator). The spec stats are the sum over the engines that took part (None when
-        speculative decoding is off)."""
-        chosen = self._assign(n, engine_ids or [None] * len(prompts))
-        shards = {e: [j for j, c in enumerate(chosen) if c == e] for e in sorted(set(chosen))}
-        pick = (lambda shard: [sampling[j] for j in shard]) if isinstance(sampling, list) else (lambda shard: sampling)
-        seeds = seeds or [None] * len(prompts)
-
-        def call(shard: list[int]):
-            return lambda actor: actor.generate.remote([prompts[j] for j in shard], n, pick(shard), [seeds[j] for j in shard])
-
-        try:
-            replies: dict[int, Generation] = self._call({e: call(shard) for e, shard in shards.items()},
-                                                        self._timeout_s, "generation")
-        finally:
-            with self._lock:
-                for e, shard in shards.items():
-                    self._load[e] -= n * len(shard)
-        results: list[list[Completion]] = [[] for _ in prompts]
-        for e, shard in shards.items():
-            for j, group in zip(shard, replies[e].groups):
-                results[j] = group
-        return Generation(results, SpecStats.total([r.spec for r in replies.values()]))
-
-    def push_weights(self, blob: bytes, version: int, recompute_kv: bool = False) -> float:
-        """Load new weights into every engine, requests in flight or not; returns the wall time."""
-        started = time.perf_counter()
-        self.update_weights(blob, version, recompute_kv)
-        return time.perf_counter() - started
-
-    def update_weights(self, blob: bytes, version: int, recompute_kv: bool = False,
-                       method: str = "gymrl_load_weights", meanwhile: Callable[[], None] | None = None,
-                       replay: Callable[[], bytes] | None = None) -> list[WeightUpdate]:
-        """Load new weights into every engine at once; returns how each took them. ``method`` and ``blob``: the
-        worker method and its payload (a safetensors blob by default; see weight_sync.py for the others).
-        ``meanwhile``: runs once the engines were asked (the sender's side of a broadcast). ``replay``: the same
-        weights as a safetensors blob, for an engine restarted later, when ``blob`` cannot be loaded again."""
-        ref = ray.put(blob)  # one copy in the object store, read by every engine (and by a restarted one)
-        if replay is None:
-            self._weights = lambda: (ref, version, recompute_kv, method)
-        else:  # packed only if an engine restarts
-            self._weights = lambda: (ray.put(replay()), version, recompute_kv)
-        calls = {e: (lambda a: a.load_weights.remote(ref, version, recompute_kv, method)) for e in range(len(self.actors))}
-        done = self._call(calls, None, "weight update", meanwhile=meanwhile)
-        return [done[e] for e in range(len(self.actors))]
-
-    def worker_call(self, method: str, payload: bytes | list[bytes] | None = None,
-                    meanwhile: Callable[[], None] | None = None) -> list[list]:
-        """:meth:`RolloutEngine.worker_call` on every engine at once (``payload``: one for all, or one per engine):
-        each engine's per-worker results."""
-        each = payload if isinstance(payload, list) else [payload] * len(self.actors)
-        done = self._call({e: (lambda a, e=e: a.worker_call.remote(method, each[e])) for e in range(len(self.actors))},
-                          None, method, meanwhile=meanwhile)
-        return [done[e] for e in range(len(self.actors))]
-
-    def score(self, sequences: list[list[int]]) -> list[list[float]]:
-        return self._call({0: lambda a: a.score.remote(sequences)}, None, "scoring")[0]
-
-    def stats(self, new_peak_window: bool = False) -> list[EngineStats]:
-        """Each engine's counters; an engine that is dead or does not answer within ``health_timeout_s`` is
-        replaced (its counters start again from zero)."""
-        done = self._call({e: (lambda a: a.stats.remote(new_peak_window)) for e in range(len(self.actors))},
-                          self._health_timeout_s, "a health check", hung_is_dead=True)
-        return [done[e] for e in range(len(self.actors))]
-
-    def step_metrics(self) -> dict[str, float]:
-        """Per engine since the previous call: tokens/s while busy, and the peak queue depth (sequences
-        in flight at once); the first call covers the engines' whole life."""
-        now = self.stats(new_peak_window=True)
-        before = self._last or [EngineStats(s.engine_id, 0, 0, 0, 0, 0.0, 0) for s in now]
-        self._last = now
-        metrics = {"engine_restarts": float(self.restarts)}
-        for old, new in zip(before, now):
-            if new.tokens < old.tokens:  # a restarted engine counts from zero again
-                old = EngineStats(new.engine_id, 0, 0, 0, 0, 0.0, 0)
-            busy = new.busy_seconds - old.busy_seconds
-            metrics[f"engine_tokens_per_s/{new.engine_id}"] = (new.tokens - old.tokens) / busy if busy > 0 else 0.0
-            metrics[f"engine_queue_depth/{new.engine_id}"] = float(new.peak_in_flight)
-        return metrics

@@ -16,7 +16,8 @@ from gymrl.config import RolloutConfig, SamplingConfig
 from gymrl.envs.base import Environment, Episode, Task
 from gymrl.envs.client import function_call_item, function_call_output_item, message_item
 from gymrl.models.chat import environment_turn_ids, render_prompt
-from gymrl.rollout.engine import Completion, EnginePool, PromptTooLongError, SpecStats
+from gymrl.rollout.engine import Completion, PromptTooLongError, SpecStats
+from gymrl.rollout.pool import EnginePool
 from gymrl.rollout.tool_calls import ParsedTurn, ToolCallParser
 from rewards.types import RewardResult
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from gymrl.config import SamplingConfig
 from gymrl.envs.base import Task
 from gymrl.envs.client import EnvServerError
-from gymrl.rollout.engine import EngineError
+from gymrl.rollout.pool import EngineError
 from gymrl.rollout.runner import RolloutBatch, RolloutRunner
 
 
