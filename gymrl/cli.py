@@ -1,9 +1,8 @@
 """The ``gymrl`` command: train, eval, export, bench, envs, traces."""
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 import yaml
@@ -192,137 +191,6 @@ def eval_(
                   f"{result.run_dir})", highlight=False)
 
 
-@dataclass(frozen=True)
-class Suite:
-    """One ``gymrl bench --suite`` entry: what it runs, the errors it reports in one line, the files it writes."""
-
-    run: Callable[["BenchArgs"], Table]  # the suite's figures as a table for the console
-    status: str | Callable[["BenchArgs"], str] | None = None  # shown while it runs
-    outputs: tuple[str, ...] = ()  # files under --out, named when it is done
-    errors: tuple[type[Exception], ...] = USER_ERRORS
-    in_all: bool = True
-
-
-@dataclass
-class BenchArgs:
-    config: Path
-    out: Path
-    repeats: int
-    large_config: Optional[Path]
-    steps: int
-    _cfg: object = None
-
-    @property
-    def cfg(self):
-        """The run config, loaded on first use (suites without one never load it)."""
-        if self._cfg is None:
-            try:
-                self._cfg = load_config(self.config)
-            except USER_ERRORS as err:
-                fail(err)
-        return self._cfg
-
-
-def _with_session(args: BenchArgs, measure: Callable) -> Table:
-    """``measure(session)`` on a session started from the config, closed afterwards."""
-    from gymrl.session import start_session
-
-    with console.status("starting: environment, model, Ray and vLLM engine(s)..."):
-        session = start_session(args.cfg)
-    try:
-        return measure(session)
-    finally:
-        session.close()
-
-
-def _bench_traces(a: BenchArgs) -> Table:
-    from gymrl.bench import run_trace_bench
-
-    return run_trace_bench(a.out)
-
-
-def _bench_envs(a: BenchArgs) -> Table:
-    from gymrl.bench import run_env_bench
-
-    return run_env_bench(a.out)
-
-
-def _bench_env_load(a: BenchArgs) -> Table:
-    from gymrl.bench_envload import run_envload_bench
-
-    return run_envload_bench(a.out)
-
-
-def _bench_spec(a: BenchArgs) -> Table:
-    from gymrl.bench import run_spec_bench
-
-    return run_spec_bench(a.cfg, a.out, a.repeats)
-
-
-def _bench_mtp(a: BenchArgs) -> Table:
-    from gymrl.bench import run_mtp_bench
-
-    return run_mtp_bench(a.cfg, a.out, a.cfg.train.steps)
-
-
-def _bench_async(a: BenchArgs) -> Table:
-    from gymrl.bench import run_async_bench
-
-    return run_async_bench(a.cfg, a.out)
-
-
-def _vs_trl_configs(a: BenchArgs) -> list:
-    return [a.cfg] + ([load_config(a.large_config)] if a.large_config and str(a.large_config) else [])
-
-
-def _bench_vs_trl(a: BenchArgs) -> Table:
-    from gymrl.bench_vs_trl import run_vs_trl_bench
-
-    return run_vs_trl_bench(_vs_trl_configs(a), a.out, a.steps)
-
-
-def _bench_rollout(a: BenchArgs) -> Table:
-    from gymrl.bench_rollout import run_rollout_bench
-
-    p = a.cfg.train.prompts_per_step
-    return _with_session(a, lambda session: run_rollout_bench(session, a.out, (p, 4 * p), a.repeats))
-
-
-def _bench_pool(a: BenchArgs) -> Table:
-    from gymrl.bench import run_pool_bench
-
-    return run_pool_bench(a.cfg, a.out, a.repeats)
-
-
-def _bench_core(a: BenchArgs) -> Table:
-    from gymrl.bench import run_bench
-
-    return _with_session(a, lambda session: run_bench(session, a.out, a.repeats))
-
-
-# In the order `--suite all` runs them.
-BENCH_SUITES: dict[str, Suite] = {
-    "traces": Suite(_bench_traces, "writing 100,000 synthetic rollouts..."),
-    "envs": Suite(_bench_envs, errors=(EnvServerError,)),
-    "env-load": Suite(_bench_env_load, "concurrent /verify calls on each environment server, concurrency 1, 2, 4, ...",
-                      ("env-load.json", "env-load.md"), USER_ERRORS + (EnvServerError,), in_all=False),
-    "spec": Suite(_bench_spec, "decoding with and without speculative decoding, one engine at a time...",
-                  ("spec.json", "spec.md"), USER_ERRORS + (RuntimeError,)),
-    "mtp": Suite(_bench_mtp, "GRPO with the MTP layer frozen, then trained, from the same weights...",
-                 ("mtp.json", "mtp.md", "mtp_acceptance.png"), USER_ERRORS + (EnvServerError,), in_all=False),
-    "async": Suite(_bench_async, "GRPO sync then async from the same weights...", ("async.json", "async.md"),
-                   USER_ERRORS + (EnvServerError,)),
-    "vs-trl": Suite(_bench_vs_trl, lambda a: f"gymrl sync, async and TRL, {a.steps} steps each, at "
-                                             f"{len(_vs_trl_configs(a))} model size(s)...",
-                    ("vs-trl.json", "vs-trl.md", "vs-trl.png"), USER_ERRORS + (EnvServerError, RuntimeError)),
-    "rollout": Suite(_bench_rollout, None, ("rollout.json", "rollout.md"), USER_ERRORS + (EnvServerError,)),
-    "pool": Suite(_bench_pool, "two engines: alone, as a pool, and weight updates in flight...",
-                  ("pool.json", "pool.md")),
-    "core": Suite(_bench_core, None, ("results.json", "results.md"), USER_ERRORS + (EnvServerError,)),
-}
-SUITES = (*BENCH_SUITES, "all")
-
-
 @app.command()
 def bench(
     config: Path = typer.Argument(Path("configs/demo.yaml"), help="Config whose model and engine are measured."),
@@ -345,26 +213,10 @@ def bench(
 ) -> None:
     """Benchmarks: raw vLLM vs harness rollout tokens/s, weight push, trainer step; speculative decoding;
     reward, env-server and trace-store speed; env-server load."""
-    if suite not in SUITES:
-        fail(ValueError(f"--suite must be {', '.join(SUITES[:-1])} or all, got '{suite}'"))
-    if steps < 2:
-        fail(ValueError(f"--steps must be at least 2 (step 1 is a warm-up), got {steps}"))
-    args = BenchArgs(config, out, repeats, large_config, steps)
-    for name, entry in BENCH_SUITES.items():
-        if suite != name and not (suite == "all" and entry.in_all):
-            continue
-        try:
-            status = entry.status(args) if callable(entry.status) else entry.status
-            if status:
-                with console.status(status):
-                    table = entry.run(args)
-            else:
-                table = entry.run(args)
-        except entry.errors as err:
-            fail(err)
-        Console().print(table)
-        if entry.outputs:
-            console.print(f"results: {', '.join(str(out / f) for f in entry.outputs)}")
+    from gymrl.bench.args import BenchArgs
+    from gymrl.bench.suites import run_suites
+
+    run_suites(suite, BenchArgs(config, out, repeats, large_config, steps))
 
 
 @envs_app.command("list")

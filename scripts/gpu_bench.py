@@ -173,7 +173,7 @@ def part_train(cfg, work: Path, steps: int, repeats: int, trl: tuple[str, ...]) 
     GRPOTrainer (gymrl's vs-trl suite: same model, tasks, reward, batch, lengths, lr and seed)."""
     import torch
 
-    from gymrl.bench_vs_trl import compare_with_trl
+    from gymrl.bench.vs_trl import compare_with_trl
     from gymrl.session import start_session
     from gymrl.train.loop import GRPOTrainer
     from gymrl.train.policy import pad_batch, token_logprobs

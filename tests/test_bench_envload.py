@@ -2,7 +2,7 @@
 
 import json
 
-from gymrl.bench_envload import LoadBudget, find_knee, run_envload_bench
+from gymrl.bench.env_load import LoadBudget, find_knee, run_envload_bench
 
 
 def _level(c, rate, p99=10.0, errors=0):

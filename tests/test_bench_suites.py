@@ -21,7 +21,7 @@ def test_trl_sees_the_prompts_gymrl_sends(demo_cfg, demo_model):
 
 
 def test_trl_refuses_what_it_cannot_compare(demo_cfg):
-    from gymrl.trl_baseline import check_supported
+    from gymrl.bench.trl_baseline import check_supported
 
     cfg = demo_cfg.model_copy(update={"envs": [demo_cfg.envs[0].model_copy(update={"name": "tool_use"})]})
     with pytest.raises(ValueError, match="envs: vs-trl needs one environment with an in-process reward"):
@@ -29,7 +29,7 @@ def test_trl_refuses_what_it_cannot_compare(demo_cfg):
 
 
 def test_vs_trl_suite(fresh_session, tmp_path):
-    from gymrl.bench_vs_trl import compare_with_trl, write_vs_trl
+    from gymrl.bench.vs_trl import compare_with_trl, write_vs_trl
 
     size = compare_with_trl(fresh_session, tmp_path / "runs", steps=2)
     write_vs_trl([size], tmp_path)
@@ -66,7 +66,7 @@ def test_vs_trl_suite(fresh_session, tmp_path):
 
 
 def test_rollout_suite(fresh_session, tmp_path):
-    from gymrl.bench_rollout import run_rollout_bench
+    from gymrl.bench.rollout import run_rollout_bench
 
     run_rollout_bench(fresh_session, tmp_path, (2, 4), repeats=1)
     results = json.loads((tmp_path / "rollout.json").read_text())

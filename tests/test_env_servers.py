@@ -158,7 +158,7 @@ def test_missing_gym_venv_is_a_clear_error(tmp_path):
 def test_env_bench_writes_results(tmp_path):
     import json
 
-    from gymrl.bench import run_env_bench
+    from gymrl.bench.envs import run_env_bench
 
     run_env_bench(tmp_path, verify_calls=20)
     results = json.loads((tmp_path / "envs.json").read_text())

@@ -97,7 +97,7 @@ def test_metrics_are_also_tensorboard_scalars(async_run):
 
 
 def test_bench_writes_results(fresh_session, tmp_path):
-    from gymrl.bench import run_bench
+    from gymrl.bench.core import run_bench
 
     run_bench(fresh_session, tmp_path, repeats=1)
     results = json.loads((tmp_path / "results.json").read_text())

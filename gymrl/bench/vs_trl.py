@@ -2,29 +2,31 @@
 
 Same model folder, task data, reward function, batch (prompts x generations), completion lengths, sampling,
 learning rate, loss and seed, N steps each from the same initial weights. TRL runs in child processes
-(``gymrl.trl_baseline``), generating with transformers and, where it runs, with its vLLM colocate mode. Every
+(``gymrl.bench.trl_baseline``), generating with transformers and, where it runs, with its vLLM colocate mode. Every
 run's policy is scored by gymrl's own greedy held-out evaluation (``gymrl.train.loop.evaluate``), TRL's after
 its weights are pushed into gymrl's engine. Step 1 of every run is a warm-up and is left out of the timings.
 """
 
 import copy
-import json
 import statistics
 from pathlib import Path
 
 from rich.table import Table
 
-from gymrl.bench import _summary, train_from, versions, write_results
-from gymrl.trl_baseline import GENERATIONS, TrlRunError, check_supported, run_trl
+from gymrl.bench.args import BenchArgs
+from gymrl.bench.report import summarise, versions, write_json, write_results
+from gymrl.bench.trl_baseline import GENERATIONS, TrlRunError, check_supported, run_trl
+from gymrl.bench.workload import train_from
+from gymrl.config import load_config
 
 GYMRL_MODES = {"gymrl sync": 0, "gymrl async": 1}  # name: max_staleness
 
 
 def _figures(step_seconds: list[float], tokens: list[float], held_out: float) -> dict:
     step_seconds, tokens = step_seconds[1:] or step_seconds, tokens[1:] or tokens  # step 1 warms up
-    step = _summary(step_seconds)
+    step = summarise(step_seconds)
     return {"step_s": step, "steps_per_s": 1 / step["median"],
-            "tokens_per_s": _summary([t / s for t, s in zip(tokens, step_seconds)]), "held_out_reward": held_out}
+            "tokens_per_s": summarise([t / s for t, s in zip(tokens, step_seconds)]), "held_out_reward": held_out}
 
 
 def _phases(rows: list[dict]) -> dict:
@@ -140,11 +142,9 @@ def write_vs_trl(sizes: list[dict], out: Path) -> Table:
 
 
 def _plot(sizes: list[dict], path: Path) -> None:
-    import matplotlib
+    from gymrl.train.metrics import _pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 3.5), squeeze=False)
     for ax, size in zip(axes[0], sizes):
         names = list(size["runs"])
@@ -173,8 +173,17 @@ def run_vs_trl_bench(configs: list, out: Path, steps: int) -> Table:
         session = start_session(cfg)
         try:
             sizes.append(compare_with_trl(session, out / "vs-trl" / f"size{i}", steps))
-            (out / "vs-trl" / f"size{i}.json").write_text(json.dumps(sizes[-1], indent=2))  # kept if a later size fails
+            write_json(out / "vs-trl", f"size{i}", sizes[-1])  # kept if a later size fails
         finally:
             session.close()
         ray.shutdown()  # the next config's engine gets a fresh Ray (its own num_cpus)
     return write_vs_trl(sizes, out)
+
+
+def configs_of(a: BenchArgs) -> list:
+    """CONFIG's run config, then ``--large-config``'s unless it is empty."""
+    return [a.cfg] + ([load_config(a.large_config)] if a.large_config and str(a.large_config) else [])
+
+
+def run_suite(a: BenchArgs) -> Table:
+    return run_vs_trl_bench(configs_of(a), a.out, a.steps)

@@ -19,8 +19,9 @@ from pathlib import Path
 import ray
 from rich.table import Table
 
-from gymrl.bench import _summary, versions, write_results
-from gymrl.trl_baseline import IN_PROCESS_REWARDS
+from gymrl.bench.args import BenchArgs, with_session
+from gymrl.bench.report import summarise, versions, write_results
+from gymrl.bench.trl_baseline import IN_PROCESS_REWARDS
 
 
 def _tasks(session, count: int) -> list:
@@ -72,10 +73,10 @@ def measure_rollout(session, prompts: int, repeats: int) -> dict:
                       "verify_http_s": batch.verify_seconds - reward, "reward_s": reward,
                       "other_s": wall - batch.generate_seconds - batch.verify_seconds - batch.tool_seconds})
     breakdown = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
-    return {"prompts": prompts, "group_size": n, "sequences": prompts * n, "raw_vllm_tokens_per_s": _summary(raw),
-            "rollout_tokens_per_s": _summary(rollout),
+    return {"prompts": prompts, "group_size": n, "sequences": prompts * n, "raw_vllm_tokens_per_s": summarise(raw),
+            "rollout_tokens_per_s": summarise(rollout),
             "rollout_over_raw": statistics.median(h / r for h, r in zip(rollout, raw)),
-            "per_group_tokens_per_s": _summary(per_group),
+            "per_group_tokens_per_s": summarise(per_group),
             "per_group_over_raw": statistics.median(g / r for g, r in zip(per_group, raw)),
             "breakdown_s": breakdown | {"tokenisation_uncached_s": tokenise}}
 
@@ -107,3 +108,8 @@ def run_rollout_bench(session, out: Path, batch_prompts: tuple[int, ...], repeat
                "batches": batches}
     return write_results(out, "rollout", results, rows, ["batch (prompts x samples)", "measure", f"median of {repeats}"],
                          "gymrl bench --suite rollout")
+
+
+def run_suite(a: BenchArgs) -> Table:
+    p = a.cfg.train.prompts_per_step
+    return with_session(a, lambda session: run_rollout_bench(session, a.out, (p, 4 * p), a.repeats))

@@ -5,7 +5,7 @@ scoring function from ``rewards/``, called in-process as TRL calls its reward fu
 batch, completion lengths, sampling, optimiser, GRPO loss and seed mapped onto ``GRPOConfig``. TRL generates
 with transformers or, in its vLLM colocate mode, with a vLLM engine in its own process.
 
-Each run is a child process (``python -m gymrl.trl_baseline``): TRL's colocated vLLM sets up an engine and
+Each run is a child process (``python -m gymrl.bench.trl_baseline``): TRL's colocated vLLM sets up an engine and
 torch.distributed state in the process that trains, which must not leak into the next run or into the bench.
 The child writes ``trl_run.json`` (per-step wall seconds, completion tokens and mean reward) and the trained
 policy as an HF folder; the bench scores that policy with gymrl's own held-out evaluation.
@@ -150,8 +150,9 @@ def run_trl(cfg: RunConfig, model: Path, generation: str, out: Path, torch_threa
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(exclude_unset=True))  # all fields: spec checks refuse them
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(cfg.engine.kv_cache_gib))}
-    proc = subprocess.run([sys.executable, "-m", "gymrl.trl_baseline", str(out / "config.json"), str(model), generation,
-                           str(out), str(torch_threads)], capture_output=True, text=True, timeout=timeout_s, env=env)
+    proc = subprocess.run([sys.executable, "-m", "gymrl.bench.trl_baseline", str(out / "config.json"), str(model),
+                           generation, str(out), str(torch_threads)],
+                          capture_output=True, text=True, timeout=timeout_s, env=env)
     (out / "trl.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         lines = [line.strip() for line in proc.stderr.splitlines() if line.strip() and "errors.pydantic.dev" not in line]

@@ -26,6 +26,8 @@ from pathlib import Path
 import httpx
 from rich.table import Table
 
+from gymrl.bench.args import BenchArgs
+from gymrl.bench.report import write_results
 from gymrl.envs.client import _request_fields, responses_api_response
 
 DEFAULT_ENVS = ("arithmetic", "math", "code")
@@ -216,7 +218,6 @@ def _calibrate(url: str, payloads: list[tuple[bytes, float | None]], timeout_s: 
 
 
 def run_envload_bench(out: Path, envs: tuple[str, ...] = DEFAULT_ENVS, budget: LoadBudget = LoadBudget()) -> Table:
-    from gymrl.bench import write_results
     from gymrl.envs.launcher import EnvServer
     from gymrl.envs.registry import load_environment
 
@@ -245,3 +246,7 @@ def run_envload_bench(out: Path, envs: tuple[str, ...] = DEFAULT_ENVS, budget: L
     return write_results(out, "env-load", results, rows,
                          ["env", "concurrency", "requests", "req/s", "p50 ms", "p99 ms", "errors"],
                          "gymrl bench --suite env-load", notes)
+
+
+def run_suite(a: BenchArgs) -> Table:
+    return run_envload_bench(a.out)
