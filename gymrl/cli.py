@@ -77,7 +77,7 @@ def train(
             fail(err)
         render(plan, str(config), Console())
         return
-    from gymrl.rollout.engine import EngineError
+    from gymrl.rollout.pool import EngineError
     from gymrl.session import start_session
     from gymrl.traces.store import TraceDiskFull
     from gymrl.train.checkpoint import CheckpointError, latest_checkpoint

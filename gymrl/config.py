@@ -11,7 +11,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gymrl.models.tiny import TinyModelSpec
+from gymrl.models.spec import TinyModelSpec
 
 
 class Section(BaseModel):

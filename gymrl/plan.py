@@ -23,7 +23,7 @@ from gymrl.config import RunConfig
 from gymrl.envs.base import Environment
 from gymrl.envs.launcher import REPO_ROOT
 from gymrl.envs.registry import load_environment
-from gymrl.models.checkpoint import CheckpointInfo, inspect_checkpoint
+from gymrl.models.checkpoint_files import CheckpointInfo, inspect_checkpoint
 from gymrl.models.tiny import is_complete, model_dir_name
 from gymrl.resources import memory_problem
 
@@ -158,7 +158,8 @@ def _check_prompts(cfg: RunConfig, envs: list[Environment], model_path: Path, in
 
 
 def _engines(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, plan: Plan) -> None:
-    from gymrl.rollout.engine import actor_resources, engine_kwargs
+    from gymrl.rollout.engine import engine_kwargs
+    from gymrl.rollout.pool import actor_resources
 
     eng = cfg.engine
     cpus_total = cfg.ray_num_cpus or os.cpu_count() or 1

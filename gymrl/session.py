@@ -19,10 +19,11 @@ from gymrl.envs.base import Environment
 from gymrl.envs.client import EnvClient
 from gymrl.envs.launcher import REPO_ROOT, EnvServer, ServerSupervisor
 from gymrl.envs.registry import load_environment
-from gymrl.models.checkpoint import inspect_checkpoint, load_policy
+from gymrl.models.checkpoint import load_policy
+from gymrl.models.checkpoint_files import inspect_checkpoint
 from gymrl.models.tiny import build_tiny_model
 from gymrl.resources import check_resources, ray_gpus
-from gymrl.rollout.engine import EnginePool, start_engine, start_engines
+from gymrl.rollout.pool import EnginePool, start_engine, start_engines
 from gymrl.rollout.runner import RolloutRunner, check_prompts_fit
 from gymrl.rollout.tool_calls import parser_class
 from gymrl.rollout.vllm_checks import (check_cpu_mamba_spec, check_cpu_mla, check_engine_args, check_mtp,
@@ -141,7 +142,7 @@ def start_session(cfg: RunConfig) -> Session:
         check_mtp_training(info.model_type, info.mtp_layers, model_path)
     policy, tokenizer = load_policy(model_path, cfg.train.dtype)
     if cfg.train.lora is not None:  # a bad target_modules fails now, not after the engines start
-        from gymrl.train.lora import check_targets
+        from gymrl.models.lora import check_targets
 
         check_targets(policy, cfg.train.lora)
     check_prompts_fit(tokenizer, tasks, cfg.sampling.max_tokens, cfg.engine.max_model_len,

@@ -64,7 +64,7 @@ def part_build(cfg, work: Path) -> dict:
     envs = [load_environment(e.name, e.args) for e in cfg.envs]
     path = resolve_model_path(cfg.model, envs, [e.weight for e in cfg.envs])
     report = json.loads((path / "warmup.json").read_text())
-    from gymrl.models.checkpoint import inspect_checkpoint
+    from gymrl.models.checkpoint_files import inspect_checkpoint
 
     info = inspect_checkpoint(path)
     return {"copy_bandwidth": bandwidth, "model": {
@@ -119,7 +119,7 @@ def _pushes(pool, policy, prompts, repeats: int) -> dict:
     """The same bf16 weights pushed into the live engine two ways, and a check that each lands."""
     import torch
 
-    from gymrl.models.checkpoint import checkpoint_tensors
+    from gymrl.models.checkpoint_files import checkpoint_tensors
     from gymrl.rollout.weight_sync import cuda_ipc_payload, pack_flat, pack_state_dict
 
     state = checkpoint_tensors(policy, policy.state_dict())  # vLLM reloads checkpoint names (experts split)
@@ -229,7 +229,7 @@ def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: i
 
     from gymrl.config import SamplingConfig, SpeculativeConfig
     from gymrl.models.checkpoint import load_policy
-    from gymrl.rollout.engine import EnginePool, start_engines
+    from gymrl.rollout.pool import EnginePool, start_engines
     from gymrl.session import init_ray
 
     model = json.loads((work / "results.json").read_text())["build"]["model"]["path"]

@@ -59,7 +59,8 @@ check)
 import tempfile, time
 from pathlib import Path
 from gymrl.envs.registry import load_environment
-from gymrl.models.tiny import TinyModelSpec, build_tiny_model
+from gymrl.models.spec import TinyModelSpec
+from gymrl.models.tiny import build_tiny_model
 from vllm import LLM, SamplingParams
 path = build_tiny_model(TinyModelSpec(warmup_steps=0), load_environment("arithmetic"), Path(tempfile.mkdtemp()))
 llm = LLM(str(path), enforce_eager=True, gpu_memory_utilization=0.2, max_model_len=256)

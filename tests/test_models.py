@@ -16,7 +16,8 @@ import gymrl.models.tiny as tiny
 from environments.arithmetic import Tasks
 from gymrl.envs.base import Environment
 from gymrl.models.checkpoint import load_policy, save_policy
-from gymrl.models.tiny import TinyModelSpec, build_tiny_model, is_complete, model_dir_name
+from gymrl.models.spec import TinyModelSpec
+from gymrl.models.tiny import build_tiny_model, is_complete, model_dir_name
 from gymrl.models.tokenizer import build_tokenizer
 from rewards.arithmetic import score_arithmetic
 

@@ -18,9 +18,10 @@ from safetensors import safe_open
 
 from gymrl.config import SamplingConfig, SpeculativeConfig, load_config
 from gymrl.envs.registry import load_environment
-from gymrl.models.checkpoint import inspect_checkpoint, load_policy
+from gymrl.models.checkpoint import load_policy
+from gymrl.models.checkpoint_files import inspect_checkpoint
 from gymrl.models.mtp import load_mtp_layer, new_mtp_layer
-from gymrl.rollout.engine import EnginePool, start_engines
+from gymrl.rollout.pool import EnginePool, start_engines
 from gymrl.rollout.runner import encode_prompt
 from gymrl.rollout.vllm_checks import check_cpu_mla
 from gymrl.rollout.weight_sync import pack_policy
@@ -210,7 +211,8 @@ def test_pushed_weights_land_in_the_mtp_engine(replies):
 def test_deepseek_build_is_deterministic_mtp_layer_included(tmp_path):
     from environments.arithmetic import Tasks
     from gymrl.envs.base import Environment
-    from gymrl.models.tiny import TinyModelSpec, build_tiny_model
+    from gymrl.models.spec import TinyModelSpec
+    from gymrl.models.tiny import build_tiny_model
 
     spec = TinyModelSpec(architecture="deepseek_v3", warmup_examples=200, warmup_steps=3, warmup_batch_size=8,
                          mtp_steps=3)

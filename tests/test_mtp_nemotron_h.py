@@ -25,7 +25,8 @@ from gymrl.envs.base import Environment
 from gymrl.models.checkpoint import load_policy
 from gymrl.models.mtp import agreement, load_mtp_layer, new_mtp_layer
 from gymrl.models.sft import encode_examples
-from gymrl.models.tiny import TinyModelSpec, build_tiny_model
+from gymrl.models.spec import TinyModelSpec
+from gymrl.models.tiny import build_tiny_model
 
 # About 40 s on 2 CPU cores (one thread).
 SPEC = TinyModelSpec(architecture="nemotron_h", hybrid_pattern="M*E", num_hidden_layers=3, warmup_examples=2000,

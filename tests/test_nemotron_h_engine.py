@@ -12,9 +12,10 @@ import torch
 
 from gymrl.config import SamplingConfig, SpeculativeConfig, load_config
 from gymrl.envs.registry import load_environment
-from gymrl.models.checkpoint import inspect_checkpoint, load_policy
+from gymrl.models.checkpoint import load_policy
+from gymrl.models.checkpoint_files import inspect_checkpoint
 from gymrl.models.tiny import WARMUP_REPORT
-from gymrl.rollout.engine import EnginePool, start_engines
+from gymrl.rollout.pool import EnginePool, start_engines
 from gymrl.rollout.runner import encode_prompt
 from gymrl.rollout.vllm_checks import check_cpu_mamba_spec, check_mtp
 from gymrl.rollout.vllm_fixes import conv1d_update_with_drafts

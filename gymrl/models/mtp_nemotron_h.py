@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHAttention, NemotronHMoE, NemotronHRMSNorm
 
-from gymrl.models.mtp import causal_mask, stack_experts
+from gymrl.models.mtp_deepseek import causal_mask, stack_experts  # helpers both families' layers use
 
 # vLLM's pattern characters (NemotronHMultiTokenPredictor) and transformers' layer-type names for them.
 MIXERS = {"full_attention": NemotronHAttention, "moe": NemotronHMoE}

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from gymrl.config import EngineConfig, RunConfig, SpeculativeConfig
-from gymrl.models.checkpoint import MTP_FIELDS, CheckpointInfo
+from gymrl.models.checkpoint_files import MTP_FIELDS, CheckpointInfo
 
 
 def vllm_version() -> str:

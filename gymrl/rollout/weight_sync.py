@@ -21,8 +21,8 @@ import torch.distributed as dist
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from gymrl.models.checkpoint import checkpoint_tensors
-from gymrl.train.lora import base_model, merged_state_dict
+from gymrl.models.checkpoint_files import checkpoint_tensors
+from gymrl.models.lora import base_model, merged_state_dict
 
 
 def pack_policy(model, mtp_layer=None) -> bytes:

@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gymrl.models.checkpoint import fsync_tree, load_policy, replace_dir, save_policy
+from gymrl.models.checkpoint import load_policy, save_policy
+from gymrl.models.checkpoint_files import fsync_tree, replace_dir
 from gymrl.models.mtp import load_mtp_layer
-from gymrl.train.lora import adapter_state, is_lora
+from gymrl.models.lora import adapter_state, is_lora
 
 CHECKPOINTS = "checkpoints"
 POLICY = "policy"

@@ -26,13 +26,15 @@ from gymrl.config import SamplingConfig
 from gymrl.envs.base import Task
 from gymrl.envs.client import EnvServerError
 from gymrl.resources import trainer_gpu
-from gymrl.models.checkpoint import inspect_checkpoint, save_policy
+from gymrl.models.checkpoint import save_policy
+from gymrl.models.checkpoint_files import inspect_checkpoint
 from gymrl.models.mtp import draft_kl, draft_logits, load_mtp_layer, mtp_layer_class
-from gymrl.rollout.engine import EngineError, SpecStats
+from gymrl.rollout.engine import SpecStats
+from gymrl.rollout.pool import EngineError
 from gymrl.rollout.runner import RolloutBatch, RolloutRunner
 from gymrl.session import Session
 from gymrl.train.grpo import GRPOLossConfig, group_advantages, grpo_loss
-from gymrl.train.lora import apply_lora
+from gymrl.models.lora import apply_lora
 from gymrl.train.metrics import MetricsLog, plot_acceptance, plot_lengths, plot_rewards
 from gymrl.train.checkpoint import StopSignal, load_checkpoint, save_checkpoint
 from gymrl.train.producer import Cursor, Failure, Group, RolloutProducer
@@ -317,6 +319,61 @@ def staleness_metrics(groups: list[Group], version: int) -> dict[str, float]:
         f"staleness/{k}": n for k, n in sorted(Counter(per_sample).items())}
 
 
+@dataclass
+class StepCounts:
+    """What the loop itself measured in one step, for :func:`step_record` (the batch and the trainer's result
+    bring the rest)."""
+
+    step: int
+    policy_version: int  # after the step and its push
+    learning_rate: float  # the one this step used
+    queue_depth: int  # groups waiting in the producer's queue when the step began
+    wait_seconds: float  # the trainer waiting for fresh groups
+    dropped: int  # groups dropped as too stale
+    prompts_per_step: int
+    failed: int  # groups that failed while this step's batch was made
+    push_seconds: float  # 0 when the step pushed no weights
+    step_seconds: float  # collect to push, the engines' stats included; the evaluation is not part of the step
+
+
+def step_record(counts: StepCounts, batch: RolloutBatch, result: StepResult, staleness: dict[str, float],
+                engines: dict[str, float]) -> dict:
+    """A training step's row of metrics.jsonl, before its evaluation's keys (``engines``: the pool's
+    :meth:`~gymrl.rollout.pool.EnginePool.step_metrics`, tokens/s and peak queue depth of each engine)."""
+    rewards = [r.reward for r in batch.rollouts]
+    record = {
+        "step": counts.step,
+        "policy_version": counts.policy_version,
+        "reward_mean": statistics.fmean(rewards),
+        "reward_std": statistics.pstdev(rewards),
+        "loss": result.loss,
+        "learning_rate": counts.learning_rate,
+        "clip_fraction": result.clip_fraction,
+        "kl": result.kl_mean,
+        "logprob_gap": result.logprob_gap,
+        "completion_tokens": batch.num_tokens,
+        "mean_completion_length": batch.num_tokens / len(rewards),
+        "generate_seconds": batch.generate_seconds,
+        "verify_seconds": batch.verify_seconds,
+        "tool_seconds": batch.tool_seconds,
+        "mean_turns": statistics.fmean(sum(t["role"] == "assistant" for t in r.turns) for r in batch.rollouts),
+        "train_seconds": result.train_seconds,
+        "push_seconds": counts.push_seconds,
+        "wait_seconds": counts.wait_seconds,
+        "queue_depth": counts.queue_depth,
+        "dropped_groups": counts.dropped,
+        "dropped_fraction": counts.dropped / (counts.dropped + counts.prompts_per_step),
+        "failed_groups": counts.failed,
+        "tokens_per_second": batch.num_tokens / max(batch.generate_seconds, 1e-9),
+    } | staleness | result.is_stats | per_env(batch, "reward") | per_env(
+        batch, "completion_length", lambda r: r.num_model_tokens)
+    record |= engines
+    record |= spec_metrics(batch) | result.mtp_stats
+    record["step_seconds"] = counts.step_seconds
+    record["samples_per_second"] = len(rewards) / counts.step_seconds
+    return record
+
+
 def train(session: Session, progress=None, resume: Path | None = None) -> dict:
     """Run the configured number of steps, or the rest of them from the checkpoint ``resume``; returns the run
     summary (also written to the run dir). SIGTERM or Ctrl-C ends the run after the current step, with a
@@ -376,37 +433,12 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
                 if step % cfg.train.push_every == 0 or evaluating:  # an evaluation measures the newest weights
                     push_seconds = trainer.push_weights()
                     producer.weights_pushed(trainer.version)
-                rewards = [r.reward for r in batch.rollouts]
-                record = {
-                    "step": step,
-                    "policy_version": trainer.version,
-                    "reward_mean": statistics.fmean(rewards),
-                    "reward_std": statistics.pstdev(rewards),
-                    "loss": result.loss,
-                    "learning_rate": learning_rate,
-                    "clip_fraction": result.clip_fraction,
-                    "kl": result.kl_mean,
-                    "logprob_gap": result.logprob_gap,
-                    "completion_tokens": batch.num_tokens,
-                    "mean_completion_length": batch.num_tokens / len(rewards),
-                    "generate_seconds": batch.generate_seconds,
-                    "verify_seconds": batch.verify_seconds,
-                    "tool_seconds": batch.tool_seconds,
-                    "mean_turns": statistics.fmean(sum(t["role"] == "assistant" for t in r.turns) for r in batch.rollouts),
-                    "train_seconds": result.train_seconds,
-                    "push_seconds": push_seconds,
-                    "wait_seconds": wait_seconds,
-                    "queue_depth": queue_depth,
-                    "dropped_groups": dropped,
-                    "dropped_fraction": dropped / (dropped + per_step),
-                    "failed_groups": failed,
-                    "tokens_per_second": batch.num_tokens / max(batch.generate_seconds, 1e-9),
-                } | staleness | result.is_stats | per_env(batch, "reward") | per_env(
-                    batch, "completion_length", lambda r: r.num_model_tokens)
-                record |= session.pool.step_metrics()  # tokens/s and peak queue depth of each engine
-                record |= spec_metrics(batch) | result.mtp_stats
-                record["step_seconds"] = time.perf_counter() - step_started  # the evaluation is not part of the step
-                record["samples_per_second"] = len(rewards) / record["step_seconds"]
+                engines = session.pool.step_metrics()
+                counts = StepCounts(step=step, policy_version=trainer.version, learning_rate=learning_rate,
+                                    queue_depth=queue_depth, wait_seconds=wait_seconds, dropped=dropped,
+                                    prompts_per_step=per_step, failed=failed, push_seconds=push_seconds,
+                                    step_seconds=time.perf_counter() - step_started)
+                record = step_record(counts, batch, result, staleness, engines)
                 if evaluating:
                     eval_started = time.perf_counter()
                     evaluation, eval_batch = trainer.evaluate_retrying(eval_tasks)
