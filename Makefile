@@ -49,6 +49,7 @@ demo: setup
 	$(BIN)/gymrl train configs/demo.yaml
 
 test: setup $(CHROMIUM) $(LLAMA_STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 bench: setup

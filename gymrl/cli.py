@@ -2,7 +2,6 @@
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 import yaml
@@ -39,12 +38,12 @@ def _print_config_help() -> None:
 
 @app.command()
 def train(
-    config: Optional[Path] = typer.Argument(None, help="YAML run config, e.g. configs/demo.yaml."),
+    config: Path | None = typer.Argument(None, help="YAML run config, e.g. configs/demo.yaml."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.steps=10 (repeatable)."),
     help_config: bool = typer.Option(False, "--help-config", help="List every config key with its default."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the config and print where everything would run; "
                                                           "start nothing, load no weights."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its latest "
+    resume: Path | None = typer.Option(None, "--resume", help="Continue the run in this folder from its latest "
                                           "checkpoint, with its saved config (--set may change keys, e.g. train.steps)."),
 ) -> None:
     """Run GRPO on the configured environment and model. SIGTERM or Ctrl-C stops after the current step
@@ -109,7 +108,7 @@ def export(
     source: Path = typer.Argument(..., help="A run folder (its latest checkpoint, or checkpoint/ when it has no "
                                             "step checkpoints) or one checkpoint folder."),
     out: Path = typer.Argument(..., help="New or empty folder for the HF model; with --gguf, a new .gguf file."),
-    step: Optional[int] = typer.Option(None, "--step", help="Export this step's checkpoint of the run folder."),
+    step: int | None = typer.Option(None, "--step", help="Export this step's checkpoint of the run folder."),
     gguf: bool = typer.Option(False, "--gguf", help="Write one GGUF file (float32, tokenizer and chat template "
                                                     "included) that llama.cpp loads, instead of an HF folder."),
 ) -> None:
@@ -132,21 +131,21 @@ def export(
 
 @app.command("eval")
 def eval_(
-    config: Optional[Path] = typer.Argument(None, help="Run config whose envs, sampling, rollout and endpoint "
+    config: Path | None = typer.Argument(None, help="Run config whose envs, sampling, rollout and endpoint "
                                                        "sections apply (default: every key's default)."),
-    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="OpenAI-compatible server, e.g. "
+    endpoint: str | None = typer.Option(None, "--endpoint", help="OpenAI-compatible server, e.g. "
                                            "http://127.0.0.1:8000 (vllm serve, llama.cpp's server)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Serve this checkpoint (RUN_DIR/checkpoints/"
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Serve this checkpoint (RUN_DIR/checkpoints/"
                                               "step_N, a run folder or an HF folder) on gymrl's own vLLM engine."),
-    env: Optional[str] = typer.Option(None, "--env", help="Environments, comma-separated (default: the config's)."),
-    n: Optional[int] = typer.Option(None, "--n", min=1, help="First N held-out tasks of each environment (default all)."),
+    env: str | None = typer.Option(None, "--env", help="Environments, comma-separated (default: the config's)."),
+    n: int | None = typer.Option(None, "--n", min=1, help="First N held-out tasks of each environment (default all)."),
     samples: int = typer.Option(1, "--samples", min=1, help="Episodes per task: k of pass@k."),
-    temperature: Optional[float] = typer.Option(None, help="Sampling temperature (default: sampling.temperature)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default: sampling.top_p)."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Tokens per turn (default: sampling.max_tokens)."),
-    concurrency: Optional[int] = typer.Option(None, help="Episodes in flight at once (default: endpoint.concurrency)."),
-    timeout: Optional[float] = typer.Option(None, help="Seconds per request (default: endpoint.timeout_s)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder for traces.db and report.json/.md "
+    temperature: float | None = typer.Option(None, help="Sampling temperature (default: sampling.temperature)."),
+    top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling (default: sampling.top_p)."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Tokens per turn (default: sampling.max_tokens)."),
+    concurrency: int | None = typer.Option(None, help="Episodes in flight at once (default: endpoint.concurrency)."),
+    timeout: float | None = typer.Option(None, help="Seconds per request (default: endpoint.timeout_s)."),
+    out: Path | None = typer.Option(None, "--out", help="Run folder for traces.db and report.json/.md "
                                        "(default: runs/eval-DATE-TIME)."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set endpoint.extra_body.repeat_penalty=1.0."),
 ) -> None:
@@ -207,7 +206,7 @@ def bench(
                                           "vs trained; needs a config with MTP, e.g. configs/mtp_rl_cpu.yaml) and "
                                           "env-load (concurrent /verify calls on each environment server at rising "
                                           "concurrency: req/s, p50/p99, errors, the knee)."),
-    large_config: Optional[Path] = typer.Option(Path("configs/bench_small.yaml"), help="vs-trl: the second, larger "
+    large_config: Path | None = typer.Option(Path("configs/bench_small.yaml"), help="vs-trl: the second, larger "
                                                 "model's config (CONFIG is the first); empty for CONFIG only."),
     steps: int = typer.Option(10, help="vs-trl: training steps per run (step 1 is a warm-up, left out)."),
 ) -> None:

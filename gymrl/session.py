@@ -26,8 +26,15 @@ from gymrl.resources import check_resources, ray_gpus
 from gymrl.rollout.pool import EnginePool, start_engine, start_engines
 from gymrl.rollout.runner import RolloutRunner, check_prompts_fit
 from gymrl.rollout.tool_calls import parser_class
-from gymrl.rollout.vllm_checks import (check_cpu_mamba_spec, check_cpu_mla, check_engine_args, check_mtp,
-                                      check_speculative, reasoning_parser_class, reasoning_plugin_path)
+from gymrl.rollout.vllm_checks import (
+    check_cpu_mamba_spec,
+    check_cpu_mla,
+    check_engine_args,
+    check_mtp,
+    check_speculative,
+    reasoning_parser_class,
+    reasoning_plugin_path,
+)
 
 
 class WarmupMix:

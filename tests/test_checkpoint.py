@@ -22,8 +22,15 @@ from gymrl.cli import app
 from gymrl.models.checkpoint import load_policy
 from gymrl.rollout.pool import start_engines
 from gymrl.session import init_ray
-from gymrl.train.checkpoint import (CheckpointError, StopSignal, export_hf, latest_checkpoint, list_checkpoints,
-                                    load_checkpoint, save_checkpoint)
+from gymrl.train.checkpoint import (
+    CheckpointError,
+    StopSignal,
+    export_hf,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 LOGPROB_TOL = 1e-4  # float32 engine vs trainer, as in test_engine.py
 

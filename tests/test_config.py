@@ -70,7 +70,7 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> 
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     # Progress output (e.g. a first-time model build) may come before it; the error is one line.
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr
     assert proc.stderr.rstrip().endswith(errors[0]), proc.stderr
     for needle in needles:

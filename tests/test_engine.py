@@ -76,7 +76,6 @@ def test_weight_push_lands_in_the_live_engine(fresh_session):
     assert seconds > 0
     assert (after - before).abs().max() > 1e-2, "the push did not change the engine's logprobs"
     assert torch.allclose(engine_after, trainer_after, atol=LOGPROB_TOL), (engine_after - trainer_after).abs().max()
-    import ray
 
     assert s.pool.stats()[0].policy_version == 1
 

@@ -23,7 +23,7 @@ from gymrl.config import EndpointConfig, RolloutConfig, SamplingConfig
 from gymrl.eval.endpoint import ChatEndpoint, EndpointError
 from gymrl.eval.episodes import EndpointRunner
 from gymrl.eval.report import pass_at_k
-from gymrl.eval.run import EngineBackend, evaluate
+from gymrl.eval.run import EngineBackend
 from gymrl.traces.store import TRACE_FILE, TraceReader
 
 ROOT = Path(__file__).resolve().parents[1]

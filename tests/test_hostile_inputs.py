@@ -25,8 +25,8 @@ from gymrl.resources import gpu_problem, machine_cpus
 from gymrl.rollout.engine import Completion
 from gymrl.rollout.runner import EpisodeState, play_episode
 from gymrl.rollout.tool_calls import ToolCallParser
-from gymrl.utf8 import clean
 from gymrl.traces.store import TraceReader, TraceRecord, TraceWriter
+from gymrl.utf8 import clean
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"

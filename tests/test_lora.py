@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from gymrl.config import ConfigError, LoraConfig, load_config
 from gymrl.models.checkpoint import load_policy, save_policy
-from gymrl.train.loop import GRPOTrainer, train
 from gymrl.models.lora import apply_lora, check_targets, merged_state_dict
+from gymrl.train.loop import GRPOTrainer, train
 from gymrl.train.policy import pad_batch, token_logprobs
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

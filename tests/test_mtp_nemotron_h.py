@@ -12,7 +12,6 @@ checkpoint name onto them, and the MTP forward. The GPU run is the end-to-end ch
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -229,7 +228,7 @@ def vllm_mtp_forward(p: dict, c, embeds: torch.Tensor, hidden: torch.Tensor) -> 
     """NemotronHMultiTokenPredictor.forward on one sequence's tokens [T, H]; returns what compute_logits reads."""
     eps, residual = c.layer_norm_epsilon, None
     for i, char in enumerate(c.mtp_hybrid_override_pattern):
-        q = lambda n: p[f"model.layers.{i}.{n}"]  # noqa: E731
+        q = lambda n, i=i: p[f"model.layers.{i}.{n}"]  # noqa: E731
         if i == 0:  # has_start_projections: cat([enorm(embeds), hnorm(hidden)]) -> eh_proj
             hidden = torch.cat([_rms(embeds, q("enorm.weight"), eps), _rms(hidden, q("hnorm.weight"), eps)], -1)
             hidden = hidden @ q("eh_proj.weight").T

@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterable
 from fractions import Fraction
 from pathlib import Path
 
-from rewards.math import extract_boxed
 from environments.jsonl import write_jsonl
+from rewards.math import extract_boxed
 
 LEVELS = (1, 2, 3, 4)
 INSTRUCTION = "Put the final answer in \\boxed{}."

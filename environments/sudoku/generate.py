@@ -15,8 +15,8 @@ import argparse
 import random
 from collections.abc import Iterable
 
-from rewards.sudoku import generate_puzzle
 from environments.jsonl import read_jsonl, write_jsonl
+from rewards.sudoku import generate_puzzle
 
 
 def grid_lines(cells: str, size: int) -> list[str]:

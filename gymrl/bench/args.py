@@ -1,9 +1,9 @@
 """The arguments of ``gymrl bench`` that every suite's ``run_suite`` takes, and the session the suites that
 measure a running harness start from the config."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 from rich.table import Table
 
@@ -16,7 +16,7 @@ class BenchArgs:
     config: Path
     out: Path
     repeats: int
-    large_config: Optional[Path]
+    large_config: Path | None
     steps: int
     _cfg: object = None
 

@@ -136,7 +136,7 @@ async def _level(url: str, payloads: list[tuple[bytes, float | None]], concurren
                         kind = "wrong reward"
                     else:
                         kind = None
-                except (asyncio.TimeoutError, OSError, ValueError, IndexError, asyncio.IncompleteReadError) as err:
+                except (TimeoutError, OSError, ValueError, IndexError, asyncio.IncompleteReadError) as err:
                     kind = "timeout" if isinstance(err, asyncio.TimeoutError) else type(err).__name__
                     await conn.close()  # the connection's state is unknown: a fresh one for the next request
                 latencies.append(1000 * (time.perf_counter() - t))

@@ -3,6 +3,7 @@
 
 import platform
 import time
+from functools import partial
 from pathlib import Path
 
 from rich.table import Table
@@ -77,10 +78,10 @@ def run_env_bench(out: Path, verify_calls: int = 200) -> Table:
             if parser is None:
                 parser = ToolCallParser("qwen3_coder", build_tokenizer([]))
             turns = [t["content"] for t in gold if t["role"] == "assistant"]
-            check = lambda: play_episode(env, task, turns, parser)  # noqa: E731
+            check = partial(play_episode, env, task, turns, parser)
             name = f"{name} (episode: seed + {len(turns) - 1} tool calls + verify)"
         else:
-            check = lambda: env.verify(task, gold)  # noqa: E731
+            check = partial(env.verify, task, gold)
         with EnvServer(env.name) as server:
             env.attach(EnvClient(env.name, server.url))
             check()  # the first call pays the connection set-up

@@ -23,10 +23,10 @@ def run_mtp_bench(cfg, out: Path, steps: int = 30) -> Table:
     import copy
 
     from gymrl.models.mtp import load_mtp_layer
+    from gymrl.rollout.vllm_checks import is_mtp
     from gymrl.rollout.weight_sync import pack_policy
     from gymrl.session import start_session
     from gymrl.train.loop import train
-    from gymrl.rollout.vllm_checks import is_mtp
     from gymrl.train.metrics import ACCEPTED_LENGTH, _pyplot, _series, finish_step_plot, read_metrics
 
     spec = cfg.engine.speculative_config

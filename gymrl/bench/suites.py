@@ -4,8 +4,8 @@ A suite is its module's ``run_suite``, which takes the bench arguments and retur
 one entry in ``BENCH_SUITES`` (its status line, output files, the errors it reports in one line, and whether
 ``all`` runs it)."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from rich.console import Console
 from rich.table import Table

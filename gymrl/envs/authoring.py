@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gymrl.envs.launcher import DEFAULT_GYM_PYTHON, EnvServer
 from gymrl.envs.client import EnvClient
+from gymrl.envs.launcher import DEFAULT_GYM_PYTHON, EnvServer
 from gymrl.envs.registry import ENV_ROOT, load_environment
 
 # Answers no task should accept: nothing, a refusal, and an answer hidden in the thinking part.

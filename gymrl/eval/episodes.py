@@ -8,8 +8,9 @@ text (the template renders the model's own words, as in training); a turn the se
 with the server's ``content`` and ``tool_calls``.
 """
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 from gymrl.config import RolloutConfig, SamplingConfig
 from gymrl.envs.base import Environment, Task

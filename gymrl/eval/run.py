@@ -9,9 +9,10 @@ mean reward, pass@1 and pass@k per environment with 95% intervals.
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from gymrl.config import RunConfig, SamplingConfig
 from gymrl.envs.base import Environment, Task

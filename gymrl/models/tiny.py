@@ -20,8 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (DeepseekV3Config, DeepseekV3ForCausalLM, GenerationConfig, NemotronHConfig,
-                          NemotronHForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    GenerationConfig,
+    NemotronHConfig,
+    NemotronHForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from gymrl.models.chat import as_turns, chat_tools
 from gymrl.models.mtp import train_mtp_layer, write_mtp_layer

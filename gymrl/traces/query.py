@@ -8,10 +8,11 @@ does not import torch, Ray or vLLM. ``rescore`` starts the environment's server,
 import dataclasses
 import json
 import statistics
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from gymrl.traces.store import TRACE_FILE, TraceFilter, TraceReader, TraceRecord
 
@@ -278,7 +279,7 @@ def rescore(reader: TraceReader, env: str, f: TraceFilter | None = None, limit: 
                         parser = _tool_call_parser(config)
                     turns = [t["content"] for t in record.turns if t["role"] == "assistant"] or [record.response]
                     jobs.append((record, task, turns))
-                verdicts = pool.map(lambda job: play_episode(environment, job[1], job[2], parser)[0], jobs)
+                verdicts = pool.map(lambda job, parser=parser: play_episode(environment, job[1], job[2], parser)[0], jobs)
                 for (record, _, _), verdict in zip(jobs, verdicts):
                     items.append(Rescored(record.id, record.step, record.split, record.task_id, record.reward,
                                           record.reason, verdict.reward, verdict.reason, verdict.breakdown,

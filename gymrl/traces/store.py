@@ -20,9 +20,10 @@ import subprocess
 import time
 import warnings
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from gymrl.utf8 import clean, clean_text
 

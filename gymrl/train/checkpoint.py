@@ -26,8 +26,8 @@ import torch
 
 from gymrl.models.checkpoint import load_policy, save_policy
 from gymrl.models.checkpoint_files import fsync_tree, replace_dir
-from gymrl.models.mtp import load_mtp_layer
 from gymrl.models.lora import adapter_state, is_lora
+from gymrl.models.mtp import load_mtp_layer
 
 CHECKPOINTS = "checkpoints"
 POLICY = "policy"

@@ -25,22 +25,23 @@ import torch.nn.functional as F
 from gymrl.config import SamplingConfig
 from gymrl.envs.base import Task
 from gymrl.envs.client import EnvServerError
-from gymrl.resources import trainer_gpu
 from gymrl.models.checkpoint import save_policy
 from gymrl.models.checkpoint_files import inspect_checkpoint
+from gymrl.models.lora import apply_lora
 from gymrl.models.mtp import draft_kl, draft_logits, load_mtp_layer, mtp_layer_class
+from gymrl.resources import trainer_gpu
 from gymrl.rollout.engine import SpecStats
 from gymrl.rollout.pool import EngineError
 from gymrl.rollout.runner import RolloutBatch, RolloutRunner
 from gymrl.session import Session
-from gymrl.train.grpo import GRPOLossConfig, group_advantages, grpo_loss
-from gymrl.models.lora import apply_lora
-from gymrl.train.metrics import MetricsLog, plot_acceptance, plot_lengths, plot_rewards
-from gymrl.train.checkpoint import StopSignal, load_checkpoint, save_checkpoint
-from gymrl.train.producer import Cursor, Failure, Group, RolloutProducer
 from gymrl.traces.store import TRACE_FILE, TraceWriter, run_metadata
+from gymrl.train.checkpoint import StopSignal, load_checkpoint, save_checkpoint
+from gymrl.train.grpo import GRPOLossConfig, group_advantages, grpo_loss
+from gymrl.train.metrics import MetricsLog, plot_acceptance, plot_lengths, plot_rewards
 from gymrl.train.policy import logprobs_from_logits, pad_batch, stop_banned_mask, stop_token_ids
+from gymrl.train.producer import Cursor, Failure, Group, RolloutProducer
 from gymrl.train.weight_push import WeightPusher
+
 
 @dataclass
 class StepResult:

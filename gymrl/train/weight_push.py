@@ -15,8 +15,17 @@ import torch
 
 from gymrl.envs.launcher import free_port
 from gymrl.rollout.pool import EnginePool
-from gymrl.rollout.weight_sync import (broadcast, broadcast_group, cuda_ipc_payload, device_uuid, pack_flat,
-                                       pack_policy, pack_state_dict, policy_tensors, unpack_flat)
+from gymrl.rollout.weight_sync import (
+    broadcast,
+    broadcast_group,
+    cuda_ipc_payload,
+    device_uuid,
+    pack_flat,
+    pack_policy,
+    pack_state_dict,
+    policy_tensors,
+    unpack_flat,
+)
 
 log = logging.getLogger(__name__)
 
