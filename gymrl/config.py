@@ -171,9 +171,10 @@ class RolloutConfig(Section):
     )
     reasoning_parser: str | None = Field(
         default=None,
-        description="vLLM reasoning parser of the model's thinking format (nemotron_v3, qwen3, ...; vllm serve "
-        "--reasoning-parser). Checked against vLLM before an engine starts; verifiers still read the text after "
-        "</think> themselves. None = not set.",
+        description="vLLM reasoning parser of the model's thinking format (nemotron_v3, qwen3, deepseek_r1, ...; "
+        "vllm serve --reasoning-parser). Each turn is split as vllm serve splits it: the reasoning reaches /verify as "
+        "a reasoning item and tool calls are read from the content only. Checked before an engine starts. None = "
+        "not set: the whole text is content.",
     )
     reasoning_parser_plugin: Path | None = Field(
         default=None,

@@ -35,6 +35,13 @@ def message_item(text: str) -> dict[str, Any]:
     }
 
 
+def reasoning_item(text: str) -> dict[str, Any]:
+    """A turn's reasoning as a Responses-API reasoning item (what NeMo Gym's vLLM model server makes of the
+    ``reasoning`` that ``vllm serve --reasoning-parser`` returns)."""
+    return {"id": f"rs_{uuid.uuid4().hex[:12]}", "type": "reasoning",
+            "summary": [{"type": "summary_text", "text": text}]}
+
+
 def function_call_item(name: str, arguments: str, call_id: str) -> dict[str, Any]:
     return {"id": f"fc_{uuid.uuid4().hex[:12]}", "type": "function_call", "name": name, "arguments": arguments,
             "call_id": call_id, "status": "completed"}

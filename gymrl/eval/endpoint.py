@@ -52,10 +52,13 @@ def _reply(body: Any) -> ChatReply:
         message = choice["message"]
         text = message.get("content") or ""
         calls = [_tool_call(c, i) for i, c in enumerate(message.get("tool_calls") or [])]
+        # vllm serve --reasoning-parser returns the reasoning apart ("reasoning"; "reasoning_content" before 0.16)
+        reasoning = message.get("reasoning") or message.get("reasoning_content") or None
         finish = choice.get("finish_reason") or "stop"
     except (KeyError, IndexError, TypeError, AttributeError) as err:
         raise ValueError(f"not a chat completion ({type(err).__name__}: {err}): {str(body)[:200]}") from None
-    return ChatReply(text, "length" if finish == "length" else "stop", ParsedTurn(text, calls) if calls else None)
+    parsed = ParsedTurn(text, calls, reasoning) if calls or reasoning else None
+    return ChatReply(text, "length" if finish == "length" else "stop", parsed)
 
 
 class ChatEndpoint:

@@ -14,7 +14,7 @@ from typing import Any
 
 from gymrl.config import RolloutConfig, SamplingConfig
 from gymrl.envs.base import Environment, Episode, Task
-from gymrl.envs.client import function_call_item, function_call_output_item, message_item
+from gymrl.envs.client import function_call_item, function_call_output_item, message_item, reasoning_item
 from gymrl.models.chat import environment_turn_ids, render_prompt
 from gymrl.rollout.engine import Completion, PromptTooLongError, SpecStats
 from gymrl.rollout.pool import EnginePool
@@ -143,11 +143,14 @@ class EpisodeState:
         if self.engine_id is None:
             self.engine_id = c.engine_id
         self.turns.append({"role": "assistant", "content": c.text})
-        if parsed is None and parser is not None and self.task.tools:
-            parsed = parser.parse(c.text, self.task.tools)
+        if parsed is None and parser is not None and (self.task.tools or parser.reasoning_parser is not None):
+            parsed = parser.parse(c.text, self.task.tools, self.ids[:len(self.ids) - len(c.token_ids)], c.token_ids)
         self.pending_calls = parsed.tool_calls if parsed is not None and c.finish_reason == "stop" else []
+        if parsed is not None and parsed.reasoning:  # the reasoning parser's share, as a served agent gets it
+            self.items.append(reasoning_item(parsed.reasoning))
         if not self.pending_calls:
-            self.items.append(message_item(c.text))
+            self.items.append(message_item(parsed.content if parsed is not None and parsed.reasoning is not None
+                                           else c.text))
             return
         if parsed.content.strip():
             self.items.append(message_item(parsed.content))
@@ -228,7 +231,7 @@ class RolloutRunner:
     @property
     def parser(self) -> ToolCallParser:
         if self._parser is None:
-            self._parser = ToolCallParser(self.cfg.tool_call_parser, self.tokenizer)
+            self._parser = ToolCallParser(self.cfg.tool_call_parser, self.tokenizer, self.cfg.reasoning_parser)
         return self._parser
 
     def prompt_ids(self, task: Task) -> list[int]:
@@ -243,7 +246,7 @@ class RolloutRunner:
         """``sampling`` for tasks without tools; tasks with tools get ``sampling.for_tools()`` on every turn.
         ``seed`` fixes every sampled token: episode k (task k // group_size) samples its first turn with
         seed + k and later turns with seeds derived from it, whatever else the engines are doing."""
-        parser = self.parser if any(t.tools for t in tasks) else None
+        parser = self.parser if self.cfg.reasoning_parser is not None or any(t.tools for t in tasks) else None
         tool_sampling = sampling.for_tools()
 
         def sampling_of(task: Task) -> SamplingConfig:
