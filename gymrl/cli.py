@@ -6,6 +6,7 @@ from pathlib import Path
 import typer
 import yaml
 from rich.console import Console
+from rich.progress import Progress, TextColumn
 from rich.table import Table
 
 from gymrl.config import ConfigError, describe_fields, load_config
@@ -259,6 +260,38 @@ def envs_test(
         console.print(f"  [red]x[/] {failure}", highlight=False)
     console.print(report.summary(), highlight=False)
     raise typer.Exit(0 if report.ok else 1)
+
+
+@envs_app.command("conform")
+def envs_conform(
+    names: list[str] = typer.Argument(None, help="Shipped NeMo Gym resources servers (or their config YAMLs)."),
+    all_: bool = typer.Option(False, "--all", help="Every resources server the installed nemo-gym ships."),
+    out: Path = typer.Option(Path("docs/nemo_gym.md"), help="The table (Markdown; its JSON is written beside it)."),
+) -> None:
+    """Replay NeMo Gym's recorded rollouts (data/example_rollouts.jsonl) through each server, unchanged: the
+    recorded tool calls through its routes, then /verify; the rewards must equal the recorded ones."""
+    from gymrl.envs.conform import conform, write_table
+    from gymrl.envs.nemo_gym import NemoGymConfigError, shipped
+
+    try:
+        targets = shipped() if all_ else list(names or [])
+    except NemoGymConfigError as err:
+        fail(err)
+    if not targets:
+        fail(ValueError("name a NeMo Gym resources server (gymrl envs list shows them), or pass --all"))
+    results = []
+    with Progress(*Progress.get_default_columns(), TextColumn("{task.fields[server]}"), console=console) as bar:
+        task = bar.add_task("conformance", total=len(targets), server="")
+        for name in targets:
+            bar.update(task, server=str(name))
+            results.append(conform(str(name)))
+            r = results[-1]
+            mark = "[green]ok[/]" if r.conforms else "[red]x[/]"
+            bar.console.print(f"{mark} {r.server}: {r.equal} of {r.rows} rewards equal {r.reason}", highlight=False)
+            bar.advance(task)
+    write_table(results, out)
+    console.print(f"{sum(r.conforms for r in results)} of {len(results)} conform; table in {out}")
+    raise typer.Exit(0 if all(r.conforms for r in results) else 1)
 
 
 @envs_app.command("serve")

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gymrl.envs.client import Cookies, EnvClient, EnvServerError, EpisodeLost, _request_fields, responses_api_response
+from gymrl.envs.client import Cookies, EnvClient, EnvServerError, EpisodeLost, request_fields, responses_api_response
 from gymrl.utf8 import clean
 from rewards.types import RewardResult
 
@@ -115,7 +115,7 @@ class Environment:
         has no such route (an external NeMo Gym server, or one whose verify reads its session)."""
         if not pairs or self._batch_verify is False:
             return None if self._batch_verify is False else []
-        payload = {"requests": [_request_fields(t.row) | {"response": responses_api_response(clean(o))} for t, o in pairs]}
+        payload = {"requests": [request_fields(t.row) | {"response": responses_api_response(clean(o))} for t, o in pairs]}
         try:
             reply = self.client.post("/verify_batch", payload)
         except EnvServerError as err:

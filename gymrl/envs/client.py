@@ -81,7 +81,7 @@ def _set_cookies(reply: httpx.Response, cookies: Cookies | None) -> Cookies:
     return updated
 
 
-def _request_fields(row: dict[str, Any]) -> dict[str, Any]:
+def request_fields(row: dict[str, Any]) -> dict[str, Any]:
     """A task row as NeMo Gym sends it: everything but gymrl's own ``id``."""
     return {k: v for k, v in row.items() if k != "id"}
 
@@ -143,7 +143,7 @@ class EnvClient:
 
     def seed_session(self, row: dict[str, Any]) -> Cookies:
         """Start an episode on the server (NeMo Gym's /seed_session gets the whole task row); its cookies."""
-        return self.post_for_reply("/seed_session", _request_fields(row))[1]
+        return self.post_for_reply("/seed_session", request_fields(row))[1]
 
     def call_tool(self, name: str, arguments: dict[str, Any], cookies: Cookies) -> tuple[str, Cookies]:
         """POST /<name> with the model's arguments; the reply body is the tool's output, errors included
@@ -172,8 +172,12 @@ class EnvClient:
         except httpx.TransportError:
             return False
 
-    def verify(self, row: dict[str, Any], output: str | list[dict[str, Any]], cookies: Cookies | None = None) -> dict[str, Any]:
-        payload = _request_fields(row) | {"response": responses_api_response(output)}
+    def verify(self, row: dict[str, Any], output: str | list[dict[str, Any]] | dict[str, Any],
+               cookies: Cookies | None = None) -> dict[str, Any]:
+        """/verify of the row with the episode's output: a text, its output items, or a whole Responses-API
+        response (a recorded one, say)."""
+        response = output if isinstance(output, dict) else responses_api_response(output)
+        payload = request_fields(row) | {"response": response}
         return self.post_for_reply("/verify", payload, cookies)[0]
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 ports, wait until they answer, keep them alive (:class:`ServerSupervisor`), and stop them with their
 whole process group."""
 
+import json
 import logging
 import os
 import signal
@@ -42,12 +43,15 @@ class EnvServer:
     """One environment server process; a context manager that always stops it."""
 
     def __init__(self, env: str, gym_python: Path = DEFAULT_GYM_PYTHON, host: str = "127.0.0.1",
-                 port: int | None = None, log_dir: Path | None = None, module: str | None = None):
+                 port: int | None = None, log_dir: Path | None = None, module: str | None = None,
+                 options: dict | None = None, cwd: Path | None = None):
         """``module``: the package whose ``app.py`` holds the server; by default the plugin's (see
         :mod:`gymrl.envs.registry`). Any module the NeMo Gym venv can import works, NeMo Gym's own
-        ``resources_servers.*`` included."""
+        ``resources_servers.*`` included, with ``options`` (its config's keys) and ``cwd``: the folder it runs in,
+        first on its import path too (NeMo Gym runs ``python app.py`` in the server's folder)."""
         self.env, self.gym_python, self.host = env, Path(gym_python), host
         self.module = module or plugin_module(env)
+        self.options, self.cwd = options or {}, cwd or REPO_ROOT
         self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
         self.log_path = (log_dir or Path(os.environ.get("TMPDIR", "/tmp"))) / f"gymrl-env-{env}-{self.port}.log"
@@ -58,12 +62,16 @@ class EnvServer:
             raise EnvServerError(f"NeMo Gym venv not found at {self.gym_python}: run `make setup` (it creates .venv-gym)")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         out = self.log_path.open("ab")  # a restarted server appends: the log keeps why the last one died
-        env = {**os.environ, "PYTHONPATH": server_pythonpath(self.module), "PYTHONUNBUFFERED": "1"}
+        path = server_pythonpath(self.module)
+        if self.cwd != REPO_ROOT:
+            path = os.pathsep.join([str(self.cwd), path])
+        env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
         env.pop("VIRTUAL_ENV", None)
         self.proc = subprocess.Popen(
             [str(self.gym_python), "-m", "gymrl.envs.serve", "--env", self.env, "--module", self.module,
-             "--host", self.host, "--port", str(self.port), "--parent-pid", str(os.getpid())],
-            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+             "--host", self.host, "--port", str(self.port), "--parent-pid", str(os.getpid()),
+             "--options", json.dumps(self.options)],
+            cwd=self.cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
         out.close()
         client = EnvClient(self.env, self.url)

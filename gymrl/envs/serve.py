@@ -1,13 +1,15 @@
 """Gym-venv side: serve one environment's NeMo Gym resources server on a port, without ``ng_run``.
 
-``python -m gymrl.envs.serve --env NAME --port PORT [--module PACKAGE]`` (run by the harness with the
-NeMo Gym venv's Python; ``--module`` is the plugin package, ``environments.NAME`` by default). It builds the server's config and a ServerClient with no head server, exactly the pieces
+``python -m gymrl.envs.serve --env NAME --port PORT [--module PACKAGE] [--options JSON]`` (run by the harness
+with the NeMo Gym venv's Python; ``--module`` is the plugin package, ``environments.NAME`` by default, and
+``--options`` the server config's keys from a NeMo Gym config YAML). It builds the server's config and a ServerClient with no head server, exactly the pieces
 NeMo Gym's own ``run_webserver`` builds, and serves the FastAPI app with uvicorn.
 """
 
 import argparse
 import importlib
 import inspect
+import json
 import os
 import threading
 import time
@@ -31,10 +33,23 @@ def server_class(package: str) -> type[SimpleResourcesServer]:
     return found[0]
 
 
-def build_app(env: str, host: str, port: int, package: str | None = None):
+def resolve_options(options: dict) -> dict:
+    """A NeMo Gym config's ``${oc.env:NAME,default}`` (and other resolvable) interpolations resolved as ng_run
+    resolves them; an option whose interpolation points outside the server's own entry stays as written."""
+    resolved = {}
+    for key, value in options.items():
+        try:
+            resolved[key] = OmegaConf.to_container(OmegaConf.create({"v": value}), resolve=True)["v"]
+        except Exception:  # omegaconf raises several types for an unresolvable reference
+            resolved[key] = value
+    return resolved
+
+
+def build_app(env: str, host: str, port: int, package: str | None = None, options: dict | None = None):
     cls = server_class(package or f"environments.{env}")
     config_cls = cls.model_fields["config"].annotation
-    config = config_cls(host=host, port=port, entrypoint="app.py", name=env, domain="other")
+    config = config_cls(**{"domain": "other", **resolve_options(options or {}), "host": host, "port": port, "entrypoint": "app.py",
+                           "name": env})
     client = ServerClient(head_server_config=BaseServerConfig(host=host, port=port), global_config_dict=OmegaConf.create({}))
     server = cls(config=config, server_client=client)
     app = server.setup_webserver()
@@ -85,11 +100,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--module", default=None, help="plugin package (default: environments.ENV)")
+    parser.add_argument("--options", default="{}", help="the server config's keys as a JSON object")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     args = parser.parse_args()
     if args.parent_pid is not None:
         exit_with_parent(args.parent_pid)
-    uvicorn.run(build_app(args.env, args.host, args.port, args.module), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(build_app(args.env, args.host, args.port, args.module, json.loads(args.options)), host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

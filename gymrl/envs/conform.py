@@ -1,0 +1,196 @@
+"""Conformance against NeMo Gym's own recordings: start a shipped resources server unchanged and replay each of
+its ``data/example_rollouts.jsonl`` rows as NeMo Gym's ``simple_agent`` played it (``/seed_session`` with the
+task row, the recorded response's function calls through the server's routes in order with the session's
+cookies, then ``/verify`` with the row and the recorded response); gymrl's reward must equal the recorded one.
+
+A server that cannot take part says why in one line: a dependency the NeMo Gym venv lacks, a route that needs
+another server (an LLM judge's model server, which gymrl does not start), or no recorded response.
+"""
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gymrl.envs.client import EnvClient, EnvServerError
+from gymrl.envs.launcher import DEFAULT_GYM_PYTHON, EnvServer
+from gymrl.envs.nemo_gym import NemoGymConfigError, NemoGymServer, load_server
+
+# Keys of a recorded rollout that /verify wrote (the verdict), not the task row the agent was given.
+RECORDED = ("response", "reward")
+
+
+@dataclass
+class Conformance:
+    """One server's replay: ``equal`` of ``replayed`` recorded rewards reproduced."""
+
+    server: str
+    started: bool = False
+    rows: int = 0
+    replayed: int = 0
+    equal: int = 0
+    reason: str = ""  # why it could not start or replay, or what differed (one line)
+    mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def conforms(self) -> bool:
+        return self.started and self.rows > 0 and self.equal == self.rows
+
+
+def task_row(rollout: dict[str, Any], task_keys: set[str] | None) -> dict[str, Any]:
+    """The task row a recording was played from: the recording without what /verify added to it (the reward,
+    the response, and, where the server ships example rows, every key those rows do not have: the verdict's
+    own fields such as ``extracted_answer``), its ``responses_create_params`` without the unset (null) fields
+    that NeMo Gym's dump writes out and its request model does not take back (``parallel_tool_calls: null``)."""
+    row = {k: v for k, v in rollout.items()
+           if k not in RECORDED and (task_keys is None or k in task_keys or k == "responses_create_params")}
+    params = row.get("responses_create_params")
+    if isinstance(params, dict):
+        row["responses_create_params"] = {k: v for k, v in params.items() if v is not None}
+    return row
+
+
+def example_rows(server: NemoGymServer) -> list[dict[str, Any]]:
+    rows, _ = read_recordings(server.folder / "data" / "example.jsonl")
+    return [r for r in rows if isinstance(r, dict)]
+
+
+def missing_fields(error: str) -> list[str]:
+    """The request fields a server's 422 names as missing (a recording that dropped part of its task row)."""
+    return re.findall(r'"type":"missing","loc":\["body","(\w+)"', error)
+
+
+def replay(client: EnvClient, row: dict[str, Any], response: dict[str, Any]) -> float:
+    """One recorded episode through the server's routes; the reward /verify gives it."""
+    cookies = client.seed_session(row)
+    for item in response.get("output") or []:
+        if not isinstance(item, dict) or item.get("type") != "function_call":
+            continue
+        try:
+            arguments = json.loads(item.get("arguments") or "{}")
+        except json.JSONDecodeError:
+            continue  # simple_agent answers bad arguments itself, without calling the server
+        _, cookies = client.call_tool(item["name"], arguments, cookies)
+    verdict = client.verify(row, response, cookies)
+    if "reward" not in verdict:
+        raise EnvServerError(f"/verify answered without a reward: {str(verdict)[:200]}")
+    return float(verdict["reward"])
+
+
+def missing_dependency(log: str) -> str | None:
+    found = re.findall(r"No module named '([\w.]+)'", log)
+    return found[-1] if found else None
+
+
+def last_error(log: str) -> str:
+    """The last line of a server's log that names an exception (what a 500 came from)."""
+    lines = [line.strip() for line in log.splitlines() if re.match(r"^\s*[\w.]+(Error|Exception|Exit)\b", line)]
+    return lines[-1][:200] if lines else ""
+
+
+def read_recordings(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The recorded rollouts of a server, and how many lines are not JSON (a Git LFS pointer, a cut-off line)."""
+    rows, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad += 1
+    return rows, bad
+
+
+def dropped_fields(rows: list[dict[str, Any]], rollouts: list[dict[str, Any]]) -> list[str]:
+    """Task fields every example row has and no recording kept."""
+    common = set.intersection(*(set(r) for r in rows)) if rows else set()
+    return sorted(common - {k for r in rollouts for k in r})
+
+
+def explain(errors: list[str], mismatches: list[str], log: str, server: NemoGymServer, dropped: list[str]) -> str:
+    """Why a server's replay fell short, in one line ("" when every recorded reward came back)."""
+    if not errors and not mismatches:
+        return ""
+    first = (errors or mismatches)[0]
+    dependency = missing_dependency(log)
+    if dependency:
+        return f"dependency not installed in .venv-gym: {dependency} (imported by a route); {first}"
+    if server.agents and "simple_agent" not in server.agents:
+        return f"played by NeMo Gym's {', '.join(server.agents)}, whose routes are not simple_agent's: {first}"
+    lacking = sorted({f for e in errors for f in missing_fields(e)} - set(RECORDED))
+    if lacking:
+        return f"the recordings lack task fields the server requires ({', '.join(lacking)}): {first}"
+    needs = server.needs_servers()
+    cause = last_error(log) if errors else ""
+    return ((f"needs an external service ({', '.join(needs)}): " if needs else "") + first
+            + (f" (the recordings lack the example rows' {', '.join(dropped)})" if dropped else "")
+            + (f"; server log: {cause}" if cause else ""))
+
+
+def conform(name: str, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | None = None,
+            start_timeout_s: float = 60.0, request_timeout_s: float = 30.0) -> Conformance:
+    """Start ``name`` (a shipped server, or a NeMo Gym config YAML) and replay its recordings. A request that
+    times out ends the server's replay (a route that waits on a service, or on a batch, would time out again)."""
+    result = Conformance(name)
+    try:
+        server = load_server(name, gym_python)
+    except NemoGymConfigError as err:
+        result.reason = str(err)
+        return result
+    rollouts, unreadable = read_recordings(server.folder / "data" / "example_rollouts.jsonl")
+    rollouts = [r for r in rollouts if isinstance(r, dict) and isinstance(r.get("response"), dict) and "reward" in r]
+    result.rows = len(rollouts)
+    env_server = EnvServer(server.name, gym_python, module=server.module, options=server.options, cwd=server.folder,
+                           log_dir=log_dir)
+    try:
+        env_server.start(start_timeout_s)
+    except EnvServerError as err:
+        log = env_server.log_path.read_text(errors="replace") if env_server.log_path.is_file() else str(err)
+        dependency = missing_dependency(log)
+        last = last_error(log) or (log.strip().splitlines() or [str(err)])[-1][:200]
+        result.reason = (f"dependency not installed in .venv-gym: {dependency}" if dependency
+                         else (f"did not answer within {start_timeout_s:.0f} s: " if "did not answer" in str(err)
+                               else "does not start: ") + last)
+        return result
+    result.started = True
+    if not rollouts:
+        result.reason = "no recorded response in data/example_rollouts.jsonl" + (
+            f" ({unreadable} lines are not JSON)" if unreadable else "")
+        env_server.stop()
+        return result
+    examples = example_rows(server)
+    task_keys = {k for r in examples for k in r} or None
+    client = EnvClient(server.name, env_server.url, timeout_s=request_timeout_s, retries=0)
+    errors = []
+    try:
+        for k, rollout in enumerate(rollouts):
+            try:
+                reward = replay(client, task_row(rollout, task_keys), rollout["response"])
+            except EnvServerError as err:
+                errors.append(f"row {k}: {str(err)[:200]}")
+                if "Timeout" in str(err):
+                    break
+                continue
+            result.replayed += 1
+            if abs(reward - float(rollout["reward"])) < 1e-6:
+                result.equal += 1
+            else:
+                result.mismatches.append(f"row {k}: reward {reward:g}, recorded {float(rollout['reward']):g}")
+    finally:
+        client.close()
+        env_server.stop()
+    log = env_server.log_path.read_text(errors="replace") if env_server.log_path.is_file() else ""
+    result.reason = explain(errors, result.mismatches, log, server, dropped_fields(examples, rollouts))
+    return result
+
+
+def write_table(results: list[Conformance], path: Path) -> None:
+    """The conformance table (Markdown) and its JSON beside it."""
+    ok = sum(r.conforms for r in results)
+    lines = ["| server | starts | rewards equal (k of n) | reason |", "| --- | --- | --- | --- |"]
+    for r in results:
+        equal = f"{r.equal} of {r.rows}" if r.started and r.rows else "-"
+        lines.append(f"| {r.server} | {'yes' if r.started else 'no'} | {equal} | {r.reason.replace('|', '/')} |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{ok} of {len(results)} servers replay every recorded reward exactly.\n\n" + "\n".join(lines) + "\n")
+    path.with_suffix(".json").write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")

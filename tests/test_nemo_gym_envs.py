@@ -1,0 +1,103 @@
+"""NeMo Gym's shipped environments, unchanged: their configs read from the harness side, and the conformance
+replay of their recorded rollouts (``gymrl envs conform``) on real servers of different kinds."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gymrl.envs.conform import conform, task_row, write_table
+from gymrl.envs.nemo_gym import NemoGymConfigError, gym_root, load_server, shipped
+
+
+def test_the_installed_nemo_gym_ships_its_servers():
+    names = shipped()
+    assert len(names) >= 90 and {"mcqa", "reasoning_gym", "example_multi_step"} <= set(names)
+
+
+def test_a_shipped_servers_config_gives_its_package_options_and_datasets():
+    server = load_server("mcqa")
+    assert server.module == "resources_servers.mcqa" and server.name == "mcqa"
+    assert "grading_mode" in server.options and "entrypoint" not in server.options
+    assert server.agents == ["simple_agent"]
+    assert {d.type for d in server.datasets} >= {"train", "validation", "example"}
+    example = server.dataset("example")
+    assert example is not None and example.path == gym_root() / "resources_servers/mcqa/data/example.jsonl"
+    assert server.dataset("train") is None  # NeMo Gym downloads it; the package ships none
+    judged = load_server("math_with_judge")
+    assert judged.needs_servers() == ["responses_api_models/policy_model"]
+
+
+def test_bad_nemo_gym_configs_are_one_line_naming_the_file(tmp_path):
+    with pytest.raises(NemoGymConfigError, match="gymrl envs list"):
+        load_server("no_such_server")
+    empty = tmp_path / "agents_only.yaml"
+    empty.write_text("my_agent:\n  responses_api_agents:\n    simple_agent:\n      entrypoint: app.py\n")
+    with pytest.raises(NemoGymConfigError, match=f"{empty}: no resources server"):
+        load_server(empty)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("a: [1, 2\n")
+    with pytest.raises(NemoGymConfigError, match=f"{broken}: not valid YAML"):
+        load_server(broken)
+    with pytest.raises(NemoGymConfigError, match="does not exist"):
+        load_server(tmp_path / "missing.yaml")
+    elsewhere = tmp_path / "elsewhere.yaml"
+    elsewhere.write_text("x:\n  resources_servers:\n    not_shipped:\n      entrypoint: app.py\n")
+    with pytest.raises(NemoGymConfigError, match="'not_shipped' is not in the installed nemo-gym"):
+        load_server(elsewhere)
+
+
+def test_a_recording_becomes_the_task_row_it_was_played_from():
+    recording = {"responses_create_params": {"input": "q", "parallel_tool_calls": None, "tools": []},
+                 "expected_answer": "B", "extracted_answer": "C", "response": {"output": []}, "reward": 0.0}
+    row = task_row(recording, {"responses_create_params", "expected_answer", "options"})
+    assert row == {"responses_create_params": {"input": "q", "tools": []}, "expected_answer": "B"}
+    assert task_row(recording, None)["extracted_answer"] == "C"  # no example rows: only the verdict's keys go
+
+
+# One conformance run per server, shared by the tests below (each starts a real server, about 2 s).
+KINDS = {
+    "arc_agi": "single-turn /verify",
+    "bunsenbench_chemistry_mcq": "single-turn /verify",
+    "example_single_tool_call": "tool calls through the server's routes, then /verify",
+    "single_step_tool_use_with_argument_comparison": "a tool call compared with the expected arguments",
+    "example_session_state_mgmt": "stateful tools whose recordings lost the seed field",
+    "reasoning_gym": "a server whose dependency .venv-gym lacks",
+}
+
+
+@pytest.fixture(scope="module")
+def results():
+    return {name: conform(name) for name in KINDS}
+
+
+@pytest.mark.parametrize("name", ["arc_agi", "bunsenbench_chemistry_mcq", "example_single_tool_call",
+                                  "single_step_tool_use_with_argument_comparison"])
+def test_recorded_rewards_come_back_exactly(results, name):
+    r = results[name]
+    assert r.started and r.rows == 5 and r.equal == r.rows and r.conforms and r.reason == "", r
+
+
+def test_a_server_that_cannot_replay_says_why(results, tmp_path):
+    stateful = results["example_session_state_mgmt"]
+    assert stateful.started and not stateful.conforms and "initial_count" in stateful.reason
+    missing = results["reasoning_gym"]
+    assert not missing.started and missing.reason == "dependency not installed in .venv-gym: reasoning_gym"
+    out = tmp_path / "table.md"
+    write_table(list(results.values()), out)
+    text = out.read_text()
+    assert text.startswith("4 of 6 servers replay every recorded reward exactly.")
+    assert "| arc_agi | yes | 5 of 5 |  |" in text and "| reasoning_gym | no | - |" in text
+    assert len(json.loads(out.with_suffix(".json").read_text())) == 6
+
+
+def test_the_cli_conforms_and_fails_on_a_server_that_does_not(tmp_path):
+    run = [sys.executable, "-m", "gymrl.cli", "envs", "conform"]
+    ok = subprocess.run(run + ["arc_agi", "--out", str(tmp_path / "ok.md")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "1 of 1 conform" in ok.stderr and (tmp_path / "ok.md").is_file()
+    bad = subprocess.run(run + ["no_such_server", "--out", str(tmp_path / "bad.md")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "no_such_server" in bad.stderr and "Traceback" not in bad.stderr
+    none = subprocess.run(run, capture_output=True, text=True)
+    assert none.returncode == 2 and "--all" in none.stderr
