@@ -267,6 +267,8 @@ def envs_conform(
     names: list[str] = typer.Argument(None, help="Shipped NeMo Gym resources servers (or their config YAMLs)."),
     all_: bool = typer.Option(False, "--all", help="Every resources server the installed nemo-gym ships."),
     out: Path = typer.Option(Path("docs/nemo_gym.md"), help="The table (Markdown; its JSON is written beside it)."),
+    install_deps: bool = typer.Option(False, "--install-deps", help="Install each server's own requirements.txt "
+                                      "first (pinned in requirements-gym-servers.lock; a line says what)."),
 ) -> None:
     """Replay NeMo Gym's recorded rollouts (data/example_rollouts.jsonl) through each server, unchanged: the
     recorded tool calls through its routes, then /verify; the rewards must equal the recorded ones."""
@@ -284,7 +286,7 @@ def envs_conform(
         task = bar.add_task("conformance", total=len(targets), server="")
         for name in targets:
             bar.update(task, server=str(name))
-            results.append(conform(str(name)))
+            results.append(conform(str(name), install_deps=install_deps, say=bar.console.print))
             r = results[-1]
             mark = "[green]ok[/]" if r.conforms else "[red]x[/]"
             bar.console.print(f"{mark} {r.server}: {r.equal} of {r.rows} rewards equal {r.reason}", highlight=False)

@@ -63,13 +63,14 @@ KINDS = {
     "example_single_tool_call": "tool calls through the server's routes, then /verify",
     "single_step_tool_use_with_argument_comparison": "a tool call compared with the expected arguments",
     "example_session_state_mgmt": "stateful tools whose recordings lost the seed field",
-    "reasoning_gym": "a server whose dependency .venv-gym lacks",
+    "instruction_following": "a server whose requirement is a git URL",
 }
 
 
 @pytest.fixture(scope="module")
-def results():
-    return {name: conform(name) for name in KINDS}
+def results(tmp_path_factory):
+    lock = tmp_path_factory.mktemp("lock") / "servers.lock"
+    return {name: conform(name, install_deps=True, lock=lock) for name in KINDS}
 
 
 @pytest.mark.parametrize("name", ["arc_agi", "bunsenbench_chemistry_mcq", "example_single_tool_call",
@@ -82,14 +83,38 @@ def test_recorded_rewards_come_back_exactly(results, name):
 def test_a_server_that_cannot_replay_says_why(results, tmp_path):
     stateful = results["example_session_state_mgmt"]
     assert stateful.started and not stateful.conforms and "initial_count" in stateful.reason
-    missing = results["reasoning_gym"]
-    assert not missing.started and missing.reason == "dependency not installed in .venv-gym: reasoning_gym"
+    git = results["instruction_following"]
+    assert not git.started and git.reason.startswith("dependency not installable here: server "
+                                                     "'instruction_following': requirement 'git+https://")
     out = tmp_path / "table.md"
     write_table(list(results.values()), out)
     text = out.read_text()
-    assert text.startswith("4 of 6 servers replay every recorded reward exactly.")
-    assert "| arc_agi | yes | 5 of 5 |  |" in text and "| reasoning_gym | no | - |" in text
+    assert text.startswith("4 of 6 servers replay every recorded reward exactly; 5 start.")
+    assert "| replays every recorded reward | 4 |" in text
+    assert "| a dependency that cannot be installed here | 1 |" in text
+    assert "| arc_agi | yes | 5 of 5 |  |" in text and "| instruction_following | no | - |" in text
     assert len(json.loads(out.with_suffix(".json").read_text())) == 6
+
+
+def test_a_servers_own_requirements_are_installed_pinned_and_used(tmp_path):
+    """structeval imports xmltodict and toml, which .venv-gym lacks: installed from PyPI into the server's own
+    folder, pinned in the lock, the server then replays its recordings; the next run installs nothing."""
+    from gymrl.envs.launcher import DEFAULT_GYM_PYTHON
+    from gymrl.envs.server_deps import deps_dir, read_lock, server_requirements
+
+    import shutil
+
+    folder = gym_root() / "resources_servers" / "structeval"
+    shutil.rmtree(deps_dir(DEFAULT_GYM_PYTHON, "structeval"), ignore_errors=True)  # a cache: install it afresh
+    assert server_requirements("structeval", folder) == ["xmltodict==1.0.2", "pyyaml>=6.0", "toml"]
+    lock, said = tmp_path / "servers.lock", []
+    r = conform("structeval", install_deps=True, say=said.append, lock=lock)
+    assert r.conforms, r
+    assert (deps_dir(DEFAULT_GYM_PYTHON, "structeval") / "xmltodict.py").is_file()
+    assert "xmltodict==1.0.2" in read_lock(lock)["structeval"]
+    again = []
+    assert conform("structeval", install_deps=True, say=again.append, lock=lock).conforms and again == []
+    assert len(said) == 1 and said[0].startswith("installing the requirements of NeMo Gym server 'structeval'")
 
 
 def test_the_cli_conforms_and_fails_on_a_server_that_does_not(tmp_path):

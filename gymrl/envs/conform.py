@@ -9,6 +9,7 @@ another server (an LLM judge's model server, which gymrl does not start), or no 
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from gymrl.envs.client import EnvClient, EnvServerError
 from gymrl.envs.launcher import DEFAULT_GYM_PYTHON, EnvServer
 from gymrl.envs.nemo_gym import NemoGymConfigError, NemoGymServer, load_server
+from gymrl.envs.server_deps import SERVERS_LOCK, DependencyError, ensure_installed, installed
 
 # Keys of a recorded rollout that /verify wrote (the verdict), not the task row the agent was given.
 RECORDED = ("response", "reward")
@@ -128,9 +130,12 @@ def explain(errors: list[str], mismatches: list[str], log: str, server: NemoGymS
 
 
 def conform(name: str, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | None = None,
-            start_timeout_s: float = 60.0, request_timeout_s: float = 30.0) -> Conformance:
+            start_timeout_s: float = 60.0, request_timeout_s: float = 30.0, install_deps: bool = False,
+            say: Callable[[str], None] = print, lock: Path = SERVERS_LOCK) -> Conformance:
     """Start ``name`` (a shipped server, or a NeMo Gym config YAML) and replay its recordings. A request that
-    times out ends the server's replay (a route that waits on a service, or on a batch, would time out again)."""
+    times out ends the server's replay (a route that waits on a service, or on a batch, would time out again).
+    ``install_deps``: install the server's own requirements first (:mod:`gymrl.envs.server_deps`), saying so
+    with ``say``; without it, a server's packages are used where an earlier install left them."""
     result = Conformance(name)
     try:
         server = load_server(name, gym_python)
@@ -140,8 +145,15 @@ def conform(name: str, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | No
     rollouts, unreadable = read_recordings(server.folder / "data" / "example_rollouts.jsonl")
     rollouts = [r for r in rollouts if isinstance(r, dict) and isinstance(r.get("response"), dict) and "reward" in r]
     result.rows = len(rollouts)
+    folder_name = server.module.split(".")[-1]
+    try:
+        packages = (ensure_installed(folder_name, server.folder, gym_python, say, lock) if install_deps
+                    else installed(gym_python, folder_name))
+    except DependencyError as err:
+        result.reason = f"dependency not installable here: {err}"
+        return result
     env_server = EnvServer(server.name, gym_python, module=server.module, options=server.options, cwd=server.folder,
-                           log_dir=log_dir)
+                           log_dir=log_dir, import_paths=[packages] if packages else None)
     try:
         env_server.start(start_timeout_s)
     except EnvServerError as err:
@@ -184,13 +196,43 @@ def conform(name: str, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | No
     return result
 
 
+# What keeps a server from conforming, by the start of its reason (the first match wins).
+CATEGORIES = (
+    ("dependency not installed", "a dependency .venv-gym lacks"),
+    ("dependency not installable", "a dependency that cannot be installed here"),
+    ("needs an external service", "needs an external service (an LLM judge's model server)"),
+    ("played by NeMo Gym's", "played by another NeMo Gym agent"),
+    ("the recordings lack", "its recordings lack task fields the server requires"),
+    ("no recorded response", "no recorded rollouts"),
+    ("does not start", "does not start here (network at start-up, a missing tool or service)"),
+    ("did not answer", "does not start here (network at start-up, a missing tool or service)"),
+)
+
+
+def category(r: Conformance) -> str:
+    if r.conforms:
+        return "replays every recorded reward"
+    for prefix, name in CATEGORIES:
+        if r.reason.startswith(prefix):
+            return name
+    if "(the recordings lack" in r.reason:
+        return "rewards differ where the recordings lack task fields"
+    return "rewards differ, or a route fails"
+
+
 def write_table(results: list[Conformance], path: Path) -> None:
-    """The conformance table (Markdown) and its JSON beside it."""
-    ok = sum(r.conforms for r in results)
-    lines = ["| server | starts | rewards equal (k of n) | reason |", "| --- | --- | --- | --- |"]
+    """The conformance table (Markdown, with a count per category) and its JSON beside it."""
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[category(r)] = counts.get(category(r), 0) + 1
+    head = [f"{sum(r.conforms for r in results)} of {len(results)} servers replay every recorded reward exactly; "
+            f"{sum(r.started for r in results)} start.", "", "| outcome | servers |", "| --- | --- |"]
+    head += [f"| {name} | {n} |" for name, n in sorted(counts.items(), key=lambda c: -c[1])]
+    lines = ["", "| server | starts | rewards equal (k of n) | reason |", "| --- | --- | --- | --- |"]
     for r in results:
         equal = f"{r.equal} of {r.rows}" if r.started and r.rows else "-"
         lines.append(f"| {r.server} | {'yes' if r.started else 'no'} | {equal} | {r.reason.replace('|', '/')} |")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{ok} of {len(results)} servers replay every recorded reward exactly.\n\n" + "\n".join(lines) + "\n")
-    path.with_suffix(".json").write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
+    path.write_text("\n".join(head + lines) + "\n")
+    path.with_suffix(".json").write_text(json.dumps([asdict(r) | {"category": category(r)} for r in results],
+                                                    indent=1) + "\n")

@@ -44,14 +44,15 @@ class EnvServer:
 
     def __init__(self, env: str, gym_python: Path = DEFAULT_GYM_PYTHON, host: str = "127.0.0.1",
                  port: int | None = None, log_dir: Path | None = None, module: str | None = None,
-                 options: dict | None = None, cwd: Path | None = None):
+                 options: dict | None = None, cwd: Path | None = None, import_paths: list[Path] | None = None):
         """``module``: the package whose ``app.py`` holds the server; by default the plugin's (see
         :mod:`gymrl.envs.registry`). Any module the NeMo Gym venv can import works, NeMo Gym's own
         ``resources_servers.*`` included, with ``options`` (its config's keys) and ``cwd``: the folder it runs in,
-        first on its import path too (NeMo Gym runs ``python app.py`` in the server's folder)."""
+        first on its import path too (NeMo Gym runs ``python app.py`` in the server's folder); ``import_paths``:
+        folders before everything else on its import path (a server's own packages)."""
         self.env, self.gym_python, self.host = env, Path(gym_python), host
         self.module = module or plugin_module(env)
-        self.options, self.cwd = options or {}, cwd or REPO_ROOT
+        self.options, self.cwd, self.import_paths = options or {}, cwd or REPO_ROOT, list(import_paths or [])
         self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
         self.log_path = (log_dir or Path(os.environ.get("TMPDIR", "/tmp"))) / f"gymrl-env-{env}-{self.port}.log"
@@ -62,9 +63,8 @@ class EnvServer:
             raise EnvServerError(f"NeMo Gym venv not found at {self.gym_python}: run `make setup` (it creates .venv-gym)")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         out = self.log_path.open("ab")  # a restarted server appends: the log keeps why the last one died
-        path = server_pythonpath(self.module)
-        if self.cwd != REPO_ROOT:
-            path = os.pathsep.join([str(self.cwd), path])
+        first = [*self.import_paths, *([self.cwd] if self.cwd != REPO_ROOT else [])]
+        path = os.pathsep.join([*map(str, first), server_pythonpath(self.module)])
         env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
         env.pop("VIRTUAL_ENV", None)
         self.proc = subprocess.Popen(

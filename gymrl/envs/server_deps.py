@@ -1,0 +1,125 @@
+"""A NeMo Gym server's own dependencies: its ``requirements.txt`` (minus the editable nemo-gym line), installed
+from the package registry into a folder of its own, ``.venv-gym/server-deps/<server>/`` (``pip install
+--target``), which goes first on that server's import path. NeMo Gym gives each server a venv of its own for the
+same reason: servers pin versions that clash with each other (numpy 2.2.6 in one, 2.4.4 in another), so they
+cannot share one.
+
+Versions are pinned: ``requirements-gym.lock`` (what .venv-gym has) constrains every install except for the
+packages the server names itself (its pins win, as in the server's own NeMo Gym venv), and the versions a
+server's install resolved are kept in ``requirements-gym-servers.lock`` under a ``# [server]`` line, so the next
+install (another machine, CI) takes the same ones. An install prints one line saying what it installs; a
+requirement that cannot come from the registry (a git URL, a local path) is a one-line error naming the server
+and the requirement.
+"""
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from gymrl.envs.launcher import REPO_ROOT
+
+GYM_LOCK = REPO_ROOT / "requirements-gym.lock"
+SERVERS_LOCK = REPO_ROOT / "requirements-gym-servers.lock"
+
+
+class DependencyError(ValueError):
+    """A server requirement that cannot be installed here; the message names the server and the requirement."""
+
+
+def server_requirements(server: str, folder: Path) -> list[str]:
+    """The registry requirements of a server's requirements.txt: no comments, no nemo-gym itself."""
+    path = folder / "requirements.txt"
+    found = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        line = line.split(" #")[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        if re.match(r"^(-e\s+)?(nemo[-_]gym\b|\.\./\.\./?$)", line) or "@ ../" in line:
+            continue  # the editable nemo-gym install (by name, or as the repository root ../../): .venv-gym is that
+        if line.startswith("-") or "://" in line or line.startswith((".", "/")):
+            raise DependencyError(f"server '{server}': requirement '{line}' cannot be installed from the package "
+                                  f"registry ({path})")
+        found.append(line)
+    return found
+
+
+def package_name(requirement: str) -> str:
+    """``numpy`` of ``numpy==2.2.3``, ``sacrebleu`` of ``sacrebleu[ja,ko]>=2.4``, normalised as pip compares names."""
+    name = re.split(r"[\[<>=!~;@ ]", requirement.strip(), maxsplit=1)[0]
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_lock(path: Path = SERVERS_LOCK) -> dict[str, list[str]]:
+    """``# [server]`` sections of pins."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        header = re.match(r"^# \[(.+)\]$", line.strip())
+        if header:
+            current = sections.setdefault(header.group(1), [])
+        elif line.strip() and not line.startswith("#") and current is not None:
+            current.append(line.strip())
+    return sections
+
+
+def write_lock(sections: dict[str, list[str]], path: Path = SERVERS_LOCK) -> None:
+    text = ["# Versions each NeMo Gym server's own requirements resolved to (gymrl/envs/server_deps.py writes it)."]
+    for name in sorted(sections):
+        text += [f"# [{name}]", *sorted(sections[name], key=str.lower)]
+    path.write_text("\n".join(text) + "\n")
+
+
+def deps_dir(gym_python: Path, server: str) -> Path:
+    return Path(gym_python).parent.parent / "server-deps" / server
+
+
+def installed(gym_python: Path, server: str) -> Path | None:
+    """The server's packages folder when an earlier install made one."""
+    target = deps_dir(gym_python, server)
+    return target if (target / ".gymrl-requirements").is_file() else None
+
+
+def ensure_installed(server: str, folder: Path, gym_python: Path, say: Callable[[str], None] = print,
+                     lock: Path = SERVERS_LOCK) -> Path | None:
+    """The folder of the server's own packages, installed the first time (or when its requirements change);
+    None for a server with no requirements of its own."""
+    requirements = server_requirements(server, folder)
+    if not requirements:
+        return None
+    target = deps_dir(gym_python, server)
+    stamp = hashlib.sha256(json.dumps(requirements).encode()).hexdigest()
+    if (target / ".gymrl-requirements").is_file() and (target / ".gymrl-requirements").read_text() == stamp:
+        return target
+    pins = read_lock(lock)
+    say(f"installing the requirements of NeMo Gym server '{server}' into {target}: {', '.join(requirements)}")
+    with tempfile.TemporaryDirectory(dir=target.parent.parent) as tmp:
+        constraints = Path(tmp) / "constraints.txt"
+        named = {package_name(r) for r in requirements}
+        venv_pins = [line for line in GYM_LOCK.read_text().splitlines()
+                     if line.strip() and not line.startswith("#") and package_name(line) not in named]
+        constraints.write_text("\n".join(venv_pins + pins.get(server, [])) + "\n")
+        report = Path(tmp) / "report.json"
+        staged = Path(tmp) / "packages"
+        proc = subprocess.run(
+            [str(gym_python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target", str(staged),
+             "-c", str(constraints), "--report", str(report), *requirements],
+            capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = proc.stderr.splitlines()
+            errors = ([line for line in lines if "Cannot install" in line or "conflict is caused" in line]
+                      or [line for line in lines if line.startswith("ERROR")] or lines)
+            raise DependencyError(f"server '{server}': installing {', '.join(requirements)} failed: "
+                                  f"{(errors or ['pip failed'])[-1][:300]}")
+        installed = json.loads(report.read_text()).get("install", [])
+        pins[server] = [f"{i['metadata']['name']}=={i['metadata']['version']}" for i in installed]
+        (staged / ".gymrl-requirements").write_text(stamp)
+        shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged.rename(target)
+    write_lock(pins, lock)
+    return target
