@@ -7,6 +7,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The shared engine session: a test that needs it (directly or through another fixture) is ``slow``, as are the
+# ``engine`` tests; ``pytest -m "not slow"`` leaves them out while developing (CI runs everything).
+SLOW_FIXTURES = {"session", "reset_session", "fresh_session"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames) or item.get_closest_marker("engine"):
+            item.add_marker(pytest.mark.slow)
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 
 

@@ -99,10 +99,10 @@ def test_a_server_that_cannot_replay_says_why(results, tmp_path):
 def test_a_servers_own_requirements_are_installed_pinned_and_used(tmp_path):
     """structeval imports xmltodict and toml, which .venv-gym lacks: installed from PyPI into the server's own
     folder, pinned in the lock, the server then replays its recordings; the next run installs nothing."""
+    import shutil
+
     from gymrl.envs.launcher import DEFAULT_GYM_PYTHON
     from gymrl.envs.server_deps import deps_dir, read_lock, server_requirements
-
-    import shutil
 
     folder = gym_root() / "resources_servers" / "structeval"
     shutil.rmtree(deps_dir(DEFAULT_GYM_PYTHON, "structeval"), ignore_errors=True)  # a cache: install it afresh

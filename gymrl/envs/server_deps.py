@@ -24,6 +24,9 @@ from pathlib import Path
 from gymrl.envs.launcher import REPO_ROOT
 
 GYM_LOCK = REPO_ROOT / "requirements-gym.lock"
+# Frameworks of several GB each (PyPI's Linux torch brings the CUDA libraries): not installed behind a command
+# that only meant to start a server; the error says so.
+FRAMEWORKS = {"torch", "torchvision", "torchaudio", "tensorflow", "jax", "vllm"}
 SERVERS_LOCK = REPO_ROOT / "requirements-gym-servers.lock"
 
 
@@ -44,6 +47,9 @@ def server_requirements(server: str, folder: Path) -> list[str]:
         if line.startswith("-") or "://" in line or line.startswith((".", "/")):
             raise DependencyError(f"server '{server}': requirement '{line}' cannot be installed from the package "
                                   f"registry ({path})")
+        if package_name(line) in FRAMEWORKS:
+            raise DependencyError(f"server '{server}': requirement '{line}' is a framework of several GB; gymrl does "
+                                  f"not install it on its own (install it into .venv-gym yourself)")
         found.append(line)
     return found
 
