@@ -291,7 +291,8 @@ def envs_conform(
             mark = "[green]ok[/]" if r.conforms else "[red]x[/]"
             bar.console.print(f"{mark} {r.server}: {r.equal} of {r.rows} rewards equal {r.reason}", highlight=False)
             bar.advance(task)
-    write_table(results, out)
+    write_table(results, out, "gymrl envs conform " + ("--all" if all_ else " ".join(map(str, targets)))
+                + (" --install-deps" if install_deps else ""))
     console.print(f"{sum(r.conforms for r in results)} of {len(results)} conform; table in {out}")
     raise typer.Exit(0 if all(r.conforms for r in results) else 1)
 

@@ -82,3 +82,15 @@ def test_rollout_suite(fresh_session, tmp_path):
         parts = ("engine_decode_s", "ray_and_outputs_s", "verify_http_s", "reward_s", "other_s")
         assert sum(d[k] for k in parts) == pytest.approx(d["wall_s"])  # no tools: the parts cover the wall time
     assert "rollout / raw" in (tmp_path / "rollout.md").read_text() and "per group / raw" in (tmp_path / "rollout.md").read_text()
+
+
+@pytest.mark.parametrize("suite", ["spec", "vs-trl", "core"])
+def test_a_missing_config_is_one_error_line(tmp_path, suite):
+    import subprocess
+    import sys
+
+    missing = tmp_path / "missing.yaml"
+    proc = subprocess.run([sys.executable, "-m", "gymrl.cli", "bench", str(missing), "--suite", suite,
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and errors == [f"error: config file not found: {missing}"], proc.stderr

@@ -89,7 +89,7 @@ def test_a_server_that_cannot_replay_says_why(results, tmp_path):
     out = tmp_path / "table.md"
     write_table(list(results.values()), out)
     text = out.read_text()
-    assert text.startswith("4 of 6 servers replay every recorded reward exactly; 5 start.")
+    assert "\n4 of 6 servers replay every recorded reward exactly; 5 start.\n" in text
     assert "| replays every recorded reward | 4 |" in text
     assert "| a dependency that cannot be installed here | 1 |" in text
     assert "| arc_agi | yes | 5 of 5 |  |" in text and "| instruction_following | no | - |" in text

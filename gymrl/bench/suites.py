@@ -7,6 +7,7 @@ one entry in ``BENCH_SUITES`` (its status line, output files, the errors it repo
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
@@ -67,6 +68,8 @@ def run_suites(suite: str, args: BenchArgs) -> None:
                     table = entry.run(args)
             else:
                 table = entry.run(args)
+        except typer.Exit:  # an error already shown (click's Exit is a RuntimeError, which some suites catch)
+            raise
         except entry.errors as err:
             fail(err)
         Console().print(table)

@@ -9,6 +9,7 @@ another server (an LLM judge's model server, which gymrl does not start), or no 
 
 import json
 import re
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -220,12 +221,16 @@ def category(r: Conformance) -> str:
     return "rewards differ, or a route fails"
 
 
-def write_table(results: list[Conformance], path: Path) -> None:
+def write_table(results: list[Conformance], path: Path, command: str = "gymrl envs conform") -> None:
     """The conformance table (Markdown, with a count per category) and its JSON beside it."""
     counts: dict[str, int] = {}
     for r in results:
         counts[category(r)] = counts.get(category(r), 0) + 1
-    head = [f"{sum(r.conforms for r in results)} of {len(results)} servers replay every recorded reward exactly; "
+    head = ["# NeMo Gym's environments under gymrl: conformance", "",
+            f"Written by `{command}` on {time.strftime('%Y-%m-%d')}: each server started unchanged, its recorded "
+            "rollouts (`data/example_rollouts.jsonl`) replayed as NeMo Gym's simple_agent played them, gymrl's "
+            "reward compared with the recorded one (README: NeMo Gym's own environments).", "",
+            f"{sum(r.conforms for r in results)} of {len(results)} servers replay every recorded reward exactly; "
             f"{sum(r.started for r in results)} start.", "", "| outcome | servers |", "| --- | --- |"]
     head += [f"| {name} | {n} |" for name, n in sorted(counts.items(), key=lambda c: -c[1])]
     lines = ["", "| server | starts | rewards equal (k of n) | reason |", "| --- | --- | --- | --- |"]
