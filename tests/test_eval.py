@@ -26,6 +26,8 @@ from gymrl.eval.report import pass_at_k
 from gymrl.eval.run import EngineBackend
 from gymrl.traces.store import TRACE_FILE, TraceReader
 
+pytestmark = pytest.mark.slow  # starts llama.cpp's server and evaluates through it
+
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_PYTHON = ROOT / ".venv-llama" / "bin" / "python"
 GREEDY = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=24)

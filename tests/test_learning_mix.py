@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # its own two-environment engine session and training runs
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "sudoku_math.yaml"
 STEPS = 20

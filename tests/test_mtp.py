@@ -28,6 +28,8 @@ from gymrl.rollout.weight_sync import pack_policy
 from gymrl.session import init_ray, resolve_model_path
 from gymrl.train.policy import pad_batch, token_logprobs
 
+pytestmark = pytest.mark.slow  # builds and trains the DeepSeek-V3-family tiny model with an MTP layer, and starts engines on it
+
 ROOT = Path(__file__).resolve().parents[1]
 MTP_CONFIG = ROOT / "configs" / "mtp_cpu.yaml"
 GREEDY = SamplingConfig(temperature=0.0, max_tokens=24)

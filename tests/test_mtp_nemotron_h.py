@@ -27,6 +27,8 @@ from gymrl.models.sft import encode_examples
 from gymrl.models.spec import TinyModelSpec
 from gymrl.models.tiny import build_tiny_model
 
+pytestmark = pytest.mark.slow  # builds a Nemotron-H model with MTP layers
+
 # About 40 s on 2 CPU cores (one thread).
 SPEC = TinyModelSpec(architecture="nemotron_h", hybrid_pattern="M*E", num_hidden_layers=3, warmup_examples=2000,
                      warmup_steps=120, mtp_steps=80)

@@ -16,6 +16,8 @@ from gymrl.rollout.weight_sync import pack_state_dict
 from gymrl.train.loop import GRPOTrainer
 from gymrl.train.policy import pad_batch, token_logprobs
 
+pytestmark = pytest.mark.slow  # its own tool-use engine session (two engines)
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOL_CONFIG = ROOT / "configs" / "tool_use.yaml"
 

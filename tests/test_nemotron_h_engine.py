@@ -23,6 +23,8 @@ from gymrl.rollout.weight_sync import pack_policy, reload_order
 from gymrl.session import init_ray, resolve_model_path
 from gymrl.train.policy import greedy_hits, pad_batch, token_logprobs
 
+pytestmark = pytest.mark.slow  # builds a Nemotron-H model and starts an engine on it
+
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 TOL = 2e-3  # float32 on both sides; measured 1.7e-5
 

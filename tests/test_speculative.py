@@ -21,6 +21,8 @@ from gymrl.rollout.runner import encode_prompt
 from gymrl.session import init_ray, resolve_model_path
 from gymrl.train.policy import pad_batch, token_logprobs
 
+pytestmark = pytest.mark.slow  # starts engines with speculative decoding
+
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 # Suffix decoding needs the arctic-inference package, which the CPU venv lacks: gymrl's validation passes
 # the config (vLLM knows the method), and vLLM's own config check raises when the engine is built.

@@ -11,9 +11,12 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
+import pytest
 
 from gymrl.traces.store import TRACE_FILE
 from gymrl.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slow  # trains in a child process, kills it and resumes
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
