@@ -11,6 +11,7 @@ import importlib
 import inspect
 import json
 import os
+import signal
 import threading
 import time
 import typing
@@ -60,11 +61,14 @@ def build_app(env: str, host: str, port: int, package: str | None = None, option
 
 def exit_with_parent(parent_pid: int) -> None:
     """End this server when the harness that started it is gone (killed with SIGKILL, say): a thread checks
-    every second that the parent still runs, so no orphan server keeps its port."""
+    every second that the parent still runs, so no orphan server keeps its port. The server's whole process group
+    goes (the harness starts it as a group of its own): a NeMo Gym server's worker processes too."""
     def watch() -> None:
         while True:
             time.sleep(1.0)
             if os.getppid() != parent_pid:
+                if os.getpgid(0) == os.getpid():  # the group is this server's own, not the caller's shell's
+                    os.killpg(0, signal.SIGKILL)
                 os._exit(0)
 
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
