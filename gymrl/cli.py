@@ -221,14 +221,32 @@ def bench(
 
 @envs_app.command("list")
 def envs_list() -> None:
-    """List the environment plugins: folders under environments/ and installed entry points."""
+    """List gymrl's environment plugins (folders under environments/, installed entry points) and the NeMo Gym
+    environments the installed nemo-gym ships (an `envs:` entry takes either: `name:` or `nemo_gym:`)."""
+    from gymrl.envs.nemo_gym import NemoGymConfigError, load_server, shipped
     from gymrl.envs.registry import available, load_environment
 
-    table = Table("name", "train tasks", "eval tasks", "options")
+    table = Table("name", "train tasks", "eval tasks", "options", title="gymrl plugins (envs: - name: NAME)")
     for name in available():
         env = load_environment(name)
         table.add_row(name, str(len(env.tasks("train"))), str(len(env.tasks("eval"))), json.dumps(env.config))
     Console().print(table)
+    try:
+        names = shipped()
+    except NemoGymConfigError as err:
+        console.print(f"NeMo Gym environments: {err}", highlight=False)
+        return
+    table = Table("name", "datasets here", "agents", title="NeMo Gym environments (envs: - nemo_gym: NAME)")
+    for name in names:
+        try:
+            server = load_server(name)
+        except NemoGymConfigError as err:
+            table.add_row(name, f"[red]{err}[/]", "")
+            continue
+        here = [f"{d.type} ({sum(1 for _ in d.path.open())})" for d in server.datasets if d.path.is_file()]
+        table.add_row(name, ", ".join(here) or "none", ", ".join(sorted(set(server.agents))))
+    Console().print(table)
+    console.print("docs/nemo_gym.md: which of them run here unchanged (gymrl envs conform)", highlight=False)
 
 
 @envs_app.command("new")
@@ -245,13 +263,28 @@ def envs_new(name: str = typer.Argument(..., help="Name of the new environment (
 
 @envs_app.command("test")
 def envs_test(
-    name: str = typer.Argument(..., help="Environment to check."),
+    name: str = typer.Argument(..., help="Environment to check: a gymrl plugin, or a NeMo Gym environment (a "
+                               "shipped server's name or a config YAML)."),
     max_tasks: int = typer.Option(20, help="Tasks checked per split."),
     tool_call_parser: str = typer.Option("qwen3_coder", help="vLLM parser for the gold episodes' tool calls (tool-use envs)."),
+    install_deps: bool = typer.Option(True, help="Install a NeMo Gym server's own requirements first (a line says what)."),
 ) -> None:
-    """Start the environment's server; gold answers must score 1 and known-bad answers 0."""
+    """Start the environment's server and check it: a plugin's gold answers must score 1 and known-bad answers 0;
+    a NeMo Gym environment's recorded rollouts (data/example_rollouts.jsonl) must replay to their recorded rewards."""
     from gymrl.envs.authoring import check_environment
+    from gymrl.envs.registry import available
 
+    if name not in available():
+        from gymrl.envs.conform import conform
+
+        result = conform(name, install_deps=install_deps, say=lambda line: console.print(line, highlight=False))
+        if not result.rows and not result.started and "neither" in result.reason:
+            fail(ValueError(f"unknown environment '{name}': not a gymrl plugin ({', '.join(available())}); "
+                            f"{result.reason}"))
+        console.print(f"{name}: {'OK' if result.conforms else 'FAILED'}: {'started' if result.started else 'did not start'}"
+                      f"; {result.equal} of {result.rows} recorded rewards replayed equal. {result.reason}",
+                      highlight=False)
+        raise typer.Exit(0 if result.conforms else 1)
     try:
         report = check_environment(name, max_tasks, tool_call_parser=tool_call_parser)
     except (ValueError, EnvServerError) as err:

@@ -29,12 +29,88 @@ class ModelConfig(Section):
 
 
 class EnvConfig(Section):
-    name: str = Field(description="Environment plugin: a package under environments/ (`gymrl envs list`).")
+    """One environment: a gymrl plugin by ``name``, or a NeMo Gym environment used unchanged (``nemo_gym``: its
+    config or a shipped server; ``module`` plus ``data``; or ``url`` of a running server plus ``data``)."""
+
+    name: str = Field(
+        default="",
+        description="A gymrl plugin: a package under environments/ (`gymrl envs list`). For a NeMo Gym environment "
+        "(nemo_gym, module, or url with data), the name it goes by in metrics and traces; default: its server's name.",
+    )
     weight: float = Field(default=1.0, gt=0, description="Share of each step's prompts drawn from this environment.")
-    args: dict[str, Any] = Field(default_factory=dict, description="Options of the environment's Tasks class.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Options of a gymrl plugin's Tasks class.")
     url: str | None = Field(
         default=None, description="An already running NeMo Gym resources server to use instead of starting one."
     )
+    nemo_gym: str | None = Field(
+        default=None,
+        description="A NeMo Gym environment, unchanged: its config YAML (a path) or the name of a resources server "
+        "the installed nemo-gym ships (`gymrl envs list`). Its server starts with the config's options; tasks come "
+        "from the config's datasets (train, and validation when it has one).",
+    )
+    module: str | None = Field(
+        default=None,
+        description="A NeMo Gym resources server's package, whose app.py holds the server (e.g. "
+        "resources_servers.mcqa, or a package of yours on the NeMo Gym venv's path); tasks from `data`.",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keys of a NeMo Gym server's config that replace the YAML's (as NeMo Gym's command-line "
+        "overrides do); with `module`, the server's whole config.",
+    )
+    data: Path | None = Field(
+        default=None,
+        description="NeMo Gym JSONL tasks (rows with responses_create_params; every other field goes to /verify); "
+        "with nemo_gym it replaces the config's train dataset.",
+    )
+    eval_data: Path | None = Field(
+        default=None,
+        description="Held-out JSONL tasks of a NeMo Gym environment; default: its config's validation dataset, "
+        "else a seeded eval_fraction of the train rows, which training then never samples.",
+    )
+    eval_fraction: float = Field(
+        default=0.1, gt=0, lt=1, description="Share of the train rows held out when there is no eval_data."
+    )
+
+    @property
+    def is_nemo_gym(self) -> bool:
+        """Whether tasks come from NeMo Gym JSONL files rather than a gymrl plugin's Tasks."""
+        return bool(self.nemo_gym or self.module or self.data)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any) -> Any:
+        """A NeMo Gym environment goes by its server's name (a config's file name, a module's last part) or its
+        data file's, unless ``name`` says otherwise."""
+        if isinstance(data, dict) and not data.get("name"):
+            source = str(data.get("nemo_gym") or data.get("module") or data.get("data") or "")
+            if source:
+                name = Path(source).stem if source.endswith((".yaml", ".yml", ".jsonl")) else source.split(".")[-1]
+                data = {**data, "name": name}
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "EnvConfig":
+        if self.nemo_gym and self.module:
+            raise ValueError("envs: give nemo_gym (a NeMo Gym config or shipped server) or module, not both")
+        if not self.is_nemo_gym:
+            if not self.name:
+                raise ValueError("envs: each entry needs name (a gymrl plugin), nemo_gym (a NeMo Gym config or "
+                                 "shipped server), module with data, or url with data")
+            for key in ("options", "eval_data"):
+                if getattr(self, key):
+                    raise ValueError(f"envs[{self.name}].{key}: only for a NeMo Gym environment (nemo_gym, module "
+                                     "or data)")
+            return self
+        label = f"envs[{self.name}]"
+        if self.args:
+            raise ValueError(f"{label}.args: options of a gymrl plugin's Tasks; a NeMo Gym environment's server "
+                             "takes `options`")
+        if self.module and self.data is None:
+            raise ValueError(f"{label}.module: needs data (the JSONL tasks to play against it)")
+        if not (self.nemo_gym or self.module) and self.url is None:
+            raise ValueError(f"{label}.data: needs nemo_gym, module or url (the server that verifies these tasks)")
+        return self
 
 
 class EnvServersConfig(Section):

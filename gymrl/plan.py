@@ -21,8 +21,7 @@ from rich.table import Table
 
 from gymrl.config import RunConfig
 from gymrl.envs.base import Environment
-from gymrl.envs.launcher import REPO_ROOT
-from gymrl.envs.registry import load_environment
+from gymrl.envs.sources import gym_python_of, open_environments
 from gymrl.models.checkpoint_files import CheckpointInfo, inspect_checkpoint
 from gymrl.models.tiny import is_complete, model_dir_name
 from gymrl.resources import memory_problem
@@ -249,12 +248,15 @@ def _trainer(cfg: RunConfig, info: CheckpointInfo | None, plan: Plan) -> None:
 def _environments(cfg: RunConfig, envs: list[Environment], has_tools: dict[str, bool], plan: Plan) -> None:
     rows: Rows = []
     for env_cfg, env in zip(cfg.envs, envs):
-        where = f"attached: {env_cfg.url}" if env_cfg.url else "launched: NeMo Gym server on a free loopback port"
+        server = f"NeMo Gym server {env.server.module}" if env.server else "NeMo Gym server"
+        where = f"attached: {env_cfg.url}" if env_cfg.url else f"launched: {server} on a free loopback port"
+        if env_cfg.is_nemo_gym:
+            where += f"; tasks from {env.config['data']}" + (f", held out from {env.config['eval_data']}"
+                                                            if env.config["eval_data"] else "")
         counts = f"{len(env.tasks('train'))} train / {len(env.tasks('eval'))} eval tasks"
         rows.append((env.name, f"weight {env_cfg.weight:g}; {counts}{'; tools' if has_tools[env.name] else ''}; "
                                f"{where}"))
-    gym_python = cfg.env_servers.gym_python
-    gym_python = gym_python if gym_python.is_absolute() else REPO_ROOT / gym_python
+    gym_python = gym_python_of(cfg)
     if any(e.url is None for e in cfg.envs) and not gym_python.is_file():
         plan.warnings.append(f"env_servers.gym_python: no Python at '{gym_python}' here to launch the servers "
                              "(make demo creates .venv-gym)")
@@ -277,7 +279,7 @@ def _sampling(cfg: RunConfig, has_tools: dict[str, bool], parser_rows: Rows, pla
 def make_plan(cfg: RunConfig) -> Plan:
     """Check ``cfg`` as a run would, without starting anything, and lay out where it would run."""
     plan = Plan()
-    envs = [load_environment(e.name, e.args) for e in cfg.envs]
+    envs = list(open_environments(cfg).values())
     has_tools = {env.name: any(t.tools for s in ("train", "eval") for t in env.tasks(s)) for env in envs}
     model_path, info = _model(cfg, envs, plan)
     parser_rows = _names(cfg, model_path, info, any(has_tools.values()), plan)

@@ -17,8 +17,8 @@ import ray
 from gymrl.config import ModelConfig, RunConfig
 from gymrl.envs.base import Environment
 from gymrl.envs.client import EnvClient
-from gymrl.envs.launcher import REPO_ROOT, EnvServer, ServerSupervisor
-from gymrl.envs.registry import load_environment
+from gymrl.envs.launcher import ServerSupervisor
+from gymrl.envs.sources import gym_python_of, open_environments, server_process
 from gymrl.models.checkpoint import load_policy
 from gymrl.models.checkpoint_files import inspect_checkpoint
 from gymrl.models.tiny import build_tiny_model
@@ -84,12 +84,12 @@ def start_env_servers(cfg: RunConfig, envs: dict[str, Environment], log_dir: Pat
     (a server given by ``url`` is someone else's to keep alive: its client only retries)."""
     servers: list[ServerSupervisor] = []
     sc = cfg.env_servers
-    gym_python = sc.gym_python if sc.gym_python.is_absolute() else REPO_ROOT / sc.gym_python
+    gym_python = gym_python_of(cfg)
     try:
         for env_cfg in cfg.envs:
             url, supervisor = env_cfg.url, None
             if url is None:
-                server = EnvServer(env_cfg.name, gym_python, log_dir=log_dir)
+                server = server_process(envs[env_cfg.name], gym_python, log_dir)
                 supervisor = ServerSupervisor(server, sc.start_timeout_s, sc.max_restarts, sc.health_interval_s)
                 servers.append(supervisor)
                 url = server.start(sc.start_timeout_s).url
@@ -126,7 +126,7 @@ class Session:
 
 def start_session(cfg: RunConfig) -> Session:
     check_resources(cfg)  # CPUs, GPUs, KV-cache memory this machine cannot give: fail before anything starts
-    envs = {e.name: load_environment(e.name, e.args) for e in cfg.envs}
+    envs = open_environments(cfg)
     tasks = [t for env in envs.values() for split in ("train", "eval") for t in env.tasks(split)]
     if any(t.tools for t in tasks):
         parser_class(cfg.rollout.tool_call_parser)  # a bad parser name fails now, not after the model build

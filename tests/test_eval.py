@@ -257,3 +257,15 @@ def test_unreachable_endpoint_cli_error(tmp_path):
     assert f"endpoint http://127.0.0.1:{port}/v1/models failed after 2 tries: ConnectError" in result.output
     bad = CliRunner().invoke(app, ["eval", "--endpoint", "localhost:8000", "--env", "arithmetic"])
     assert bad.exit_code == 2 and "--endpoint must be an http(s) URL" in bad.output
+
+
+def test_eval_on_an_unchanged_nemo_gym_environment(vllm_url, tmp_path):
+    """`gymrl eval --endpoint` on configs/reasoning_gym.yaml: NeMo Gym's reasoning_gym server scores the answers."""
+    run_dir = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["eval", "configs/reasoning_gym.yaml", "--endpoint", vllm_url, "--n", "4",
+                                      "--max-tokens", "24", "--out", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    (env,) = json.loads((run_dir / "report.json").read_text())["envs"]
+    assert (env["env"], env["tasks"], env["samples"]) == ("reasoning_gym", 4, 1)
+    rows = TraceReader(run_dir / TRACE_FILE).page(limit=10)
+    assert len(rows) == 4 and all(r["reason"] is not None for r in rows)

@@ -380,7 +380,7 @@ def nothing_starts(monkeypatch):
         raise AssertionError("gymrl train started a session despite an impossible config")
 
     # start_session checks the resources first: its first step after the check must never be reached.
-    monkeypatch.setattr(gymrl.session, "load_environment", tripwire)
+    monkeypatch.setattr(gymrl.session, "open_environments", tripwire)
 
 
 @pytest.mark.parametrize("sets, needle", [

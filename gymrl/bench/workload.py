@@ -7,12 +7,12 @@ from pathlib import Path
 def model_and_prompts(cfg) -> tuple[Path, object, list[list[int]]]:
     """The config's model (built if it is a tiny one), the trainer's policy, and the first env's first
     ``prompts_per_step`` train prompts as token ids: what the engine-only suites measure with."""
-    from gymrl.envs.registry import load_environment
+    from gymrl.envs.sources import open_environments
     from gymrl.models.checkpoint import load_policy
     from gymrl.rollout.runner import encode_prompt
     from gymrl.session import resolve_model_path
 
-    envs = [load_environment(e.name, e.args) for e in cfg.envs]
+    envs = list(open_environments(cfg).values())
     path = resolve_model_path(cfg.model, envs, [e.weight for e in cfg.envs])
     policy, tokenizer = load_policy(path)
     tasks = envs[0].tasks("train")[: cfg.train.prompts_per_step]

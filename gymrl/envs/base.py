@@ -17,6 +17,7 @@ import math
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from gymrl.envs.client import Cookies, EnvClient, EnvServerError, EpisodeLost, request_fields, responses_api_response
@@ -71,11 +72,22 @@ def row_messages(row: dict[str, Any]) -> list[dict[str, str]]:
     return messages
 
 
-class Environment:
-    """Tasks of one plugin; ``verify`` goes to its server once :meth:`attach` has connected one."""
+@dataclass(frozen=True)
+class ServerSpec:
+    """How to start a server other than a gymrl plugin's (a NeMo Gym resources server, unchanged)."""
 
-    def __init__(self, name: str, tasks: Any):
-        self.name = name
+    module: str  # the package whose app.py holds the server
+    options: dict[str, Any] = field(default_factory=dict)  # its config's keys
+    cwd: Path | None = None  # the folder it runs in (NeMo Gym runs a server in its own folder)
+    requirements_of: str | None = None  # the NeMo Gym server whose requirements.txt it needs installed
+
+
+class Environment:
+    """Tasks of one plugin, or of NeMo Gym JSONL files; ``verify`` goes to its server once :meth:`attach` has
+    connected one. ``server``: how to start a server other than the plugin's own (None for a plugin)."""
+
+    def __init__(self, name: str, tasks: Any, server: ServerSpec | None = None):
+        self.name, self.server = name, server
         self.config = dataclasses.asdict(tasks)  # identifies the task set (tiny-model cache key)
         self._tasks = tasks
         self._client: EnvClient | None = None

@@ -95,7 +95,7 @@ def run_eval(cfg: RunConfig, endpoint: str | None, checkpoint: Path | None, n: i
     import ray
     from transformers import AutoTokenizer
 
-    from gymrl.envs.registry import load_environment
+    from gymrl.envs.sources import open_environments
     from gymrl.eval.endpoint import ChatEndpoint
     from gymrl.eval.episodes import EndpointRunner
     from gymrl.rollout.pool import EnginePool, start_engines
@@ -106,7 +106,7 @@ def run_eval(cfg: RunConfig, endpoint: str | None, checkpoint: Path | None, n: i
     if (endpoint is None) == (checkpoint is None):
         raise ValueError("give --endpoint URL or --checkpoint RUN_DIR/STEP (one of them)")
     check_sampling(sampling, samples)
-    envs = {e.name: load_environment(e.name, e.args) for e in cfg.envs}
+    envs = open_environments(cfg)
     tasks = eval_tasks(cfg, envs, n)
     model_path = policy_folder(find_checkpoint(checkpoint)) if checkpoint is not None else cfg.endpoint.tokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True) if model_path is not None else None

@@ -250,23 +250,23 @@ def rescore(reader: TraceReader, env: str, f: TraceFilter | None = None, limit: 
     """Replay the stored assistant turns of ``env``'s rollouts against the environment's current server
     (tool calls run again, then ``/verify``) and compare the new rewards with the stored ones. The
     environment's options come from the run's stored config; the store is only read."""
+    from gymrl.config import EnvConfig
     from gymrl.envs.base import Task, row_messages
     from gymrl.envs.client import EnvClient
-    from gymrl.envs.launcher import DEFAULT_GYM_PYTHON, REPO_ROOT, EnvServer
-    from gymrl.envs.registry import load_environment
+    from gymrl.envs.launcher import DEFAULT_GYM_PYTHON, REPO_ROOT
+    from gymrl.envs.sources import open_environment, server_process
     from gymrl.rollout.runner import play_episode
 
     meta = reader.metadata()
-    env_cfg = _env_config(meta, env)
-    environment = load_environment(env, env_cfg.get("args") or {})
     config = meta.get("config") or {}
     gym_python = Path((config.get("env_servers") or {}).get("gym_python") or DEFAULT_GYM_PYTHON)
     gym_python = gym_python if gym_python.is_absolute() else REPO_ROOT / gym_python
+    environment = open_environment(EnvConfig(**_env_config(meta, env)), gym_python, int(config.get("seed") or 0))
     f = dataclasses.replace(f or TraceFilter(), env=env)
     total = reader.count(f) if limit is None else min(limit, reader.count(f))
     parser = None
     items: list[Rescored] = []
-    with EnvServer(env, gym_python) as server, ThreadPoolExecutor(workers) as pool:
+    with server_process(environment, gym_python) as server, ThreadPoolExecutor(workers) as pool:
         environment.attach(EnvClient(env, server.url))
         try:
             for offset in range(0, total, chunk):
