@@ -18,7 +18,7 @@ from gymrl.config import ModelConfig, RunConfig
 from gymrl.envs.base import Environment
 from gymrl.envs.client import EnvClient
 from gymrl.envs.launcher import ServerSupervisor
-from gymrl.envs.sources import gym_python_of, open_environments, server_process
+from gymrl.envs.sources import check_tool_routes, gym_python_of, open_environments, server_process
 from gymrl.models.checkpoint import load_policy
 from gymrl.models.checkpoint_files import inspect_checkpoint
 from gymrl.models.tiny import build_tiny_model
@@ -96,6 +96,8 @@ def start_env_servers(cfg: RunConfig, envs: dict[str, Environment], log_dir: Pat
                 supervisor.start()
             envs[env_cfg.name].attach(EnvClient(env_cfg.name, url, sc.request_timeout_s, sc.retries,
                                                  supervisor=supervisor))
+            if envs[env_cfg.name].nemo_gym:
+                check_tool_routes(envs[env_cfg.name])
     except BaseException:
         for server in servers:
             server.stop()

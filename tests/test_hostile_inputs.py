@@ -17,7 +17,7 @@ import gymrl.envs.base as envs_base
 from environments.tool_use import tool_call_text
 from gymrl.cli import app
 from gymrl.config import ConfigError, load_config, parse_config
-from gymrl.envs.client import EnvClient, request_fields, responses_api_response
+from gymrl.envs.client import EnvClient, responses_api_response
 from gymrl.envs.launcher import EnvServer
 from gymrl.envs.registry import load_environment
 from gymrl.models.tokenizer import build_tokenizer
@@ -131,7 +131,7 @@ def test_non_utf8_bytes_decode_with_replacement_and_break_nothing(envs, parsers,
     assert "no key" in json.loads(episode.call_tool("kv_get", {"key": "\udcffab"}))["error"]
     # Raw bytes that are not UTF-8, and a \udcff escape, sent by another client straight to /verify: a 400 for
     # the bytes, a scored reply for the escape (it was a 500), and the server keeps serving.
-    body = json.dumps(request_fields(task.row) | {"response": responses_api_response("XX" + answers(env, task))})
+    body = json.dumps(task.row | {"response": responses_api_response("XX" + answers(env, task))})
     url = env.client.base_url + "/verify"
     headers = {"content-type": "application/json"}
     assert httpx.post(url, content=body.encode().replace(b"XX", b"\xff\xfe\xc3"), headers=headers).status_code == 400

@@ -145,3 +145,63 @@ def test_training_on_nemo_gyms_reasoning_gym_raises_held_out_reward(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval_tasks"] == 28 and summary["initial_eval_reward"] <= 0.3, summary
     assert summary["eval_reward_gain"] >= MIN_GAIN, summary
+
+
+def test_episodes_are_played_as_simple_agent_plays_them(tmp_path):
+    """A NeMo Gym environment's episode: its session seeded (as simple_agent always does), tools from the row,
+    and simple_agent's max_steps: the last model call's tool calls still run, then /verify."""
+    from gymrl.config import RolloutConfig, SamplingConfig
+    from gymrl.envs.client import EnvClient
+    from gymrl.envs.nemo_gym import load_server
+    from gymrl.eval.endpoint import ChatReply
+    from gymrl.eval.episodes import EndpointRunner
+    from gymrl.rollout.tool_calls import ParsedTurn, ToolCall
+
+    assert (load_server("workplace_assistant").max_steps, load_server("asr_with_pc").max_steps) == (6, 1)
+    assert load_server("blackjack").max_steps is None  # its 5 is gymnasium_agent's, another agent
+    env = open_environment(EnvConfig(nemo_gym="example_single_tool_call"))
+    env.max_steps = 2
+
+    class AlwaysCallsTheTool:
+        calls = 0
+
+        def chat(self, messages, tools, sampling, kwargs):
+            self.calls += 1
+            call = ToolCall("get_weather", {"city": "sf"}, '{"city": "sf"}', f"call_{self.calls}")
+            return ChatReply("", "stop", ParsedTurn("", [call]))
+
+    endpoint = AlwaysCallsTheTool()
+    with server_process(env, DEFAULT_GYM_PYTHON, tmp_path) as server:
+        env.attach(EnvClient(env.name, server.url))
+        try:
+            task = env.tasks("train")[0]
+            assert env.open_episode(task).cookies  # seeded: the server's session cookie came back
+            rollout = EndpointRunner(endpoint, {env.name: env}, RolloutConfig()).episode(task, SamplingConfig())
+        finally:
+            env.close()
+    assert endpoint.calls == 2 and rollout.finish_reason == "max_turns"
+    assert [t["role"] for t in rollout.turns].count("tool") == 2  # both model calls' tools ran
+
+
+def test_a_row_whose_tools_the_server_does_not_serve_is_named(tmp_path):
+    from gymrl.envs.client import EnvClient
+    from gymrl.envs.sources import check_tool_routes
+
+    shipped_rows = EXAMPLES / "example_single_tool_call/data/example.jsonl"
+    rows = [json.loads(line) for line in shipped_rows.read_text().splitlines()]
+    rows[1]["responses_create_params"]["tools"][0]["name"] = "launch_rocket"
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    good = open_environment(EnvConfig(nemo_gym="example_single_tool_call"))
+    bad = open_environment(EnvConfig(nemo_gym="example_single_tool_call", data=data, eval_data=shipped_rows))
+    with server_process(good, DEFAULT_GYM_PYTHON, tmp_path) as server:
+        for env in (good, bad):
+            env.attach(EnvClient(env.name, server.url))
+        try:
+            check_tool_routes(good)
+            with pytest.raises(NemoGymConfigError, match=f"{data}: task 'train-1' .*offers tool 'launch_rocket', "
+                                                         "which server 'example_single_tool_call' does not serve"):
+                check_tool_routes(bad)
+        finally:
+            good.close()
+            bad.close()

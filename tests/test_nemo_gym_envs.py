@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from gymrl.envs.conform import conform, task_row, write_table
+from gymrl.envs.conform import conform, played_row, task_row, write_table
 from gymrl.envs.nemo_gym import NemoGymConfigError, gym_root, load_server, shipped
 
 
@@ -48,6 +48,21 @@ def test_bad_nemo_gym_configs_are_one_line_naming_the_file(tmp_path):
         load_server(elsewhere)
 
 
+def test_a_recording_is_replayed_with_the_example_row_of_its_prompt():
+    """NeMo Gym's dump writes the input in its own shape (content parts, ``type: message``) and drops task
+    fields; the example row with the same prompt is the one it was played from."""
+    rows = [{"responses_create_params": {"input": [{"role": "user", "content": "2+2?"}]}, "answer": "4", "k": 1},
+            {"responses_create_params": {"input": [{"role": "user", "content": "2+2?"}]}, "answer": "4", "k": 2},
+            {"responses_create_params": {"input": "3+3?"}, "answer": "6"}]
+    dumped = {"responses_create_params": {"input": [{"role": "user", "type": "message",
+                                                     "content": [{"type": "input_text", "text": "2+2?"}]}]},
+              "k": 2, "response": {}, "reward": 1.0}
+    assert played_row(dumped, rows) is rows[1]  # of two with its prompt, the one whose kept fields agree
+    as_list = {"responses_create_params": {"input": [{"role": "user", "content": "3+3?"}]}}
+    assert played_row(as_list, rows) is rows[2]
+    assert played_row({"responses_create_params": {"input": "5+5?"}}, rows) is None
+
+
 def test_a_recording_becomes_the_task_row_it_was_played_from():
     recording = {"responses_create_params": {"input": "q", "parallel_tool_calls": None, "tools": []},
                  "expected_answer": "B", "extracted_answer": "C", "response": {"output": []}, "reward": 0.0}
@@ -62,7 +77,8 @@ KINDS = {
     "bunsenbench_chemistry_mcq": "single-turn /verify",
     "example_single_tool_call": "tool calls through the server's routes, then /verify",
     "single_step_tool_use_with_argument_comparison": "a tool call compared with the expected arguments",
-    "example_session_state_mgmt": "stateful tools whose recordings lost the seed field",
+    "example_session_state_mgmt": "stateful tools, seeded by a field the recordings lost (the example row has it)",
+    "workplace_assistant": "recordings of prompts no example row has, without the field /verify requires",
     "instruction_following": "a server whose requirement is a git URL",
 }
 
@@ -74,26 +90,27 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["arc_agi", "bunsenbench_chemistry_mcq", "example_single_tool_call",
-                                  "single_step_tool_use_with_argument_comparison"])
+                                  "single_step_tool_use_with_argument_comparison", "example_session_state_mgmt"])
 def test_recorded_rewards_come_back_exactly(results, name):
     r = results[name]
     assert r.started and r.rows == 5 and r.equal == r.rows and r.conforms and r.reason == "", r
 
 
 def test_a_server_that_cannot_replay_says_why(results, tmp_path):
-    stateful = results["example_session_state_mgmt"]
-    assert stateful.started and not stateful.conforms and "initial_count" in stateful.reason
+    other = results["workplace_assistant"]
+    assert other.started and not other.conforms and other.reason.startswith(
+        "the recordings lack task fields the server requires (ground_truth) and 5 are of prompts no example row has")
     git = results["instruction_following"]
     assert not git.started and git.reason.startswith("dependency not installable here: server "
                                                      "'instruction_following': requirement 'git+https://")
     out = tmp_path / "table.md"
     write_table(list(results.values()), out)
     text = out.read_text()
-    assert "\n4 of 6 servers replay every recorded reward exactly; 5 start.\n" in text
-    assert "| replays every recorded reward | 4 |" in text
+    assert "\n5 of 7 servers replay every recorded reward exactly; 6 start.\n" in text
+    assert "| replays every recorded reward | 5 |" in text
     assert "| a dependency that cannot be installed here | 1 |" in text
     assert "| arc_agi | yes | 5 of 5 |  |" in text and "| instruction_following | no | - |" in text
-    assert len(json.loads(out.with_suffix(".json").read_text())) == 6
+    assert len(json.loads(out.with_suffix(".json").read_text())) == 7
 
 
 def test_a_servers_own_requirements_are_installed_pinned_and_used(tmp_path):

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from gymrl.bench.args import BenchArgs
 from gymrl.bench.report import write_results
-from gymrl.envs.client import request_fields, responses_api_response
+from gymrl.envs.client import responses_api_response
 
 DEFAULT_ENVS = ("arithmetic", "math", "code")
 
@@ -60,7 +60,7 @@ def _payloads(env, tasks: int = 16) -> list[tuple[bytes, float | None]]:
         if not isinstance(gold, str):
             raise ValueError(f"env-load: environment '{env.name}' has tool tasks; only text /verify is load-tested")
         for text in (gold, "<think>guess</think>\\boxed{-1} <answer>-1</answer>\n```python\npass\n```"):
-            body = request_fields(task.row) | {"response": responses_api_response(text)}
+            body = task.row | {"response": responses_api_response(text)}
             out.append((json.dumps(body).encode(), None))
     return out
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from gymrl.envs.client import Cookies, EnvClient, EnvServerError, EpisodeLost, request_fields, responses_api_response
+from gymrl.envs.client import Cookies, EnvClient, EnvServerError, EpisodeLost, responses_api_response
 from gymrl.utf8 import clean
 from rewards.types import RewardResult
 
@@ -86,8 +86,12 @@ class Environment:
     """Tasks of one plugin, or of NeMo Gym JSONL files; ``verify`` goes to its server once :meth:`attach` has
     connected one. ``server``: how to start a server other than the plugin's own (None for a plugin)."""
 
-    def __init__(self, name: str, tasks: Any, server: ServerSpec | None = None):
-        self.name, self.server = name, server
+    def __init__(self, name: str, tasks: Any, server: ServerSpec | None = None, nemo_gym: bool = False,
+                 max_steps: int | None = None):
+        """``nemo_gym``: play every episode as NeMo Gym's simple_agent does (a session seeded on the server even
+        without tools, /verify with its cookies); ``max_steps``: that agent's limit of model calls, the tool
+        calls of the last one still run."""
+        self.name, self.server, self.nemo_gym, self.max_steps = name, server, nemo_gym, max_steps
         self.config = dataclasses.asdict(tasks)  # identifies the task set (tiny-model cache key)
         self._tasks = tasks
         self._client: EnvClient | None = None
@@ -115,7 +119,7 @@ class Environment:
 
     def open_episode(self, task: Task) -> "Episode":
         """A new episode of ``task`` on the server: its session is seeded when the task has tools."""
-        return Episode(self, task, self.client.seed_session(task.row) if task.tools else {})
+        return Episode(self, task, self.client.seed_session(task.row) if task.tools or self.nemo_gym else {})
 
     def verify(self, task: Task, output: str | list[dict[str, Any]], cookies: Cookies | None = None) -> RewardResult:
         """Score a response text, or an episode's Responses-API output items (with its session cookies)."""
@@ -127,7 +131,7 @@ class Environment:
         has no such route (an external NeMo Gym server, or one whose verify reads its session)."""
         if not pairs or self._batch_verify is False:
             return None if self._batch_verify is False else []
-        payload = {"requests": [request_fields(t.row) | {"response": responses_api_response(clean(o))} for t, o in pairs]}
+        payload = {"requests": [t.row | {"response": responses_api_response(clean(o))} for t, o in pairs]}
         try:
             reply = self.client.post("/verify_batch", payload)
         except EnvServerError as err:
@@ -177,6 +181,7 @@ class Episode:
     def __init__(self, env: Environment, task: Task, cookies: Cookies):
         self.env, self.task, self.cookies = env, task, cookies
         self.generation = env.client.generation if cookies else 0  # the server run its session lives on
+        self.max_steps = env.max_steps
         self._tool_names = {t.get("name") or t.get("function", {}).get("name") for t in task.tools}
 
     def call_tool(self, name: str, arguments: dict[str, Any] | None) -> str:

@@ -81,11 +81,6 @@ def _set_cookies(reply: httpx.Response, cookies: Cookies | None) -> Cookies:
     return updated
 
 
-def request_fields(row: dict[str, Any]) -> dict[str, Any]:
-    """A task row as NeMo Gym sends it: everything but gymrl's own ``id``."""
-    return {k: v for k, v in row.items() if k != "id"}
-
-
 class EnvClient:
     def __init__(self, name: str, base_url: str, timeout_s: float = 30.0, retries: int = 3, pool_size: int = 16,
                  supervisor=None):
@@ -142,8 +137,9 @@ class EnvClient:
         return self.post_for_reply(route, payload)[0]
 
     def seed_session(self, row: dict[str, Any]) -> Cookies:
-        """Start an episode on the server (NeMo Gym's /seed_session gets the whole task row); its cookies."""
-        return self.post_for_reply("/seed_session", request_fields(row))[1]
+        """Start an episode on the server (NeMo Gym's /seed_session gets the whole task row, as its agents send it;
+        every field, gymrl's plugins' ``id`` too); its cookies."""
+        return self.post_for_reply("/seed_session", row)[1]
 
     def call_tool(self, name: str, arguments: dict[str, Any], cookies: Cookies) -> tuple[str, Cookies]:
         """POST /<name> with the model's arguments; the reply body is the tool's output, errors included
@@ -166,6 +162,16 @@ class EnvClient:
                 time.sleep(0.2 * 2**attempt)
         raise self._fail(f"/{name}", self.retries + 1, last)
 
+    def routes(self) -> set[str]:
+        """The server's POST routes, from the OpenAPI schema a FastAPI server (every NeMo Gym server) serves."""
+        try:
+            reply = self._http.get("/openapi.json", timeout=self._http.timeout)
+            reply.raise_for_status()
+            paths = reply.json().get("paths") or {}
+        except (httpx.HTTPError, ValueError, AttributeError) as err:
+            raise EnvServerError(f"env '{self.name}' at {self.base_url}/openapi.json: no route list ({err})") from None
+        return {p.lstrip("/") for p, methods in paths.items() if isinstance(methods, dict) and "post" in methods}
+
     def healthy(self) -> bool:
         try:
             return self._http.get("/", timeout=2.0).status_code == 200
@@ -177,7 +183,7 @@ class EnvClient:
         """/verify of the row with the episode's output: a text, its output items, or a whole Responses-API
         response (a recorded one, say)."""
         response = output if isinstance(output, dict) else responses_api_response(output)
-        payload = request_fields(row) | {"response": response}
+        payload = row | {"response": response}
         return self.post_for_reply("/verify", payload, cookies)[0]
 
     def close(self) -> None:

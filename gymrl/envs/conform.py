@@ -54,6 +54,39 @@ def task_row(rollout: dict[str, Any], task_keys: set[str] | None) -> dict[str, A
     return row
 
 
+def prompt_key(row: dict[str, Any]) -> str:
+    """A row's input, compared as NeMo Gym plays it: a string and a one-part list of text are one prompt, and the
+    keys a dump adds (``type: message``, null fields) do not count."""
+    given = (row.get("responses_create_params") or {}).get("input")
+    if isinstance(given, str):
+        return json.dumps([["user", given]])
+
+    def part(p: Any) -> str:
+        if isinstance(p, dict) and "text" in p:
+            return str(p["text"])
+        return json.dumps({k: v for k, v in p.items() if v is not None and k != "type"} if isinstance(p, dict) else p,
+                          sort_keys=True)
+
+    messages = []
+    for m in given if isinstance(given, list) else []:
+        if isinstance(m, dict):
+            content = m.get("content")
+            text = content if isinstance(content, str) else "".join(part(p) for p in content or [])
+            messages.append([m.get("role"), text])
+    return json.dumps(messages)
+
+
+def played_row(rollout: dict[str, Any], examples: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The example row a recording was played from: the one with its prompt (of several, the one that agrees with
+    most of the fields the recording kept). NeMo Gym's recordings drop task fields that /verify needs; the row
+    has them all."""
+    key = prompt_key(rollout)
+    candidates = [e for e in examples if prompt_key(e) == key]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda e: sum(1 for k, v in e.items() if k in rollout and rollout[k] == v))
+
+
 def example_rows(server: NemoGymServer) -> list[dict[str, Any]]:
     rows, _ = read_recordings(server.folder / "data" / "example.jsonl")
     return [r for r in rows if isinstance(r, dict)]
@@ -106,11 +139,12 @@ def read_recordings(path: Path) -> tuple[list[dict[str, Any]], int]:
 
 def dropped_fields(rows: list[dict[str, Any]], rollouts: list[dict[str, Any]]) -> list[str]:
     """Task fields every example row has and no recording kept."""
-    common = set.intersection(*(set(r) for r in rows)) if rows else set()
+    common = set.intersection(*(set(r) for r in rows)) if rows and rollouts else set()
     return sorted(common - {k for r in rollouts for k in r})
 
 
-def explain(errors: list[str], mismatches: list[str], log: str, server: NemoGymServer, dropped: list[str]) -> str:
+def explain(errors: list[str], mismatches: list[str], log: str, server: NemoGymServer, dropped: list[str],
+            unmatched: int = 0) -> str:
     """Why a server's replay fell short, in one line ("" when every recorded reward came back)."""
     if not errors and not mismatches:
         return ""
@@ -122,7 +156,8 @@ def explain(errors: list[str], mismatches: list[str], log: str, server: NemoGymS
         return f"played by NeMo Gym's {', '.join(server.agents)}, whose routes are not simple_agent's: {first}"
     lacking = sorted({f for e in errors for f in missing_fields(e)} - set(RECORDED))
     if lacking:
-        return f"the recordings lack task fields the server requires ({', '.join(lacking)}): {first}"
+        other = f" and {unmatched} are of prompts no example row has" if unmatched else ""
+        return f"the recordings lack task fields the server requires ({', '.join(lacking)}){other}: {first}"
     needs = server.needs_servers()
     cause = last_error(log) if errors else ""
     return ((f"needs an external service ({', '.join(needs)}): " if needs else "") + first
@@ -173,12 +208,13 @@ def conform(name: str, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | No
         return result
     examples = example_rows(server)
     task_keys = {k for r in examples for k in r} or None
+    played = [played_row(r, examples) for r in rollouts]
     client = EnvClient(server.name, env_server.url, timeout_s=request_timeout_s, retries=0)
     errors = []
     try:
         for k, rollout in enumerate(rollouts):
             try:
-                reward = replay(client, task_row(rollout, task_keys), rollout["response"])
+                reward = replay(client, played[k] or task_row(rollout, task_keys), rollout["response"])
             except EnvServerError as err:
                 errors.append(f"row {k}: {str(err)[:200]}")
                 if "Timeout" in str(err):
@@ -193,7 +229,8 @@ def conform(name: str, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | No
         client.close()
         env_server.stop()
     log = env_server.log_path.read_text(errors="replace") if env_server.log_path.is_file() else ""
-    result.reason = explain(errors, result.mismatches, log, server, dropped_fields(examples, rollouts))
+    unmatched = [r for r, row in zip(rollouts, played) if row is None]
+    result.reason = explain(errors, result.mismatches, log, server, dropped_fields(examples, unmatched), len(unmatched))
     return result
 
 

@@ -54,6 +54,7 @@ class NemoGymServer:
     root: Path  # NeMo Gym's root: the servers run there, and dataset paths are relative to it
     datasets: list[Dataset] = field(default_factory=list)
     agents: list[str] = field(default_factory=list)  # the NeMo Gym agents its config plays it with (simple_agent, ...)
+    max_steps: int | None = None  # its simple_agent's limit of model calls per episode, when the config sets one
 
     @property
     def folder(self) -> Path:
@@ -119,16 +120,18 @@ def load_server(name_or_path: str | Path, gym_python: Path = DEFAULT_GYM_PYTHON)
     instance, folder, entry = servers[0]
     if not (root / "resources_servers" / folder / "app.py").is_file():
         raise NemoGymConfigError(f"{path}: resources server '{folder}' is not in the installed nemo-gym ({root})")
-    datasets, agents = [], []
+    datasets, agents, max_steps = [], [], None
     for body in doc.values():
         for kind, agent in (body.get("responses_api_agents") or {}).items() if isinstance(body, dict) else []:
             if not isinstance(agent, dict) or (agent.get("resources_server") or {}).get("name") != instance:
                 continue
             agents.append(kind)
+            if kind == "simple_agent" and isinstance(agent.get("max_steps"), int) and max_steps is None:
+                max_steps = agent["max_steps"]
             for d in agent.get("datasets") or []:
                 if isinstance(d, dict) and d.get("jsonl_fpath"):
                     p = Path(d["jsonl_fpath"])
                     datasets.append(Dataset(str(d.get("name", p.stem)), str(d.get("type", "train")),
                                             p if p.is_absolute() else root / p))
     options = {k: v for k, v in (entry or {}).items() if k != "entrypoint"}  # serve.py names the entrypoint
-    return NemoGymServer(instance, f"resources_servers.{folder}", options, path, root, datasets, agents)
+    return NemoGymServer(instance, f"resources_servers.{folder}", options, path, root, datasets, agents, max_steps)

@@ -115,8 +115,10 @@ def open_environment(cfg: EnvConfig, gym_python: Path = DEFAULT_GYM_PYTHON, seed
     """The environment an ``envs:`` entry names, its server described but not started."""
     if not cfg.is_nemo_gym:
         return load_environment(cfg.name, cfg.args)
+    max_steps = None
     if cfg.nemo_gym:
         server = load_server(cfg.nemo_gym, gym_python)
+        max_steps = server.max_steps
         train = _resolve(cfg.data) if cfg.data else _dataset(server, "train", cfg.nemo_gym)
         held_out = _resolve(cfg.eval_data) if cfg.eval_data else (
             None if cfg.data else getattr(server.dataset("validation"), "path", None))
@@ -125,7 +127,7 @@ def open_environment(cfg: EnvConfig, gym_python: Path = DEFAULT_GYM_PYTHON, seed
         train, held_out = _resolve(cfg.data), _resolve(cfg.eval_data) if cfg.eval_data else None
         spec = _module_spec(cfg.module, cfg.options, gym_python) if cfg.module else None
     tasks = JsonlTasks(str(train), str(held_out) if held_out else None, cfg.eval_fraction, seed)
-    return Environment(cfg.name, tasks, server=spec)
+    return Environment(cfg.name, tasks, server=spec, nemo_gym=True, max_steps=max_steps)
 
 
 def gym_python_of(cfg: RunConfig) -> Path:
@@ -156,6 +158,21 @@ def _dataset(server, kind: str, source: str) -> Path:
         raise NemoGymConfigError(f"{server.config_path}: no {kind} or example dataset file here for '{source}' "
                                  f"(its datasets: {listed}); give the tasks as data: FILE.jsonl")
     return found.path
+
+
+def check_tool_routes(env: Environment) -> None:
+    """Every tool a task row offers the model must be a route of its attached server: a row whose tools the server
+    does not serve is an error naming the file, the row and the tool, before any episode is played."""
+    routes = env.client.routes()
+    for split in ("train", "eval"):
+        for number, task in enumerate(env.tasks(split), 1):
+            names = {t.get("name") or (t.get("function") or {}).get("name") for t in task.tools}
+            missing = sorted(n for n in names if n not in routes)
+            if missing:
+                source = env.config["data"] if split == "train" or not env.config["eval_data"] else env.config["eval_data"]
+                raise NemoGymConfigError(f"{source}: task '{task.id}' ({split} row {number}) offers tool '{missing[0]}', "
+                                         f"which server '{env.name}' does not serve (its routes: "
+                                         f"{', '.join(sorted(routes))})")
 
 
 def server_process(env: Environment, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | None = None,

@@ -67,6 +67,9 @@ class EndpointRunner:
                 state.add_environment_turn(self.tokenizer, tool_messages, kwargs)
             else:
                 state.turns += tool_messages
+            if state.episode.max_steps and turn >= state.episode.max_steps:  # a NeMo Gym agent's limit
+                state.finish_reason = "max_turns"
+                break
         verdict = state.episode.verify(state.items)
         return Rollout(task.id, task.env, state.prompt_ids, state.completion_ids, state.mask, state.logprobs,
                        state.text, state.finish_reason, verdict.reward, verdict.reason, 0, 0, verdict.breakdown,
