@@ -2,8 +2,6 @@
 the chat-template bookkeeping of multi-turn episodes, and NeMo Gym's own stateful example server."""
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -16,9 +14,7 @@ from gymrl.models.chat import TemplateError, environment_turn_ids, render_prompt
 from gymrl.models.tokenizer import build_tokenizer
 from gymrl.rollout.runner import play_episode
 from gymrl.rollout.tool_calls import ToolCallParser
-from rewards.tool_use import score_kv_copy
-
-GYM_SITE = next((Path(__file__).resolve().parents[1] / ".venv-gym" / "lib").glob("python3.*/site-packages"))
+from rewards.tool_use import score_kv_copy, score_lookup
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +65,13 @@ def test_kv_copy_reward_checks_the_end_state():
     wrote_more = score_kv_copy(initial, {"ab": "1234", "cd": "1234", "ef": "1234"}, "ab", "ef")
     assert wrote_more.reward == 0.0 and "cd" in wrote_more.reason
     assert score_kv_copy(initial, initial | {"ef": "1234", "zz": "1"}, "ab", "ef").reward == 0.0
+
+
+def test_lookup_reward_needs_the_key_read():
+    store = {"ab": "47", "cd": "12"}
+    assert score_lookup("<answer>47</answer>", store, "ab", {"ab"}).reward == 1.0
+    assert "without reading key 'ab'" in score_lookup("<answer>47</answer>", store, "ab", {"cd"}).reason
+    assert score_lookup("<answer>48</answer>", store, "ab", {"ab"}).reward == 0.0
 
 
 # --- vLLM's tool-call parsers on both formats ---------------------------------------------------------
@@ -133,7 +136,7 @@ def test_template_that_rewrites_history_is_refused(tokenizer):
 
 @pytest.mark.parametrize("fmt,parser", [("qwen3_coder", "qwen3_coder"), ("json", "json")])
 def test_gold_episodes_score_one_in_both_formats(server, parsers, fmt, parser):
-    env = attached(server, tool_format=fmt)
+    env = attached(server, tool_format=fmt, kinds=("calc", "kv", "lookup"))
     for task in env.tasks("eval")[:6]:
         gold = env.gold_response(task)
         verdict, played = play_episode(env, task, [t["content"] for t in gold if t["role"] == "assistant"], parsers[parser])
@@ -187,23 +190,16 @@ def test_episodes_do_not_share_state(server, parsers):
 
 # --- NeMo Gym's own stateful example runs under gymrl unchanged -------------------------------------
 
-@dataclass(frozen=True)
-class JsonlRows:
-    """Rows straight from a NeMo Gym dataset file (only /verify and the tools are used here)."""
-
-    def rows(self, split):
-        return []
-
-
 def test_nemo_gyms_session_state_example_runs_in_gymrl(parsers):
-    from gymrl.envs.base import Environment, Task, row_messages
+    """As a config names it (`envs: - nemo_gym: example_session_state_mgmt`): its rows, its server, unchanged."""
+    from gymrl.config import EnvConfig
+    from gymrl.envs.sources import open_environment, server_process
 
-    rows = [json.loads(line) for line in (GYM_SITE / "resources_servers/example_session_state_mgmt/data/example.jsonl").read_text().splitlines()]
-    env = Environment("counter", JsonlRows())
-    with EnvServer("counter", module="resources_servers.example_session_state_mgmt") as server:
-        env.attach(EnvClient("counter", server.url))
-        for i, row in enumerate(rows[:3]):
-            task = Task(str(i), "counter", row_messages(row), row)
+    env = open_environment(EnvConfig(nemo_gym="example_session_state_mgmt"))
+    with server_process(env) as server:
+        env.attach(EnvClient(env.name, server.url))
+        for task in (env.tasks("train") + env.tasks("eval"))[:3]:
+            row = task.row
             add = row["expected_count"] - row["initial_count"]
             call = tool_call_text("increment_counter", {"count": add}, "qwen3_coder")
             verdict, played = play_episode(env, task, [call, "done"], parsers["qwen3_coder"])

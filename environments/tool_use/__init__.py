@@ -1,4 +1,5 @@
-"""Tool use over several turns: a calculator, and a key-value store whose end state is checked.
+"""Tool use over several turns: a calculator, a key-value store whose end state is checked, and a lookup in a
+store seeded per episode.
 
 The model calls the server's tools in Nemotron-3's ``qwen3_coder`` XML style (or JSON inside
 ``<tool_call>`` with ``tool_format: json``), reads their results and ends with ``<answer>...</answer>``.
@@ -12,7 +13,7 @@ import random
 from dataclasses import dataclass
 from functools import cache
 
-from environments.tool_use.tools import generate_rows, tool_output
+from environments.tool_use.tools import ROW_MAKERS, generate_rows, tool_output
 
 
 @cache
@@ -40,8 +41,8 @@ class Tasks:
     def __post_init__(self):
         if self.tool_format not in ("qwen3_coder", "json"):
             raise ValueError(f"tool_format must be 'qwen3_coder' or 'json', got {self.tool_format!r}")
-        if not set(self.kinds) <= {"calc", "kv"} or not self.kinds:
-            raise ValueError(f"kinds must be drawn from ('calc', 'kv'), got {self.kinds!r}")
+        if not set(self.kinds) <= set(ROW_MAKERS) or not self.kinds:
+            raise ValueError(f"kinds must be drawn from {tuple(ROW_MAKERS)}, got {self.kinds!r}")
 
     def rows(self, split: str) -> list[dict]:
         return _rows(tuple(self.kinds), self.n_train, self.n_eval, self.seed)[split]
@@ -57,6 +58,9 @@ class Tasks:
             return call("calculator", {"expression": expression}, {"result": row["expected"]}) + [
                 {"role": "assistant", "content": f"<answer>{row['expected'] + slip}</answer>"}]
         value = row["initial_store"][row["source"]]
+        if row["kind"] == "lookup":
+            return call("kv_get", {"key": row["source"]}, {"value": value}) + [
+                {"role": "assistant", "content": f"<answer>{int(value) + slip}</answer>"}]
         copied = str(int(value) + slip)
         return (call("kv_get", {"key": row["source"]}, {"value": value})
                 + call("kv_set", {"key": row["target"], "value": copied}, {"ok": True})

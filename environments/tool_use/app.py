@@ -11,7 +11,7 @@ from environments.tool_use.tools import calculate
 from gymrl.envs.nemo_server import RowVerifyRequest, TextVerifyResponse, final_message_text
 from gymrl.utf8 import clean, clean_text
 from rewards.arithmetic import score_arithmetic
-from rewards.tool_use import score_kv_copy
+from rewards.tool_use import score_kv_copy, score_lookup
 from rewards.types import RewardResult
 
 
@@ -35,6 +35,7 @@ class KeyValueRequest(BaseModel):
 
 class ToolUseServer(SimpleResourcesServer):
     stores: dict[str, dict[str, str]] = Field(default_factory=dict)  # session id -> that episode's store
+    reads: dict[str, set[str]] = Field(default_factory=dict)  # session id -> the keys its episode read
 
     def setup_webserver(self) -> FastAPI:
         app = super().setup_webserver()
@@ -55,6 +56,7 @@ class ToolUseServer(SimpleResourcesServer):
 
     async def kv_get(self, request: Request, body: KeyRequest) -> dict[str, Any]:
         store = self.stores.get(request.session[SESSION_ID_KEY], {})
+        self.reads.setdefault(request.session[SESSION_ID_KEY], set()).add(body.key)
         return {"value": store[body.key]} if body.key in store else {"error": f"no key {body.key!r}"}
 
     async def kv_set(self, request: Request, body: KeyValueRequest) -> dict[str, Any]:
@@ -67,11 +69,14 @@ class ToolUseServer(SimpleResourcesServer):
     async def verify(self, request: Request, body: RowVerifyRequest) -> TextVerifyResponse:
         row = body.model_extra or {}
         final_store = self.stores.pop(request.session[SESSION_ID_KEY], None)  # the episode is over: free it
+        read = self.reads.pop(request.session[SESSION_ID_KEY], set())
         text = final_message_text(body)
         if text is None:
             result = RewardResult(0.0, "the episode ended without a final answer (a tool call was last)")
         elif row.get("kind") == "calc":
             result = score_arithmetic(clean_text(text), int(row["expected"]))
+        elif row.get("kind") == "lookup":
+            result = score_lookup(clean_text(text), row["initial_store"], row["source"], read)
         elif final_store is None:
             result = RewardResult(0.0, "no seeded session for this episode")
         else:

@@ -1,9 +1,12 @@
 """The tool_use environment's tools and task generator, pure Python (both venvs import it).
 
-Two kinds of task, each needing its tools:
+Three kinds of task, each needing its tools:
 - ``calc``: "What is 37*48?" with a ``calculator`` tool; the answer is checked.
 - ``kv``: "Copy the value of key ab to key cd." with ``kv_get`` and ``kv_set`` on a key-value store
   seeded per episode; the store's end state is checked.
+- ``lookup``: "What number is stored under key ab?" with ``kv_get`` on a store seeded per episode with
+  two-digit numbers; the answer counts only if the episode read that key (the number cannot be known
+  otherwise: a held-out task's store is one training never saw).
 """
 
 import ast
@@ -87,6 +90,22 @@ def kv_row(rng: random.Random, n_keys: int = 3) -> dict:
     }
 
 
+def lookup_row(rng: random.Random, n_keys: int = 3) -> dict:
+    keys = rng.sample([a + b for a in string.ascii_lowercase for b in string.ascii_lowercase], n_keys)
+    store = {k: str(rng.randrange(10, 100)) for k in keys}
+    key = keys[0]
+    return {
+        "id": "lookup-" + "-".join(f"{k}{v}" for k, v in store.items()), "kind": "lookup", "initial_store": store,
+        "source": key, "expected": int(store[key]),
+        "responses_create_params": {"input": [{"role": "user", "content": f"What number is stored under key {key}?"}],
+                                    "tools": [KV_GET]},
+    }
+
+
+ROW_MAKERS = {"calc": lambda rng: calc_row(rng.randrange(11, 100), rng.randrange(11, 100)), "kv": kv_row,
+              "lookup": lookup_row}
+
+
 def generate_rows(kinds: tuple[str, ...], n: int, seed: int, split: str, exclude: set[str] = frozenset()) -> list[dict]:
     """``n`` distinct rows, the kinds in turn; ``exclude`` holds ids (of the other split) to leave out."""
     rng = random.Random(f"{seed}-{split}")
@@ -97,7 +116,7 @@ def generate_rows(kinds: tuple[str, ...], n: int, seed: int, split: str, exclude
         if attempts > 100 * n:
             raise ValueError(f"could not draw {n} distinct tool_use tasks of kinds {kinds}")
         kind = kinds[len(rows) % len(kinds)]
-        row = calc_row(rng.randrange(11, 100), rng.randrange(11, 100)) if kind == "calc" else kv_row(rng)
+        row = ROW_MAKERS[kind](rng)
         if row["id"] not in exclude:
             rows.setdefault(row["id"], row)
     return list(rows.values())
@@ -110,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description="Write tool_use task rows as NeMo Gym JSONL.")
     p.add_argument("--n", type=int, required=True, help="number of rows")
-    p.add_argument("--kinds", default="calc,kv", help="comma-separated: calc, kv")
+    p.add_argument("--kinds", default="calc,kv", help="comma-separated: calc, kv, lookup")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="train", choices=("train", "eval"))
     p.add_argument("--out", required=True, help="output JSONL path")
