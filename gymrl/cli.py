@@ -276,11 +276,13 @@ def envs_test(
 
     if name not in available():
         from gymrl.envs.conform import conform
+        from gymrl.envs.nemo_gym import NemoGymConfigError, load_server
 
+        try:
+            load_server(name)
+        except NemoGymConfigError as err:
+            fail(ValueError(f"unknown environment '{name}': not a gymrl plugin ({', '.join(available())}); {err}"))
         result = conform(name, install_deps=install_deps, say=lambda line: console.print(line, highlight=False))
-        if not result.rows and not result.started and "neither" in result.reason:
-            fail(ValueError(f"unknown environment '{name}': not a gymrl plugin ({', '.join(available())}); "
-                            f"{result.reason}"))
         console.print(f"{name}: {'OK' if result.conforms else 'FAILED'}: {'started' if result.started else 'did not start'}"
                       f"; {result.equal} of {result.rows} recorded rewards replayed equal. {result.reason}",
                       highlight=False)

@@ -181,7 +181,6 @@ class Episode:
     def __init__(self, env: Environment, task: Task, cookies: Cookies):
         self.env, self.task, self.cookies = env, task, cookies
         self.generation = env.client.generation if cookies else 0  # the server run its session lives on
-        self.max_steps = env.max_steps
         self._tool_names = {t.get("name") or t.get("function", {}).get("name") for t in task.tools}
 
     def call_tool(self, name: str, arguments: dict[str, Any] | None) -> str:

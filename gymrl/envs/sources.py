@@ -18,7 +18,7 @@ from typing import Any
 from gymrl.config import EnvConfig, RunConfig
 from gymrl.envs.base import Environment, ServerSpec, Split
 from gymrl.envs.launcher import DEFAULT_GYM_PYTHON, REPO_ROOT, EnvServer
-from gymrl.envs.nemo_gym import NemoGymConfigError, gym_root, load_server
+from gymrl.envs.nemo_gym import NemoGymConfigError, NemoGymServer, gym_root, load_server
 from gymrl.envs.registry import load_environment
 from gymrl.envs.server_deps import ensure_installed
 
@@ -54,9 +54,9 @@ class JsonlTasks:
     """Task rows of NeMo Gym JSONL files, played as they are: every field of a row goes to ``/verify``.
 
     Held-out rows are ``eval_data``'s, or else the rows of a seeded ``eval_fraction`` of ``data``'s distinct
-    prompts (one row each), whose prompts ``train`` never returns. A tiny model's warm-up answers from a row's ``answer`` field (the field NeMo Gym's reasoning_gym,
-    math and QA datasets carry): 30% right, the rest wrong (one more for a number, another row's answer
-    otherwise), so that the starting policy has something to learn."""
+    prompts (one row each), whose prompts ``train`` never returns. A tiny model's warm-up answers from a row's
+    ``answer`` field (the field NeMo Gym's reasoning_gym, math and QA datasets carry): 30% right, the rest wrong
+    (one more for a number, another row's answer otherwise), so that the starting policy has something to learn."""
 
     data: str
     eval_data: str | None = None
@@ -122,12 +122,18 @@ def open_environment(cfg: EnvConfig, gym_python: Path = DEFAULT_GYM_PYTHON, seed
         train = _resolve(cfg.data) if cfg.data else _dataset(server, "train", cfg.nemo_gym)
         held_out = _resolve(cfg.eval_data) if cfg.eval_data else (
             None if cfg.data else getattr(server.dataset("validation"), "path", None))
-        spec = ServerSpec(server.module, server.options | cfg.options, server.folder, server.module.split(".")[-1])
+        spec = server_spec(server, cfg.options)
     else:
         train, held_out = _resolve(cfg.data), _resolve(cfg.eval_data) if cfg.eval_data else None
         spec = _module_spec(cfg.module, cfg.options, gym_python) if cfg.module else None
     tasks = JsonlTasks(str(train), str(held_out) if held_out else None, cfg.eval_fraction, seed)
     return Environment(cfg.name, tasks, server=spec, nemo_gym=True, max_steps=max_steps)
+
+
+def server_spec(server: NemoGymServer, options: dict[str, Any] | None = None) -> ServerSpec:
+    """A shipped NeMo Gym server as it runs: in its own folder, its config's options (``options`` replacing keys),
+    its own requirements."""
+    return ServerSpec(server.module, server.options | (options or {}), server.folder, server.folder.name)
 
 
 def gym_python_of(cfg: RunConfig) -> Path:
@@ -185,5 +191,5 @@ def server_process(env: Environment, gym_python: Path = DEFAULT_GYM_PYTHON, log_
     packages = None
     if spec.requirements_of is not None and spec.cwd is not None:
         packages = ensure_installed(spec.requirements_of, spec.cwd, gym_python, say)
-    return EnvServer(env.name, gym_python, log_dir=log_dir, module=spec.module, options=spec.options,
-                     cwd=spec.cwd or REPO_ROOT, import_paths=[packages] if packages else None)
+    return EnvServer(env.name, gym_python, log_dir=log_dir, module=spec.module, options=spec.options, cwd=spec.cwd,
+                     import_paths=[packages] if packages else None)

@@ -67,7 +67,7 @@ class EndpointRunner:
                 state.add_environment_turn(self.tokenizer, tool_messages, kwargs)
             else:
                 state.turns += tool_messages
-            if state.episode.max_steps and turn >= state.episode.max_steps:  # a NeMo Gym agent's limit
+            if state.episode.env.max_steps and turn >= state.episode.env.max_steps:  # a NeMo Gym agent's limit
                 state.finish_reason = "max_turns"
                 break
         verdict = state.episode.verify(state.items)

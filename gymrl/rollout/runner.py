@@ -283,7 +283,7 @@ class RolloutRunner:
             full = [s for s in active if self.max_model_len is not None and len(s.ids) >= self.max_model_len]
             for s in full:
                 s.finish_reason = "context_full"
-            capped = [s for s in active if s.episode.max_steps and turn >= s.episode.max_steps and s not in full]
+            capped = [s for s in active if s.episode.env.max_steps and turn >= s.episode.env.max_steps and s not in full]
             for s in capped:  # a NeMo Gym agent's max_steps: its last model call's tools ran, then it stops
                 s.finish_reason = "max_turns"
             active = [s for s in active if s not in full and s not in capped]
