@@ -362,6 +362,17 @@ class TrainConfig(Section):
         description="The trainer's weights and compute. bfloat16 on cuda halves memory and runs the tensor cores; the "
         "AdamW state follows the weights' dtype. Logprobs are computed in float32 either way.",
     )
+    workers: int = Field(
+        default=1, ge=1,
+        description="Trainer ranks. 1 = the trainer runs in the driver process, on one device. N > 1 starts N Ray "
+        "actors in one torch.distributed process group (gloo on cpu, NCCL on cuda), each holding a shard of the "
+        "policy and its AdamW state (FSDP2); each step's batch is split across them by tokens.",
+    )
+    push_bucket_mb: int = Field(
+        default=512, ge=1,
+        description="With workers > 1, a push gathers the sharded weights bucket by bucket (at most this many MB "
+        "of full tensors at a time), sends each bucket to the engines and frees it before the next.",
+    )
     weight_sync: Literal["auto", "bytes", "ipc", "broadcast"] = Field(
         default="auto",
         description="How a push reaches the engines. bytes: one safetensors blob through Ray's object store (any "
@@ -370,6 +381,13 @@ class TrainConfig(Section):
         "trainer on its own GPU). auto: ipc when trainer and engines share a GPU, broadcast when the trainer has one "
         "of its own, bytes on CPU.",
     )
+
+    @field_validator("workers")
+    @classmethod
+    def _one_worker_until_sharding_lands(cls, v: int) -> int:
+        if v > 1:
+            raise ValueError("train.workers > 1 (the sharded trainer) is not available yet; use 1")
+        return v
 
 
 class EvalConfig(Section):
