@@ -3,8 +3,9 @@
 It checks what a run checks before its engines start (the config, the environments and their options,
 the parser names, the speculative config against the model's MTP layers, prompt lengths when a tokenizer
 is at hand) and shows where everything would run: Ray, the engines and their GPUs, the trainer, the
-environment servers and the sampling. It reads the checkpoint's config.json and safetensors headers
-only: no weights are loaded, no tiny model is built, and no Ray, engine or server is started.
+memory of a trainer rank and an engine GPU (gymrl.memory), the environment servers and the sampling. It
+reads the checkpoint's config.json and safetensors headers only: no weights are loaded (the memory plan
+builds the model on the meta device), no tiny model is built, and no Ray, engine or server is started.
 
 An error a run would hit anywhere raises (the CLI prints it as one line, exit 2). What only stops the
 plan on *this* machine (too few GPUs, a model folder that lives on the GPU node) is a warning: the plan
@@ -22,12 +23,22 @@ from rich.table import Table
 from gymrl.config import RunConfig
 from gymrl.envs.base import Environment
 from gymrl.envs.sources import gym_python_of, open_environments
+from gymrl.memory import (
+    GPU_KINDS,
+    count,
+    describe_layout,
+    engine_memory,
+    engine_width,
+    fewest_gpus,
+    gb,
+    model_shape,
+    trainer_memory,
+)
 from gymrl.models.checkpoint_files import CheckpointInfo, inspect_checkpoint
 from gymrl.models.tiny import is_complete, model_dir_name
 from gymrl.resources import memory_problem
 
 Rows = list[tuple[str, str]]
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass
@@ -36,14 +47,6 @@ class Plan:
     warnings: list[str] = field(default_factory=list)  # what stops or is unchecked on this machine only
     gpus_needed: int = 0
     gpus_visible: int = 0
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def _host_memory() -> int:
@@ -83,7 +86,7 @@ def _model(cfg: RunConfig, envs: list[Environment], plan: Plan) -> tuple[Path | 
     if info is not None:
         rows.append(("architecture", f"{', '.join(info.architectures) or '?'} (model_type {info.model_type})"))
         if info.num_parameters is not None:
-            rows.append(("parameters", f"{_count(info.num_parameters)} in {_gb(info.weight_bytes)} of safetensors "
+            rows.append(("parameters", f"{count(info.num_parameters)} in {gb(info.weight_bytes)} of safetensors "
                                        f"({', '.join(info.weight_dtypes)})"))
         rows.append(("MTP layers", f"{info.mtp_layers} ({info.mtp_field})" if info.mtp_layers else "none"))
     plan.sections["model"] = rows
@@ -176,7 +179,7 @@ def _engines(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, plan
 
     res = actor_resources(eng)
     plan.gpus_needed = int(eng.num_engines * res["num_gpus"])
-    plan.gpus_visible, gpu_memory = _gpus()
+    plan.gpus_visible, _ = _gpus()
     rows: Rows = [
         ("engines", f"{eng.num_engines} x vLLM on {eng.device}, one Ray actor each"),
         ("per engine", f"{res['num_cpus']:g} CPU(s), {res['num_gpus']} GPU(s), "
@@ -185,13 +188,6 @@ def _engines(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, plan
                     f"{eng.gpu_memory_utilization}, enforce_eager {eng.enforce_eager}"),
         ("speculative", json.dumps(eng.speculative_config.model_dump()) if eng.speculative_config else "off"),
     ]
-    if info is not None and info.num_parameters is not None:
-        weights = info.weight_bytes if eng.dtype == "auto" else info.num_parameters * DTYPE_BYTES[eng.dtype]
-        per_device = weights / eng.tensor_parallel_size
-        rows.append(("weights", f"{_gb(per_device)} per {'GPU' if eng.device == 'cuda' else 'engine'}"))
-        if eng.device == "cuda" and gpu_memory and per_device > gpu_memory * eng.gpu_memory_utilization:
-            plan.warnings.append(f"engine weights need {_gb(per_device)} per GPU, more than gpu_memory_utilization "
-                                 f"{eng.gpu_memory_utilization} of the {_gb(gpu_memory)} GPUs here")
     shown = engine_kwargs(str(model_path), eng, cfg.seed)
     rows.append(("AsyncEngineArgs(...)", json.dumps({k: v for k, v in shown.items() if k != "model"}, default=str)))
     plan.sections["engines"] = rows
@@ -204,7 +200,7 @@ def _engines(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, plan
                              "it cannot run here (the engines would wait for Ray GPUs forever)")
 
 
-def _trainer(cfg: RunConfig, info: CheckpointInfo | None, plan: Plan) -> None:
+def _trainer(cfg: RunConfig, plan: Plan) -> None:
     from gymrl.resources import trainer_gpu
 
     tr = cfg.train
@@ -225,24 +221,74 @@ def _trainer(cfg: RunConfig, info: CheckpointInfo | None, plan: Plan) -> None:
         ("objective", f"{tr.loss_type}, lr {tr.learning_rate:g}, beta {tr.beta:g}, clip "
                       f"[{tr.epsilon_low:g}, {tr.epsilon_high:g}]; eval every {cfg.eval.every} steps"),
     ]
-    if info is not None and info.num_parameters is not None:
-        width = DTYPE_BYTES[tr.dtype]
-        need = info.num_parameters * (width * 4 + (width if tr.beta > 0 else 0))  # weights, grads, AdamW's 2 moments
-        memory = "GPU" if gpu is not None else "host"
-        rows.append(("memory", f"about {_gb(need)} of {memory} memory" + (
-            f"; {_gb(_host_memory())} here" if gpu is None else "") + f"; weight push {_gb(info.num_parameters * width)} "
-            "per step"))
-        gpu_memory = _gpus()[1]
-        if gpu is not None and gpu_memory and need > gpu_memory:
-            plan.warnings.append(f"the trainer needs about {_gb(need)} of GPU memory ({tr.dtype} weights, gradients "
-                                 f"and AdamW's moments), more than the {_gb(gpu_memory)} of a GPU here: use train.lora")
-        if gpu is None and need > _host_memory():
-            plan.warnings.append(f"the trainer needs about {_gb(need)} of host memory ({tr.dtype} + AdamW), this "
-                                 f"machine has {_gb(_host_memory())}")
     if cfg.engine.device == "cuda" and tr.device == "cpu":
         plan.warnings.append("engines run on cuda, but the trainer runs on this process's CPU (train.device cpu): "
                              "fine for small models, not for a multi-billion-parameter policy")
     plan.sections["trainer"] = rows
+
+
+def _memory(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, plan: Plan) -> None:
+    """Bytes per trainer rank and engine GPU from config.json (gymrl.memory), the fewest H100s and H200s the config
+    needs, and a warning naming the key to change when the GPUs here (or the host, for a CPU trainer) cannot hold
+    it."""
+    if info is None:
+        return
+    shape = model_shape(model_path, info, cfg.train.lora)
+    if shape is None:
+        plan.sections["memory"] = [("plan", f"none: the installed transformers cannot lay out model_type "
+                                            f"'{info.model_type}' from config.json")]
+        return
+    eng, tr = cfg.engine, cfg.train
+    kinds = ", ".join(f"{n} {k}" for k, n in shape.layer_kinds.items())
+    mtp = f" + MTP layer {count(shape.mtp_params)}" if shape.mtp_params else ""
+    rows: Rows = [("parameters", f"{count(shape.params)}{mtp} (config.json, built on the meta device); {shape.layers} "
+                                 f"layers: {kinds}")]
+    parts = trainer_memory(cfg, shape)
+    need = sum(p.bytes for p in parts)
+    rows.append(("trainer rank", f"{gb(need)} on each of {tr.workers} rank(s) (train.workers)"))
+    rows += [(f"  {p.name}", f"{gb(p.bytes)} = {p.how}") for p in parts]
+    _, gpu_memory = _gpus()
+    engine_gpu = gpu_memory if eng.device == "cuda" else None
+    em = engine_memory(eng, shape, info, engine_gpu)
+    tp = eng.tensor_parallel_size
+    rows.append(("engine GPU" if eng.device == "cuda" else "engine", f"weights {gb(em.weights)} (/ tensor_parallel_size "
+                 f"{tp}); one max_model_len sequence's KV cache{' and Mamba state' if shape.mamba_ssm_elems else ''} "
+                 f"{gb(em.sequence)}" + (
+                     f"; gpu_memory_utilization {eng.gpu_memory_utilization} of {gb(engine_gpu)} leaves "
+                     f"{gb(max(em.left, 0))} for the KV cache" if engine_gpu else "")))
+    rows.append(("weight push", f"{gb(shape.params * engine_width(eng, info))} per push ({eng.dtype})"))
+    if eng.device == "cuda" or tr.device == "cuda":
+        for kind, size in GPU_KINDS.items():
+            rows.append((f"{kind} ({size / 1e9:.0f} GB)", describe_layout(cfg, fewest_gpus(cfg, shape, info, size))))
+    plan.sections["memory"] = rows
+
+    if engine_gpu and not em.fits:
+        fit = fewest_gpus(cfg, shape, info, engine_gpu).tensor_parallel
+        plan.warnings.append(f"engine.tensor_parallel_size: at {tp}, an engine GPU needs {gb(em.weights)} of weights "
+                             f"and {gb(em.sequence)} for one max_model_len sequence, more than gpu_memory_utilization "
+                             f"{eng.gpu_memory_utilization} of the {gb(engine_gpu)} GPUs here holds; " + (
+                                 f"use {fit}" if fit else "no tensor_parallel_size up to 8 fits: lower "
+                                                          "engine.max_model_len or use bigger GPUs"))
+    if tr.device != "cuda":
+        if need > _host_memory():
+            plan.warnings.append(f"train.device: the trainer needs about {gb(need)} of host memory, this machine has "
+                                 f"{gb(_host_memory())}")
+        return
+    if not gpu_memory:
+        return
+    shared = tr.workers == 1 and eng.device == "cuda" and plan.gpus_visible <= plan.gpus_needed
+    room = gpu_memory * (1 - eng.gpu_memory_utilization) if shared else gpu_memory
+    if need <= room:
+        return
+    where = (f"the {gb(room)} that engine.gpu_memory_utilization {eng.gpu_memory_utilization} leaves on GPU 0"
+             if shared else f"the {gb(gpu_memory)} of a GPU here")
+    layout = fewest_gpus(cfg, shape, info, gpu_memory)
+    if layout.ranks is None:
+        change = (f"lower train.micro_batch_size or engine.max_model_len ({layout.reason}, more than a GPU here; the "
+                  "trainer recomputes no activations)")
+    else:
+        change = f"{layout.ranks} ranks fit (train.workers {layout.ranks})"
+    plan.warnings.append(f"train.workers: a trainer rank needs about {gb(need)}, more than {where}: {change}")
 
 
 def _environments(cfg: RunConfig, envs: list[Environment], has_tools: dict[str, bool], plan: Plan) -> None:
@@ -285,7 +331,8 @@ def make_plan(cfg: RunConfig) -> Plan:
     parser_rows = _names(cfg, model_path, info, any(has_tools.values()), plan)
     plan.sections["model"].append(("prompt lengths", _check_prompts(cfg, envs, model_path, info)))
     _engines(cfg, model_path, info, plan)
-    _trainer(cfg, info, plan)
+    _trainer(cfg, plan)
+    _memory(cfg, model_path, info, plan)
     _environments(cfg, envs, has_tools, plan)
     _sampling(cfg, has_tools, parser_rows, plan)
     plan.sections["gpus"] = plan.sections.pop("gpus")  # shown last

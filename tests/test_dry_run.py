@@ -9,10 +9,21 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import gymrl.plan
 from gymrl.cli import app
-from gymrl.config import ConfigError, EngineConfig, RolloutConfig, SamplingConfig, describe_fields, load_config
+from gymrl.config import (
+    ConfigError,
+    EngineConfig,
+    LoraConfig,
+    RolloutConfig,
+    SamplingConfig,
+    describe_fields,
+    load_config,
+)
 from gymrl.envs.base import Task
+from gymrl.memory import GPU_KINDS, engine_memory, fewest_gpus, model_shape, trainer_memory
 from gymrl.models.chat import environment_turn_ids, render_prompt
+from gymrl.models.checkpoint_files import inspect_checkpoint
 from gymrl.models.tokenizer import build_tokenizer
 from gymrl.rollout.engine import Completion, Generation, engine_kwargs
 from gymrl.rollout.pool import actor_resources
@@ -239,6 +250,163 @@ def test_engine_arguments_keep_the_cpu_defaults_and_add_the_gpu_ones():
     kwargs = engine_kwargs("/m", gpu, seed=0)
     assert kwargs["tensor_parallel_size"] == 4
     assert kwargs["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}
+
+
+# --- the memory plan (gymrl.memory): parameter counts from config.json alone, the bytes of a trainer rank and an
+# engine GPU, the fewest H100s and H200s, and the warning that names the key to change. The checkpoints are folders
+# with Nemotron-3's real config.json and nothing else. ------------------------------------------------------------
+
+# nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 and nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16: their config.json's
+# shape fields.
+NANO_CONFIG = {
+    "architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h", "hidden_size": 2688,
+    "hybrid_override_pattern": "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME", "num_hidden_layers": 52,
+    "vocab_size": 131072, "tie_word_embeddings": False, "num_attention_heads": 32, "num_key_value_heads": 2,
+    "head_dim": 128, "attention_bias": False, "mamba_num_heads": 64, "mamba_head_dim": 64, "n_groups": 8,
+    "ssm_state_size": 128, "conv_kernel": 4, "chunk_size": 128, "use_conv_bias": True, "mamba_proj_bias": False,
+    "n_routed_experts": 128, "n_shared_experts": 1, "num_experts_per_tok": 6, "moe_intermediate_size": 1856,
+    "moe_shared_expert_intermediate_size": 3712, "intermediate_size": 1856, "mlp_bias": False,
+    "mlp_hidden_act": "relu2", "torch_dtype": "bfloat16",
+}
+SUPER_CONFIG = {
+    **NANO_CONFIG, "hidden_size": 4096, "num_hidden_layers": 88,
+    "hybrid_override_pattern": "MEMEMEM*EMEMEMEM*EMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEM*EMEMEMEME",
+    "mamba_num_heads": 128, "n_routed_experts": 512, "num_experts_per_tok": 22, "moe_latent_size": 1024,
+    "moe_intermediate_size": 2688, "moe_shared_expert_intermediate_size": 5376, "intermediate_size": 2688,
+    "num_nextn_predict_layers": 1, "mtp_hybrid_override_pattern": "*E",
+}
+# What makes these configs' full fine-tuning fit at all (the trainer recomputes no activations): the keys the
+# configs' comments and the README give.
+FULL_FT = ("engine.max_model_len=1024", "sampling.max_tokens=768", "train.micro_batch_size=1")
+NANO_NO_MTP = "engine.speculative_config=null"  # the BF16 checkpoint's config.json names no MTP layer
+
+
+@pytest.fixture
+def nano(tmp_path) -> Path:
+    return fake_checkpoint(tmp_path / "nano", **NANO_CONFIG)
+
+
+@pytest.fixture
+def super_(tmp_path) -> Path:
+    return fake_checkpoint(tmp_path / "super", **SUPER_CONFIG)
+
+
+def shape_of(path: Path, lora: LoraConfig | None = None):
+    return model_shape(path, inspect_checkpoint(path), lora)
+
+
+def nano_config(path: Path, **train):
+    """configs/nemotron3_nano.yaml on ``path``, with ``train`` keys set past the validator (train.workers > 1 is
+    refused until the sharded trainer lands)."""
+    cfg = load_config(NANO, {"model.path": str(path), "engine.speculative_config": None})
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
+
+
+def test_parameters_come_from_config_json_alone(nano, super_):
+    # The safetensors headers of the BF16 checkpoints: Nano 31,577,940,288 elements, Super 123,611,033,088 (its MTP
+    # layer included); both count the MoE layers' float32 e_score_correction_bias (128 and 512 per MoE layer), which
+    # are buffers here, not parameters.
+    n = shape_of(nano)
+    assert (n.params, n.mtp_params) == (31_577_937_344, 0)
+    assert n.params + 23 * 128 == 31_577_940_288
+    assert n.root_params == 2 * 131072 * 2688 + 2688  # embeddings, head, final norm
+    assert n.largest_layer == 2688 + 128 * 2688 + 128 * 2 * 2688 * 1856 + 2 * 2688 * 3712  # an MoE layer
+    assert n.layer_kinds == {"attention": 6, "mamba": 23, "moe": 23}
+    s = shape_of(super_)
+    assert (s.params, s.mtp_params) == (120_668_687_360, 2_942_324_736)
+    assert s.params + s.mtp_params + 41 * 512 == 123_611_033_088
+
+
+def test_trainer_rank_arithmetic(nano):
+    shape = shape_of(nano)
+    p = shape.params
+    parts = {part.name: part.bytes for part in trainer_memory(nano_config(nano), shape)}
+    tokens = 4 * 32768  # micro_batch_size x max_model_len
+    assert parts == {
+        "weights": p * 2, "gradients": p * 2, "AdamW moments": 4 * p,  # bfloat16 and no master copy (one process)
+        "activations": tokens * 2688 * (6 * 34 + 23 * 257 + 23 * 104),
+        "logits": tokens * 131072 * (2 + 8),
+    }
+    with_reference = {part.name: part.bytes for part in trainer_memory(nano_config(nano, beta=0.01), shape)}
+    assert with_reference["reference"] == p * 2
+
+
+def test_ranks_shard_the_trainer_state(nano):
+    shape = shape_of(nano)
+    p = shape.params
+    one = {part.name: part.bytes for part in trainer_memory(nano_config(nano, beta=0.01), shape)}
+    four = {part.name: part.bytes for part in trainer_memory(nano_config(nano, beta=0.01, workers=4), shape)}
+    # float32 shards (the sharded trainer's master weights) of everything, each rank a quarter.
+    assert [four[k] for k in ("weights", "gradients", "AdamW moments", "reference")] == [p, p, 2 * p, p]
+    assert four["gathered layers"] == (shape.root_params + 2 * shape.largest_layer) * 2 + shape.largest_layer * 4
+    assert "gathered layers" not in one
+    assert (four["activations"], four["logits"]) == (one["activations"], one["logits"])  # per rank, not sharded
+    assert sum(four.values()) < sum(one.values())
+
+
+def test_lora_trains_only_the_adapters(nano):
+    lora = LoraConfig(r=16)
+    shape = shape_of(nano, lora)
+    # Default targets: the 6 attention layers' q/k/v/o and the 23 shared experts' up/down (Nemotron-H's routed
+    # experts are fused 3-D parameters, no linear module for peft); r x (in + out) each.
+    attention = 16 * ((2688 + 4096) * 2 + (2688 + 256) * 2)
+    assert shape.lora_params == 6 * attention + 23 * 16 * 2 * (2688 + 3712)
+    full = {part.name: part.bytes for part in trainer_memory(nano_config(nano), shape)}
+    parts = {part.name: part.bytes for part in trainer_memory(nano_config(nano, lora=lora), shape)}
+    assert parts["weights"] == shape.params * 2 + shape.lora_params * 4  # float32 adapters on the bfloat16 model
+    assert (parts["gradients"], parts["AdamW moments"]) == (shape.lora_params * 4, shape.lora_params * 8)
+    assert parts["gradients"] < full["gradients"] / 1000
+
+
+def test_engine_gpu_and_fewest_gpus(nano, super_):
+    cfg = nano_config(nano)
+    shape, info = shape_of(nano), inspect_checkpoint(nano)
+    engine = engine_memory(cfg.engine, shape, info, 80e9)
+    assert engine.weights == shape.params * 2
+    # 6 attention layers' keys and values (2 heads of 128) per token, and 23 Mamba layers' conv window and float32 state.
+    assert engine.sequence == 32768 * 6 * 2 * 2 * 128 * 2 + 23 * (4096 + 2 * 8 * 128) * 3 * 2 + 23 * 4096 * 128 * 4
+    assert engine.left == 0.85 * 80e9 - shape.params * 2 and engine.fits
+    assert not engine_memory(cfg.engine, shape, info, 70e9).fits
+    # At the configs' 32k context no number of ranks holds a micro-batch's activations.
+    assert fewest_gpus(cfg, shape, info, GPU_KINDS["H200"]).ranks is None
+    short = load_config(NANO, {"model.path": str(nano), "engine.speculative_config": None} | dict(
+        s.split("=") for s in FULL_FT))
+    assert [(layout.tensor_parallel, layout.ranks) for layout in
+            (fewest_gpus(short, shape, info, size) for size in GPU_KINDS.values())] == [(1, 12), (1, 5)]
+
+
+def test_full_fine_tuning_dry_runs_print_gpu_counts(nothing_heavy, nano, super_):
+    out = flat(dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT).stdout)
+    assert "parameters 31.58B (config.json, built on the meta device); 52 layers: 6 attention, 23 mamba, 23 moe" in out
+    assert ("H100 (80 GB) 2 engine(s) x 1 GPU(s) (engine.tensor_parallel_size 1) + 12 trainer rank(s) (train.workers "
+            "12) = 14 GPUs: two nodes of 8") in out
+    assert ("H200 (141 GB) 2 engine(s) x 1 GPU(s) (engine.tensor_parallel_size 1) + 5 trainer rank(s) (train.workers "
+            "5) = 7 GPUs: one node of 8") in out
+    out = flat(dry_run(SUPER, f"model.path={super_}", *FULL_FT).stdout)
+    assert "parameters 120.67B + MTP layer 2.94B" in out
+    assert "H100 (80 GB) 2 engine(s) x 4 GPU(s) (engine.tensor_parallel_size 4) + no number of trainer ranks fits" in out
+    assert "= 45 GPUs: 6 nodes of 8" in out  # H200: 37 ranks
+    # At the configs' own 32k context, neither fits: the plan says why.
+    out = flat(dry_run(NANO, f"model.path={nano}", NANO_NO_MTP).stdout)
+    assert "no number of trainer ranks fits (activations, logits and gathered layers alone take" in out
+
+
+def test_a_plan_that_does_not_fit_the_gpus_here_names_the_key(nothing_heavy, nano, monkeypatch):
+    monkeypatch.setattr(gymrl.plan, "_gpus", lambda: (8, int(80e9)))  # one H100 node
+    out = flat(dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT).stdout)
+    assert "warning: train.workers: a trainer rank needs about 277.4 GB, more than the 80.0 GB of a GPU here: 12 " \
+           "ranks fit (train.workers 12)" in out
+    assert "engine.tensor_parallel_size" not in out.split("warning:", 1)[1]  # an engine fits on one H100
+    out = flat(dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT, "engine.gpu_memory_utilization=0.5").stdout)
+    assert "warning: engine.tensor_parallel_size: at 1, an engine GPU needs 63.2 GB of weights" in out
+    assert "use 2" in out
+    out = flat(dry_run(NANO, f"model.path={nano}", NANO_NO_MTP).stdout)
+    assert "warning: train.workers: a trainer rank needs about" in out
+    assert "lower train.micro_batch_size or engine.max_model_len" in out
+    # LoRA fits one H200: no trainer warning.
+    monkeypatch.setattr(gymrl.plan, "_gpus", lambda: (8, int(141e9)))
+    out = flat(dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT, "train.lora={r: 16}").stdout)
+    assert "warning: train.workers" not in out
 
 
 # --- chat-template variables reach the prompt -------------------------------------------------------------
