@@ -39,15 +39,15 @@ from gymrl.models.checkpoint_files import CheckpointInfo
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Bytes a decoder layer keeps for backward per token and hidden unit at 16 bits (the trainer recomputes nothing), by
 # the layer's kind. mamba and moe: measured with autograd's saved-tensor hooks (parameters left out) on transformers
-# 5.19's Nemotron-H layers in bfloat16, whose Mamba-2 mixer runs its PyTorch reference path without the mamba_ssm
-# kernels (gymrl installs none): 257 and 104 at Nemotron-3 Super's dimensions, 201 and 64 at Nano's; the larger are
-# used. attention and mlp: 34, Korthikanti et al. 2022's whole transformer layer (flash attention: no seq^2 term).
+# 5.19's Nemotron-H layers in bfloat16 (two-layer models of one kind, the real dimensions, experts cut to top-k + 2,
+# 2048 tokens, on CPU), whose Mamba-2 mixer runs its PyTorch reference path without the mamba_ssm kernels (gymrl
+# installs none): 257 and 104 at Nemotron-3 Super's dimensions, 201 and 64 at Nano's; the larger are used. attention and mlp: 34, Korthikanti et al. 2022's whole transformer layer (flash attention: no seq^2 term).
 ACTIVATION_FACTORS = {"mamba": 257, "moe": 104, "attention": 34, "mlp": 34}
 LOGIT_EXTRA_BYTES = 8  # per logit beside the logits themselves: the float32 log-softmax input and output
 ADAPTER_BYTES = 4  # peft keeps LoRA adapters of a bfloat16 or float16 model in float32
 NODE_GPUS = 8
-# Memory as sold, in decimal GB: the cards report a little more (H100: 79.6 GiB, H200: 140 GiB), which leaves the
-# CUDA context and allocator slack out of the plan.
+# Memory as sold, in decimal GB: the cards report a little more (about 79.6 GiB = 85.5 GB for an H100 SXM, 140 GiB =
+# 150 GB for an H200), which leaves the CUDA context and allocator slack out of the plan.
 GPU_KINDS = {"H100": 80e9, "H200": 141e9}
 TENSOR_PARALLEL = (1, 2, 4, 8)  # within one node
 
