@@ -67,8 +67,8 @@ def engine_gpus(cfg: RunConfig) -> int:
 def trainer_gpu(cfg: RunConfig, gpus: int | None = None) -> int | None:
     """The GPU index the trainer takes on a local Ray (None: it runs on CPU): the last GPU when the machine has more
     than the engines reserve (Ray is then given only the others, so no engine lands on it), else GPU 0, shared with
-    an engine."""
-    if cfg.train.device != "cuda":
+    an engine. None with train.workers > 1 too: the sharded trainer's ranks each reserve a GPU through Ray."""
+    if cfg.train.device != "cuda" or cfg.train.workers > 1:
         return None
     gpus = visible_gpus() if gpus is None else gpus
     return gpus - 1 if gpus > engine_gpus(cfg) else 0
@@ -84,9 +84,12 @@ def ray_gpus(cfg: RunConfig, gpus: int | None = None) -> int | None:
 
 def gpu_problem(cfg: RunConfig, gpus: int | None = None) -> str | None:
     eng = cfg.engine
+    ranks = cfg.train.workers if cfg.train.device == "cuda" and cfg.train.workers > 1 else 0  # a GPU each
     if cfg.train.device == "cuda" and eng.device != "cuda":
         gpus = visible_gpus() if gpus is None else gpus
-        return "train.device is cuda, but this machine shows no GPU (torch.cuda.device_count() = 0)" if gpus == 0 else None
+        if gpus == 0:
+            return "train.device is cuda, but this machine shows no GPU (torch.cuda.device_count() = 0)"
+        return _ranks_problem(ranks, 0, gpus)
     if eng.device != "cuda":
         return None
     gpus = visible_gpus() if gpus is None else gpus
@@ -96,6 +99,13 @@ def gpu_problem(cfg: RunConfig, gpus: int | None = None) -> str | None:
     if needed > gpus:
         return (f"engine.num_engines x engine.tensor_parallel_size = {eng.num_engines} x {eng.tensor_parallel_size} = "
                 f"{needed} GPUs, more than the {gpus} this machine shows: the engines would wait forever")
+    return _ranks_problem(ranks, needed, gpus)
+
+
+def _ranks_problem(ranks: int, engines: int, gpus: int) -> str | None:
+    if engines + ranks > gpus:
+        return (f"train.workers={ranks} GPUs for the sharded trainer's ranks, beside the engines' {engines}, are more "
+                f"than the {gpus} this machine shows: the ranks would wait forever")
     return None
 
 

@@ -16,11 +16,10 @@ import random
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from gymrl.config import SamplingConfig
 from gymrl.envs.base import Task
@@ -28,33 +27,42 @@ from gymrl.envs.client import EnvServerError
 from gymrl.models.checkpoint import save_policy
 from gymrl.models.checkpoint_files import inspect_checkpoint
 from gymrl.models.lora import apply_lora
-from gymrl.models.mtp import draft_kl, draft_logits, load_mtp_layer, mtp_layer_class
+from gymrl.models.mtp import load_mtp_layer, mtp_layer_class
 from gymrl.resources import trainer_gpu
 from gymrl.rollout.engine import SpecStats
 from gymrl.rollout.pool import EngineError
 from gymrl.rollout.runner import RolloutBatch, RolloutRunner
 from gymrl.session import Session
 from gymrl.traces.store import TRACE_FILE, TraceWriter, run_metadata
+from gymrl.train.accumulate import StepResult, Totals, backward_micro_batch, batch_advantages, loss_setup, step_result
 from gymrl.train.checkpoint import StopSignal, load_checkpoint, save_checkpoint
-from gymrl.train.grpo import GRPOLossConfig, group_advantages, grpo_loss
 from gymrl.train.metrics import MetricsLog, plot_acceptance, plot_lengths, plot_rewards
-from gymrl.train.policy import logprobs_from_logits, pad_batch, stop_banned_mask, stop_token_ids
 from gymrl.train.producer import Cursor, Failure, Group, RolloutProducer
 from gymrl.train.weight_push import WeightPusher
 
 
-@dataclass
-class StepResult:
-    loss: float
-    clip_fraction: float
-    kl_mean: float  # 0 when beta == 0
-    logprob_gap: float
-    train_seconds: float
-    is_stats: dict[str, float] = field(default_factory=dict)  # importance weights (is_correction="tis")
-    mtp_stats: dict[str, float] = field(default_factory=dict)  # the MTP layer's loss and agreement, when it trains
+class TrainerBase:
+    """What the in-process and the sharded trainer share: scoring the engines' weights on held-out tasks."""
+
+    s: Session
+    version: int
+
+    def evaluate(self, tasks: list[Task]) -> tuple[dict[str, float], RolloutBatch]:
+        return evaluate(self.s.runner, tasks, self.s.cfg.sampling.max_tokens, self.version)
+
+    def evaluate_retrying(self, tasks: list[Task], attempts: int = 3) -> tuple[dict[str, float], RolloutBatch]:
+        """:meth:`evaluate`, run again when an environment server or an engine failed under it (after a restart,
+        the next attempt usually succeeds); the last attempt's error stops the run."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self.evaluate(tasks)
+            except (EnvServerError, EngineError) as err:
+                if attempt == attempts:
+                    raise
+                logging.getLogger(__name__).warning("evaluation failed (%s); running it again", err)
 
 
-class GRPOTrainer:
+class GRPOTrainer(TrainerBase):
     def __init__(self, session: Session):
         self.s = session
         cfg = session.cfg
@@ -69,9 +77,7 @@ class GRPOTrainer:
         self.policy.train()
         # A checkpoint's MTP layer rides along (saved with every checkpoint, so the engines can draft with it); it
         # trains, and goes out with every push, only with train.mtp_loss_weight > 0.
-        info = inspect_checkpoint(session.model_path)
-        self.mtp = load_mtp_layer(session.policy, session.model_path) if mtp_layer_class(info.model_type) and \
-            info.mtp_layers else None
+        self.mtp = checkpoint_mtp_layer(session)
         if self.mtp is not None:
             self.mtp.to(device=self.device, dtype=getattr(torch, cfg.train.dtype))
         self.mtp_weight = cfg.train.mtp_loss_weight if self.mtp is not None else 0.0
@@ -83,120 +89,55 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, functools.partial(lr_factor, cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.steps))
-        self.loss_cfg = GRPOLossConfig(
-            loss_type=cfg.train.loss_type,
-            epsilon_low=cfg.train.epsilon_low,
-            epsilon_high=cfg.train.epsilon_high,
-            beta=cfg.train.beta,
-            max_completion_length=cfg.sampling.max_tokens,
-            is_correction=cfg.train.is_correction,
-            is_cap=cfg.train.is_cap,
-        )
+        self.setup = loss_setup(cfg.train, cfg.sampling.max_tokens, session.tokenizer, session.policy, self.device,
+                                self.mtp_weight)
         self.version = 0
-        self.stop_ids = stop_token_ids(session.tokenizer, session.policy)  # banned by sampling.min_tokens
         self.pusher = WeightPusher(session.pool, cfg.train.weight_sync, self.device, cfg.engine.dtype)
-
-    def evaluate(self, tasks: list[Task]) -> tuple[dict[str, float], RolloutBatch]:
-        return evaluate(self.s.runner, tasks, self.cfg.sampling.max_tokens, self.version)
-
-    def evaluate_retrying(self, tasks: list[Task], attempts: int = 3) -> tuple[dict[str, float], RolloutBatch]:
-        """:meth:`evaluate`, run again when an environment server or an engine failed under it (after a restart,
-        the next attempt usually succeeds); the last attempt's error stops the run."""
-        for attempt in range(1, attempts + 1):
-            try:
-                return self.evaluate(tasks)
-            except (EnvServerError, EngineError) as err:
-                if attempt == attempts:
-                    raise
-                logging.getLogger(__name__).warning("evaluation failed (%s); running it again", err)
 
     def step(self, batch: RolloutBatch) -> StepResult:
         started = time.perf_counter()
-        rollouts = batch.rollouts
-        rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
-        advantages = group_advantages(rewards, batch.group_size, scale_by_std=self.cfg.train.scale_rewards).to(self.device)
-        pad_id = self.s.tokenizer.pad_token_id
-        total_tokens = max(1, batch.num_tokens)
+        advantages = batch_advantages(batch, self.cfg.train.scale_rewards)
+        totals = Totals(tokens=max(1, batch.num_tokens), sequences=len(batch.rollouts))
+        mtp = self.mtp if self.mtp_weight > 0 else None
         mb = self.cfg.train.micro_batch_size
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = clip_sum = kl_sum = gap_sum = 0.0
-        weights: list[tuple[float, dict[str, float]]] = []  # (tokens, stats) of each micro-batch
-        mtp_sums: list[tuple[torch.Tensor, float, float]] = []  # (KL sum, agreeing positions, positions)
-        for start in range(0, len(rollouts), mb):
-            part = rollouts[start : start + mb]
-            ids, attn, mask = pad_batch([r.prompt_ids for r in part], [r.completion_ids for r in part], pad_id,
-                                        [r.completion_mask for r in part])
-            behaviour = torch.zeros_like(mask)
-            for i, r in enumerate(part):
-                begin = len(r.prompt_ids) - 1
-                behaviour[i, begin : begin + len(r.logprobs)] = torch.tensor(r.logprobs)
-            temperature = torch.tensor([r.temperature for r in part])  # tool tasks may sample at their own
-            banned = stop_banned_mask([len(r.prompt_ids) for r in part], [r.stop_banned for r in part], ids.shape[1])
-            ids, attn, mask, behaviour, temperature, banned = (
-                t.to(self.device, non_blocking=True) for t in (ids, attn, mask, behaviour, temperature, banned))
-            if self.mtp_weight > 0:  # the same forward as the policy's, keeping the hidden states for the MTP layer
-                hidden = self.policy.model(input_ids=ids, attention_mask=attn).last_hidden_state
-                logits = self.policy.lm_head(hidden)
-                mtp_sums.append(self._mtp_sums(ids, hidden, logits, mask))
-            else:
-                logits = self.policy(input_ids=ids, attention_mask=attn).logits
-            logps = logprobs_from_logits(logits, ids, temperature, banned, self.stop_ids)
-            ref = None
-            if self.reference is not None:
-                with torch.no_grad():
-                    ref = logprobs_from_logits(self.reference(input_ids=ids, attention_mask=attn).logits, ids,
-                                               temperature, banned, self.stop_ids)
-            # One optimizer step per batch: the policy before the update is the one computing logps, so with TIS
-            # the clipped ratio is 1 and the importance weight carries the behaviour gap; without, the behaviour
-            # logprobs are the ratio's old policy.
-            tis = self.loss_cfg.is_correction == "tis"
-            old = logps.detach() if tis else behaviour
-            loss, stats = grpo_loss(logps, old, advantages[start : start + mb], mask, self.loss_cfg, ref_logps=ref,
-                                    behaviour_logps=behaviour if tis else None)
-            # Weight each micro-batch so the accumulated gradient equals the full-batch loss's.
-            tokens = float(mask.sum())
-            per_token = self.loss_cfg.loss_type in ("bnpo", "dapo")
-            weight = tokens / total_tokens if per_token else len(part) / len(rollouts)
-            objective = loss * weight
-            if self.mtp_weight > 0:  # the MTP layer's own graph: it adds no gradient to the policy's weights
-                objective = objective + self.mtp_weight * mtp_sums[-1][0] / total_tokens
-            objective.backward()
-            loss_sum += float(loss.detach()) * weight
-            clip_sum += stats["clip_fraction"] * weight
-            kl_sum += stats.get("kl_mean", 0.0) * weight
-            gap_sum += float(((logps.detach() - behaviour).abs() * mask).sum())
-            if tis:
-                weights.append((tokens, stats))
-        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.train.max_grad_norm)
-        mtp_stats = {}
-        if self.mtp_weight > 0:  # clipped on its own, so the policy's clipping is what it is without the MTP loss
-            torch.nn.utils.clip_grad_norm_(self.mtp.parameters(), self.cfg.train.max_grad_norm)
-            positions = max(1.0, sum(n for _, _, n in mtp_sums))
-            mtp_stats = {"mtp_loss": sum(float(k.detach()) for k, _, _ in mtp_sums) / positions,
-                         "mtp_agreement": sum(a for _, a, _ in mtp_sums) / positions}
+        parts = [backward_micro_batch(self.policy, self.reference, mtp, batch.rollouts[start : start + mb],
+                                      advantages[start : start + mb], self.setup, totals)
+                 for start in range(0, len(batch.rollouts), mb)]
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.train.max_grad_norm)
+        if mtp is not None:  # clipped on its own, so the policy's clipping is what it is without the MTP loss
+            torch.nn.utils.clip_grad_norm_(mtp.parameters(), self.cfg.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.version += 1
-        return StepResult(loss_sum, clip_sum, kl_sum, gap_sum / total_tokens, time.perf_counter() - started,
-                          importance_stats(weights), mtp_stats)
+        return step_result(parts, totals, started, float(grad_norm))
 
-    def _mtp_sums(self, ids: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor,
-                  mask: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-        """The MTP loss on one micro-batch's rollouts: (sum over positions of KL(policy || draft), positions where
-        the draft's top token is the policy's, positions). The draft at t predicts token t+2, which the policy
-        predicts at t+1 (``logits[:, t+1]``, its sampling distribution); positions count where that token is the
-        policy's own (``mask[:, t+1]``: not prompt, tool output or padding)."""
-        draft = draft_logits(self.policy, self.mtp, ids, hidden)
-        target = logits[:, 1:].detach()
-        where = F.pad(mask[:, 1:], (0, 1))
-        kl = (draft_kl(draft, target) * where).sum()
-        agree = float(((draft.argmax(-1) == target.argmax(-1)).float() * where).sum())
-        return kl, agree, float(where.sum())
+    def learning_rate(self) -> float:
+        """The learning rate the next step uses."""
+        return self.scheduler.get_last_lr()[0]
+
+    def load_checkpoint(self, path: Path) -> dict:
+        """Restore weights, optimizer, scheduler and RNG states from a checkpoint; returns its saved state."""
+        saved = load_checkpoint(path, self.policy, self.optimizer, self.scheduler, self.mtp)
+        self.version = saved["policy_version"]
+        return saved
+
+    def save_checkpoint(self, run_dir: Path, step: int, state: dict, keep: int) -> None:
+        """Write a resumable checkpoint (see :func:`gymrl.train.checkpoint.save_checkpoint`)."""
+        save_checkpoint(run_dir, step, self.policy, self.s.tokenizer, self.optimizer, self.scheduler, state, keep=keep,
+                        mtp_layer=self.mtp)
 
     def push_weights(self) -> float:
         """Load the trainer's weights into every live engine (``train.weight_sync``: by bytes, CUDA IPC or broadcast)."""
         return self.pusher.push(self.policy, self.mtp if self.mtp_weight > 0 else None, self.version,
                                 self.cfg.engine.recompute_kv_on_update)
+
+
+def checkpoint_mtp_layer(session: Session):
+    """The model checkpoint's MTP layer (None when it has none), as loaded beside the policy."""
+    info = inspect_checkpoint(session.model_path)
+    return load_mtp_layer(session.policy, session.model_path) if mtp_layer_class(info.model_type) and \
+        info.mtp_layers else None
 
 
 def held_out_tasks(session: Session) -> list[Task]:
@@ -221,17 +162,6 @@ def lr_factor(schedule: str, warmup: int, total: int, step: int) -> float:
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def importance_stats(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
-    """The micro-batches' importance-weight stats as one batch's: token-weighted means, overall min and max."""
-    tokens = sum(t for t, _ in parts)
-    if not parts or tokens == 0:
-        return {}
-    return {"is_weight_mean": sum(t * s["is_weight_mean"] for t, s in parts) / tokens,
-            "is_weight_min": min(s["is_weight_min"] for _, s in parts),
-            "is_weight_max": max(s["is_weight_max"] for _, s in parts),
-            "is_truncated_fraction": sum(t * s["is_truncated_fraction"] for t, s in parts) / tokens}
 
 
 def per_env(batch: RolloutBatch, key: str, value=lambda r: r.reward) -> dict[str, float]:
@@ -358,6 +288,7 @@ def step_record(counts: StepCounts, batch: RolloutBatch, result: StepResult, sta
         "verify_seconds": batch.verify_seconds,
         "tool_seconds": batch.tool_seconds,
         "mean_turns": statistics.fmean(sum(t["role"] == "assistant" for t in r.turns) for r in batch.rollouts),
+        "grad_norm": result.grad_norm,
         "train_seconds": result.train_seconds,
         "push_seconds": counts.push_seconds,
         "wait_seconds": counts.wait_seconds,
@@ -387,11 +318,15 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     per_step, max_staleness = cfg.train.prompts_per_step, cfg.train.max_staleness
     sampler = TaskSampler(session, cfg.seed, per_step)
-    trainer = GRPOTrainer(session)  # its reference policy (beta > 0) is the initial one, even on resume
+    if cfg.train.workers > 1:
+        from gymrl.train.sharded import ShardedTrainer  # imports this module
+
+        trainer = ShardedTrainer(session)
+    else:  # its reference policy (beta > 0) is the initial one, even on resume
+        trainer = GRPOTrainer(session)
     saved = None
     if resume is not None:
-        saved = load_checkpoint(resume, trainer.policy, trainer.optimizer, trainer.scheduler, trainer.mtp)
-        trainer.version = saved["policy_version"]
+        saved = trainer.load_checkpoint(resume)
         trainer.push_weights()  # the engines started from model.path
     log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.train.tensorboard else None,
                      resume_at=saved and saved["metrics_offset"], resume_step=saved and saved["step"])
@@ -425,7 +360,7 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
                 traces.write_batch(batch, [sampler.task_of(g.index) for g in groups], step, "train")
                 staleness = staleness_metrics(groups, trainer.version)
                 failed = log_failures(producer.take_failures(), step, failures_log)
-                learning_rate = trainer.scheduler.get_last_lr()[0]  # what this step uses
+                learning_rate = trainer.learning_rate()  # what this step uses
                 result = trainer.step(batch)
                 evaluating = step % cfg.eval.every == 0 or step == cfg.train.steps
                 if step == cfg.train.steps or stop.requested:
@@ -450,11 +385,10 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
                     progress(step, record, evaluation["eval_reward"])
                 every = cfg.train.checkpoint_every
                 if stop.requested or (every and step % every == 0):
-                    save_checkpoint(run_dir, step, trainer.policy, session.tokenizer, trainer.optimizer, trainer.scheduler,
-                                    {"policy_version": trainer.version, "cursor": vars(producer.cursor()),
-                                     "trace_offset": traces.offset(), "metrics_offset": log.offset(),
-                                     "initial_eval": initial, "eval": evaluation}, keep=cfg.train.keep_checkpoints,
-                                    mtp_layer=trainer.mtp)
+                    trainer.save_checkpoint(run_dir, step, {
+                        "policy_version": trainer.version, "cursor": vars(producer.cursor()),
+                        "trace_offset": traces.offset(), "metrics_offset": log.offset(), "initial_eval": initial,
+                        "eval": evaluation}, keep=cfg.train.keep_checkpoints)
                 if stop.requested:
                     break
             finished = True

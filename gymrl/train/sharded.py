@@ -1,0 +1,188 @@
+"""The sharded trainer (``train.workers`` > 1): N Ray actors, one ``torch.distributed`` rank each (gloo on cpu, NCCL
+on cuda), every one holding a shard of the policy and of its AdamW state (FSDP2: one unit per decoder layer, plus
+the root).
+
+Each step's batch is split across the ranks by tokens (:func:`split_by_tokens`), and every rank runs the same
+micro-batch code as the in-process trainer (:func:`gymrl.train.accumulate.backward_micro_batch`), each micro-batch
+weighted by its share of the *whole* batch. FSDP's gradient reduction is set to a sum (divide factor 1), so the
+summed gradient on every shard is the one-process gradient of the full batch. Clipping uses the global norm
+(``clip_grad_norm_`` on the DTensor gradients).
+
+A push gathers the full weights, parameter by parameter, onto rank 0, which hands them to the driver; the driver
+loads them into its own copy of the policy (``session.policy``, also what the run saves at its end) and pushes that
+the usual way (bytes).
+"""
+
+import functools
+import logging
+import time
+from pathlib import Path
+
+import ray
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from gymrl.config import RunConfig
+from gymrl.envs.launcher import free_port
+from gymrl.models.checkpoint import load_policy
+from gymrl.rollout.runner import Rollout, RolloutBatch
+from gymrl.session import Session
+from gymrl.train.accumulate import (
+    MicroBatch,
+    StepResult,
+    Totals,
+    backward_micro_batch,
+    batch_advantages,
+    loss_setup,
+    step_result,
+)
+from gymrl.train.checkpoint import CheckpointError
+from gymrl.train.loop import TrainerBase, checkpoint_mtp_layer, lr_factor
+from gymrl.train.weight_push import WeightPusher
+
+log = logging.getLogger(__name__)
+
+
+def split_by_tokens(lengths: list[int], ranks: int) -> list[list[int]]:
+    """Indices of the sequences each rank trains on, balanced by tokens: longest first, each to the rank with the
+    fewest tokens so far (ties to the lower rank); each rank's indices in batch order."""
+    loads, shares = [0] * ranks, [[] for _ in range(ranks)]
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        rank = loads.index(min(loads))
+        loads[rank] += lengths[i]
+        shares[rank].append(i)
+    return [sorted(share) for share in shares]
+
+
+def shard_model(model: torch.nn.Module, mixed: MixedPrecisionPolicy | None) -> None:
+    """FSDP2 in place: one unit per decoder layer, then the root (embeddings, final norm, head)."""
+    kwargs = {"mp_policy": mixed} if mixed is not None else {}
+    for layer in model.model.layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    for module in model.modules():  # sum, not average, over ranks: each rank's loss is already its share
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+
+
+class TrainerRank:
+    """One rank of the sharded trainer (a Ray actor): its shard of the policy, the reference policy (beta > 0) and
+    the AdamW state."""
+
+    def __init__(self, cfg: RunConfig, model_path: str, rank: int, world: int, init_method: str):
+        cuda = cfg.train.device == "cuda"
+        if cuda:
+            torch.cuda.set_device(0)  # Ray gave this actor one GPU
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=world)
+        self.cfg, self.rank = cfg, rank
+        self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        bf16 = cfg.train.dtype == "bfloat16"
+        # On cuda in bfloat16: float32 shards (the AdamW master weights), bfloat16 compute, float32 reductions.
+        mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda and bf16 else None
+        policy, tokenizer = load_policy(model_path, "float32" if mixed is not None else cfg.train.dtype)
+        self.setup = loss_setup(cfg.train, cfg.sampling.max_tokens, tokenizer, policy, self.device)
+        self.reference = None
+        if cfg.train.beta > 0:  # the initial policy, sharded the same way, never trained
+            self.reference, _ = load_policy(model_path, "float32" if mixed is not None else cfg.train.dtype)
+            self.reference.eval().requires_grad_(False)
+            shard_model(self.reference, mixed)
+        shard_model(policy, mixed)
+        self.policy = policy.train()
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.train.learning_rate,
+                                           weight_decay=cfg.train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
+            lr_factor, cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.steps))
+
+    def step(self, rollouts: list[Rollout], advantages: torch.Tensor, totals: Totals, passes: int,
+             filler: Rollout) -> tuple[list[MicroBatch], float]:
+        """This rank's micro-batches, then ``passes`` - their number uncounted ones on ``filler`` (every rank runs
+        as many forward and backward passes as the busiest, or the collectives would wait forever); the global
+        gradient norm before clipping."""
+        mb = self.cfg.train.micro_batch_size
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = [backward_micro_batch(self.policy, self.reference, None, rollouts[start : start + mb],
+                                      advantages[start : start + mb], self.setup, totals)
+                 for start in range(0, len(rollouts), mb)]
+        for _ in range(passes - len(parts)):
+            backward_micro_batch(self.policy, self.reference, None, [filler], torch.zeros(1), self.setup, totals,
+                                 counted=False)
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return parts, float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def full_state(self) -> dict[str, torch.Tensor] | None:
+        """The full weights on CPU, gathered one tensor at a time (every rank takes part); rank 0 returns them."""
+        out = {}
+        for name, tensor in self.policy.state_dict().items():
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            if self.rank == 0:
+                out[name] = full.detach().to("cpu", copy=True)
+            del full
+        return out if self.rank == 0 else None
+
+
+class ShardedTrainer(TrainerBase):
+    """The trainer of ``train.workers`` > 1: the driver's side, with :class:`~gymrl.train.loop.GRPOTrainer`'s
+    interface (step, push_weights, learning_rate, checkpoints)."""
+
+    def __init__(self, session: Session):
+        self.s, self.cfg = session, session.cfg
+        train = self.cfg.train
+        self.policy = session.policy  # the driver's full copy: loaded with each push, saved at the end of the run
+        self.mtp = checkpoint_mtp_layer(session)  # frozen (train.mtp_loss_weight is refused): saved as it was loaded
+        self.version = 0
+        host = ray.util.get_node_ip_address()
+        init_method = f"tcp://{host}:{free_port(host)}"
+        # On cpu the ranks reserve no Ray CPU (the engines hold them, as the in-process trainer does not either).
+        resources = {"num_gpus": 1, "num_cpus": 0} if train.device == "cuda" else {"num_cpus": 0}
+        actor = ray.remote(**resources)(TrainerRank)
+        self.ranks = [actor.remote(self.cfg, str(session.model_path), rank, train.workers, init_method)
+                      for rank in range(train.workers)]
+        ray.get([r.learning_rate.remote() for r in self.ranks])  # every rank built: the group formed
+        self.pusher = WeightPusher(session.pool, "bytes", torch.device("cpu"), self.cfg.engine.dtype)
+        log.info("sharded trainer: %d ranks (%s)", train.workers, "nccl" if train.device == "cuda" else "gloo")
+
+    def step(self, batch: RolloutBatch) -> StepResult:
+        started = time.perf_counter()
+        rollouts = batch.rollouts
+        advantages = batch_advantages(batch, self.cfg.train.scale_rewards)
+        totals = Totals(tokens=max(1, batch.num_tokens), sequences=len(rollouts))
+        shares = split_by_tokens([len(r.prompt_ids) + len(r.completion_ids) for r in rollouts], len(self.ranks))
+        mb = self.cfg.train.micro_batch_size
+        passes = max(-(-len(share) // mb) for share in shares)
+        filler = min(rollouts, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))
+        results = ray.get([rank.step.remote([rollouts[i] for i in share], advantages[share], totals, passes, filler)
+                           for rank, share in zip(self.ranks, shares)])
+        self.version += 1
+        return step_result([p for parts, _ in results for p in parts], totals, started, results[0][1])
+
+    def learning_rate(self) -> float:
+        return ray.get(self.ranks[0].learning_rate.remote())
+
+    def gather(self) -> None:
+        """Load the ranks' shards into the driver's policy."""
+        self.policy.load_state_dict(ray.get([r.full_state.remote() for r in self.ranks])[0])
+
+    def push_weights(self) -> float:
+        """Gather the weights into the driver's policy, and push that into every engine (bytes)."""
+        started = time.perf_counter()
+        self.gather()
+        self.pusher.push(self.policy, None, self.version, self.cfg.engine.recompute_kv_on_update)
+        return time.perf_counter() - started
+
+    def load_checkpoint(self, path: Path) -> dict:
+        raise CheckpointError(f"cannot resume from '{path}' with train.workers > 1: the sharded trainer has no "
+                              "resumable checkpoints yet; resume with train.workers=1")
+
+    def save_checkpoint(self, run_dir: Path, step: int, state: dict, keep: int) -> None:
+        """Reached only when the run is stopped (train.checkpoint_every > 0 is refused with train.workers > 1): no
+        resumable checkpoint, but the driver's policy gets the newest weights for the run's final save."""
+        log.warning("step %d: no resumable checkpoint with train.workers > 1; the run's final policy is saved", step)
+        self.gather()

@@ -1,0 +1,162 @@
+"""The sharded trainer (train.workers > 1): two FSDP2 ranks on gloo take the same step as the one-process trainer,
+the batch is split by tokens, and what it does not support is refused by config key."""
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from gymrl.config import ConfigError, load_config
+from gymrl.rollout.runner import Rollout, RolloutBatch
+from gymrl.train.sharded import split_by_tokens
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def test_split_by_tokens_is_balanced():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 200) for _ in range(64)]
+    for ranks in (2, 3, 8):
+        shares = split_by_tokens(lengths, ranks)
+        assert sorted(i for share in shares for i in share) == list(range(64))  # each sequence once
+        assert all(share == sorted(share) for share in shares)  # in batch order
+        loads = [sum(lengths[i] for i in share) for share in shares]
+        assert max(loads) - min(loads) <= max(lengths)  # greedy longest-first: within one sequence
+    assert split_by_tokens([100, 1, 1, 1, 1, 1], 2) == [[0], [1, 2, 3, 4, 5]]  # by tokens, not by sequences
+    assert split_by_tokens([3], 2) == [[0], []]
+
+
+@pytest.mark.parametrize("key, value", [("lora", {"r": 4}), ("mtp_loss_weight", 0.1), ("weight_sync", "ipc"),
+                                        ("checkpoint_every", 10)])
+def test_what_sharding_does_not_support_is_refused(key, value, tmp_path):
+    overrides = {"run_dir": str(tmp_path), "train.workers": 2, "train.checkpoint_every": 0, f"train.{key}": value}
+    with pytest.raises(ConfigError, match=f"train.{key} is not supported with train.workers > 1"):
+        load_config(DEMO_CONFIG, overrides)
+
+
+def test_one_worker_config_is_unchanged(tmp_path):
+    cfg = load_config(DEMO_CONFIG, {"run_dir": str(tmp_path), "train.lora": {"r": 4}})
+    assert cfg.train.workers == 1 and cfg.train.lora is not None
+
+
+def test_sharded_ranks_take_gpus_of_their_own(tmp_path):
+    """On cuda each rank reserves a GPU through Ray: the driver takes none, and the GPUs must cover engines and
+    ranks."""
+    from gymrl.resources import gpu_problem, ray_gpus, trainer_gpu
+
+    cfg = load_config(DEMO_CONFIG, {"run_dir": str(tmp_path), "train.workers": 2, "train.checkpoint_every": 0,
+                                    "train.device": "cuda", "engine.device": "cuda"})
+    assert trainer_gpu(cfg, 4) is None and ray_gpus(cfg, 4) is None
+    assert gpu_problem(cfg, gpus=3) is None
+    assert gpu_problem(cfg, gpus=2).startswith("train.workers=2 GPUs for the sharded trainer's ranks")
+
+
+def hand_made_batch(vocab: int, groups: int = 3, group_size: int = 4) -> RolloutBatch:
+    """Rollouts of uneven lengths (one with environment tokens in its completion), behaviour logprobs off the
+    policy's (so ratios clip without TIS), rewards that differ within each group."""
+    rng = random.Random(1)
+    rollouts = []
+    for i in range(groups * group_size):
+        prompt = [rng.randrange(1, vocab) for _ in range(rng.randint(3, 9))]
+        completion = [rng.randrange(1, vocab) for _ in range(rng.randint(1, 14))]
+        mask = [1] * len(completion)
+        if i == 5 and len(completion) > 3:
+            mask[1:3] = [0, 0]  # tool output inside the completion: not trained on
+        logprobs = [rng.uniform(-6.0, -0.5) if m else 0.0 for m in mask]
+        rollouts.append(Rollout(task_id=f"t{i // group_size}", env="arithmetic", prompt_ids=prompt,
+                                completion_ids=completion, completion_mask=mask, logprobs=logprobs, text="",
+                                finish_reason="stop", reward=float(rng.random() < 0.5) + 0.1 * (i % group_size),
+                                reason="", policy_version=0))
+    return RolloutBatch(rollouts, group_size, generate_seconds=0.0, verify_seconds=0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train", [
+    {"loss_type": "dapo", "is_correction": "tis", "beta": 0.0},
+    {"loss_type": "grpo", "is_correction": "none", "beta": 0.1},
+], ids=["dapo-tis", "grpo-kl"])
+def test_two_ranks_take_the_one_process_step(demo_cfg, demo_model, train):
+    """The same hand-made batch through workers=2 (FSDP2, gloo) and workers=1: the same loss, stats, gradient norm
+    (clipping active) and updated weights, within 1e-5 in float32."""
+    import ray
+
+    from gymrl.models.checkpoint import load_policy
+    from gymrl.session import Session, init_ray
+    from gymrl.train.loop import GRPOTrainer
+    from gymrl.train.sharded import ShardedTrainer
+
+    base = {"micro_batch_size": 3, "max_grad_norm": 0.002, "learning_rate": 1e-3, "dtype": "float32",
+            "checkpoint_every": 0} | train
+    one = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update=base)})
+    two = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update=base | {"workers": 2})})
+    init_ray(one)
+
+    def session(cfg):
+        policy, tokenizer = load_policy(demo_model, cfg.train.dtype)
+        return Session(cfg, {}, demo_model, policy, tokenizer, pool=None, runner=None)
+
+    single = GRPOTrainer(session(one))
+    batch = hand_made_batch(single.policy.config.vocab_size)
+    initial = {name: weight.clone() for name, weight in single.policy.state_dict().items()}
+    expected = single.step(batch)
+    sharded = ShardedTrainer(session(two))
+    try:
+        got = sharded.step(batch)
+        sharded.gather()
+        after = sharded.policy.state_dict()
+    finally:
+        for rank in sharded.ranks:
+            ray.kill(rank)
+    assert expected.grad_norm > base["max_grad_norm"]  # the clipping is part of what is compared
+    for key in ("loss", "clip_fraction", "kl_mean", "logprob_gap", "grad_norm"):
+        assert getattr(got, key) == pytest.approx(getattr(expected, key), abs=1e-5, rel=1e-5), key
+    assert got.is_stats.keys() == expected.is_stats.keys()
+    for key, value in expected.is_stats.items():
+        assert got.is_stats[key] == pytest.approx(value, abs=1e-5), key
+    if train["beta"] > 0:
+        assert expected.kl_mean == 0.0  # the policy is the reference before the step
+    else:
+        assert abs(expected.is_stats["is_weight_mean"] - 1.0) > 0.1  # the behaviour gap goes through TIS
+    if train["is_correction"] == "none":
+        assert expected.clip_fraction > 0
+    moved = 0.0
+    for name, weight in single.policy.state_dict().items():
+        torch.testing.assert_close(after[name], weight, atol=1e-5, rtol=0, msg=name)
+        moved = max(moved, float((weight - initial[name]).abs().max()))
+    assert moved > 1e-4  # the step changed the weights
+
+
+
+def test_a_sharded_push_gives_the_engine_the_trainers_logprobs(fresh_session):
+    """After a step on two ranks, a push gathers the shards into the driver's policy and the engine scores a
+    completion as that policy does."""
+    import ray
+
+    from gymrl.train.policy import pad_batch, token_logprobs
+    from gymrl.train.sharded import ShardedTrainer
+
+    s = fresh_session
+    cfg = s.cfg
+    s.cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"workers": 2, "checkpoint_every": 0,
+                                                                         "learning_rate": 1e-2})})
+    try:
+        trainer = ShardedTrainer(s)
+    finally:
+        s.cfg = cfg
+    prompt = s.runner.prompt_ids(s.envs["arithmetic"].tasks("eval")[0])
+    completion = s.tokenizer.encode("<think>2+2</think><answer>4</answer>") + [s.tokenizer.eos_token_id]
+    before = torch.tensor(s.pool.score([prompt + completion])[0])
+    try:
+        trainer.step(hand_made_batch(s.policy.config.vocab_size))
+        assert trainer.push_weights() > 0
+    finally:
+        for rank in trainer.ranks:
+            ray.kill(rank)
+    assert s.pool.stats()[0].policy_version == 1
+    after = torch.tensor(s.pool.score([prompt + completion])[0])
+    ids, attn, _ = pad_batch([prompt], [completion], s.tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours = token_logprobs(s.policy, ids, attn)[0]
+    assert (after - before).abs().max() > 1e-2, "the push did not change the engine's logprobs"
+    assert torch.allclose(after, ours, atol=2e-3), (after - ours).abs().max()
