@@ -370,8 +370,9 @@ class TrainConfig(Section):
     )
     push_bucket_mb: int = Field(
         default=512, ge=1,
-        description="With workers > 1, a push gathers the sharded weights bucket by bucket (at most this many MB "
-        "of full tensors at a time), sends each bucket to the engines and frees it before the next.",
+        description="Not used yet. Meant for workers > 1: a push that gathers the sharded weights bucket by bucket "
+        "(at most this many MB of full tensors at a time). Today such a push gathers them one tensor at a time onto "
+        "rank 0 and sends them to the engines in one blob.",
     )
     weight_sync: Literal["auto", "bytes", "ipc", "broadcast"] = Field(
         default="auto",
