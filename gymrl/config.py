@@ -388,8 +388,7 @@ class TrainConfig(Section):
         """What the sharded trainer (workers > 1) does not do, refused before anything starts."""
         if self.workers > 1:
             for key, unsupported in (("lora", self.lora is not None), ("mtp_loss_weight", self.mtp_loss_weight > 0),
-                                     ("weight_sync", self.weight_sync in ("ipc", "broadcast")),
-                                     ("checkpoint_every", self.checkpoint_every > 0)):
+                                     ("weight_sync", self.weight_sync in ("ipc", "broadcast"))):
                 if unsupported:
                     raise ValueError(f"train.{key} is not supported with train.workers > 1 (the sharded trainer); "
                                      f"{SHARDED_INSTEAD[key]}")
@@ -399,8 +398,7 @@ class TrainConfig(Section):
 # What to use instead, when train.workers > 1, of each key the sharded trainer refuses.
 SHARDED_INSTEAD = {"lora": "unset it (full fine-tuning) or use train.workers=1",
                    "mtp_loss_weight": "set 0 or use train.workers=1",
-                   "weight_sync": "ipc and broadcast are not; use auto or bytes (the gathered weights go by bytes)",
-                   "checkpoint_every": "set 0 (no resumable checkpoints yet; the run's final policy is still saved)"}
+                   "weight_sync": "ipc and broadcast are not; use auto or bytes (the gathered weights go by bytes)"}
 
 
 class EvalConfig(Section):

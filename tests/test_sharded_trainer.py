@@ -27,10 +27,9 @@ def test_split_by_tokens_is_balanced():
     assert split_by_tokens([3], 2) == [[0], []]
 
 
-@pytest.mark.parametrize("key, value", [("lora", {"r": 4}), ("mtp_loss_weight", 0.1), ("weight_sync", "ipc"),
-                                        ("checkpoint_every", 10)])
+@pytest.mark.parametrize("key, value", [("lora", {"r": 4}), ("mtp_loss_weight", 0.1), ("weight_sync", "ipc")])
 def test_what_sharding_does_not_support_is_refused(key, value, tmp_path):
-    overrides = {"run_dir": str(tmp_path), "train.workers": 2, "train.checkpoint_every": 0, f"train.{key}": value}
+    overrides = {"run_dir": str(tmp_path), "train.workers": 2, f"train.{key}": value}
     with pytest.raises(ConfigError, match=f"train.{key} is not supported with train.workers > 1"):
         load_config(DEMO_CONFIG, overrides)
 
@@ -45,11 +44,20 @@ def test_sharded_ranks_take_gpus_of_their_own(tmp_path):
     ranks."""
     from gymrl.resources import gpu_problem, ray_gpus, trainer_gpu
 
-    cfg = load_config(DEMO_CONFIG, {"run_dir": str(tmp_path), "train.workers": 2, "train.checkpoint_every": 0,
-                                    "train.device": "cuda", "engine.device": "cuda"})
+    cfg = load_config(DEMO_CONFIG, {"run_dir": str(tmp_path), "train.workers": 2, "train.device": "cuda",
+                                    "engine.device": "cuda"})
     assert trainer_gpu(cfg, 4) is None and ray_gpus(cfg, 4) is None
     assert gpu_problem(cfg, gpus=3) is None
     assert gpu_problem(cfg, gpus=2).startswith("train.workers=2 GPUs for the sharded trainer's ranks")
+
+
+def engineless_session(cfg, model_path):
+    """A session with the model and its tokenizer only: enough for a trainer's steps and checkpoints."""
+    from gymrl.models.checkpoint import load_policy
+    from gymrl.session import Session
+
+    policy, tokenizer = load_policy(model_path, cfg.train.dtype)
+    return Session(cfg, {}, model_path, policy, tokenizer, pool=None, runner=None)
 
 
 def hand_made_batch(vocab: int, groups: int = 3, group_size: int = 4) -> RolloutBatch:
@@ -81,26 +89,20 @@ def test_two_ranks_take_the_one_process_step(demo_cfg, demo_model, train):
     (clipping active) and updated weights, within 1e-5 in float32."""
     import ray
 
-    from gymrl.models.checkpoint import load_policy
-    from gymrl.session import Session, init_ray
+    from gymrl.session import init_ray
     from gymrl.train.loop import GRPOTrainer
     from gymrl.train.sharded import ShardedTrainer
 
-    base = {"micro_batch_size": 3, "max_grad_norm": 0.002, "learning_rate": 1e-3, "dtype": "float32",
-            "checkpoint_every": 0} | train
+    base = {"micro_batch_size": 3, "max_grad_norm": 0.002, "learning_rate": 1e-3, "dtype": "float32"} | train
     one = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update=base)})
     two = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update=base | {"workers": 2})})
     init_ray(one)
 
-    def session(cfg):
-        policy, tokenizer = load_policy(demo_model, cfg.train.dtype)
-        return Session(cfg, {}, demo_model, policy, tokenizer, pool=None, runner=None)
-
-    single = GRPOTrainer(session(one))
+    single = GRPOTrainer(engineless_session(one, demo_model))
     batch = hand_made_batch(single.policy.config.vocab_size)
     initial = {name: weight.clone() for name, weight in single.policy.state_dict().items()}
     expected = single.step(batch)
-    sharded = ShardedTrainer(session(two))
+    sharded = ShardedTrainer(engineless_session(two, demo_model))
     try:
         got = sharded.step(batch)
         sharded.gather()
@@ -138,8 +140,7 @@ def test_a_sharded_push_gives_the_engine_the_trainers_logprobs(fresh_session):
 
     s = fresh_session
     cfg = s.cfg
-    s.cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"workers": 2, "checkpoint_every": 0,
-                                                                         "learning_rate": 1e-2})})
+    s.cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"workers": 2, "learning_rate": 1e-2})})
     try:
         trainer = ShardedTrainer(s)
     finally:
@@ -160,3 +161,56 @@ def test_a_sharded_push_gives_the_engine_the_trainers_logprobs(fresh_session):
         ours = token_logprobs(s.policy, ids, attn)[0]
     assert (after - before).abs().max() > 1e-2, "the push did not change the engine's logprobs"
     assert torch.allclose(after, ours, atol=2e-3), (after - ours).abs().max()
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_resumes_on_another_number_of_ranks(demo_cfg, demo_model, tmp_path):
+    """Checkpoint after one step on 2 ranks, then a second step; 3 ranks restored from the checkpoint take the same
+    second step (the AdamW moments and the schedule came back). A one-process trainer refuses the checkpoint."""
+    import ray
+
+    from gymrl.models.checkpoint import load_policy
+    from gymrl.session import init_ray
+    from gymrl.train.checkpoint import SHARDS, CheckpointError, checkpoint_dir
+    from gymrl.train.loop import GRPOTrainer
+    from gymrl.train.sharded import ShardedTrainer
+
+    def with_train(**update):
+        return demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update={
+            "micro_batch_size": 3, "learning_rate": 1e-3, "lr_schedule": "linear", "steps": 4, "dtype": "float32"}
+            | update)})
+
+    init_ray(demo_cfg)
+    first = ShardedTrainer(engineless_session(with_train(workers=2), demo_model))
+    batch = hand_made_batch(first.policy.config.vocab_size)
+    try:
+        first.step(batch)
+        first.save_checkpoint(tmp_path, 1, {"policy_version": first.version}, keep=2)
+        first.step(batch)
+        first.gather()
+        expected = {name: weight.clone() for name, weight in first.policy.state_dict().items()}
+        expected_lr = first.learning_rate()
+    finally:
+        for rank in first.ranks:
+            ray.kill(rank)
+    folder = checkpoint_dir(tmp_path, 1)
+    assert (folder / SHARDS).is_dir() and (folder / "policy" / "config.json").is_file()
+    second = ShardedTrainer(engineless_session(with_train(workers=3), demo_model))
+    try:
+        saved = second.load_checkpoint(folder)
+        assert saved["step"] == 1 and second.version == 1
+        second.step(batch)
+        second.gather()
+        assert second.learning_rate() == pytest.approx(expected_lr)
+    finally:
+        for rank in second.ranks:
+            ray.kill(rank)
+    at_checkpoint = load_policy(folder / "policy")[0].state_dict()
+    moved = 0.0
+    for name, weight in second.policy.state_dict().items():
+        torch.testing.assert_close(weight, expected[name], atol=1e-5, rtol=0, msg=name)
+        moved = max(moved, float((weight - at_checkpoint[name]).abs().max()))
+    assert moved > 1e-4  # the second step moved the weights: it is what was compared
+    with pytest.raises(CheckpointError, match="written with train.workers > 1; resume it with train.workers > 1"):
+        GRPOTrainer(engineless_session(with_train(), demo_model)).load_checkpoint(folder)
+

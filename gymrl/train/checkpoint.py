@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from gymrl.models.mtp import load_mtp_layer
 CHECKPOINTS = "checkpoints"
 POLICY = "policy"
 TRAINER_STATE = "trainer_state.pt"
+SHARDS = "shards"  # the sharded trainer's weight and AdamW shards (torch.distributed.checkpoint)
 FINAL_CHECKPOINT = "checkpoint"  # the end-of-run HF folder train() writes
 _STEP_DIR = re.compile(r"step_(\d{6,})")
 log = logging.getLogger(__name__)
@@ -106,10 +108,11 @@ def _remove(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, policy, tokenizer, optimizer, scheduler, state: dict,
-                    keep: int = 2, mtp_layer=None) -> Path:
+                    keep: int = 2, mtp_layer=None, write_shards: Callable[[Path], None] | None = None) -> Path:
     """Write ``<run_dir>/checkpoints/step_{step:06d}`` atomically and keep the newest ``keep`` checkpoints.
 
-    ``scheduler`` may be None; ``mtp_layer`` (the model's MTP layer, if the trainer holds one) goes into the
+    ``scheduler`` may be None; so may ``optimizer`` when ``write_shards`` is given: the sharded trainer's ranks
+    then write their shards of the weights and the optimizer into the folder it is called with (``shards/``); ``mtp_layer`` (the model's MTP layer, if the trainer holds one) goes into the
     policy folder where the model's own checkpoints keep it. ``state`` is the caller's plain data (data cursor, policy version, trace and
     metrics offsets), returned by :func:`load_checkpoint`. After the new checkpoint is in place, those with
     a lower step beyond ``keep`` are removed, and so are any with a higher step: they belong to a run that
@@ -130,7 +133,10 @@ def save_checkpoint(run_dir: str | Path, step: int, policy, tokenizer, optimizer
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
         save_policy(policy, tokenizer, tmp / POLICY, mtp_layer)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "adapter": adapter_state(policy),
+        if write_shards is not None:
+            write_shards(tmp / SHARDS)
+        torch.save({"step": step, "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                    "adapter": adapter_state(policy),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "rng": rng_state(), "state": state}, tmp / TRAINER_STATE)
         fsync_tree(tmp)
@@ -151,15 +157,19 @@ def save_checkpoint(run_dir: str | Path, step: int, policy, tokenizer, optimizer
     return final
 
 
-def load_checkpoint(path: str | Path, policy, optimizer, scheduler, mtp_layer=None) -> dict:
+def load_checkpoint(path: str | Path, policy, optimizer, scheduler, mtp_layer=None, sharded: bool = False) -> dict:
     """Restore the policy's weights (and ``mtp_layer``'s, if given), the optimizer, the scheduler (None if the run
-    has none) and the RNG states from a checkpoint folder; returns the caller's state with ``step`` added."""
+    has none) and the RNG states from a checkpoint folder; returns the caller's state with ``step`` added.
+    ``sharded``: the sharded trainer restores (``optimizer`` None; its ranks then read ``shards/`` themselves)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint folder at '{path}'")
     for part in (TRAINER_STATE, f"{POLICY}/config.json"):
         if not (path / part).is_file():
             raise FileNotFoundError(f"incomplete checkpoint '{path}': no {part}")
+    if (path / SHARDS).is_dir() != sharded:
+        written = "train.workers > 1" if (path / SHARDS).is_dir() else "train.workers=1"
+        raise CheckpointError(f"checkpoint '{path}' was written with {written}; resume it with {written} too")
     try:
         saved = torch.load(path / TRAINER_STATE, weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
@@ -178,7 +188,8 @@ def load_checkpoint(path: str | Path, policy, optimizer, scheduler, mtp_layer=No
             policy.load_state_dict(weights.state_dict())
         if mtp_layer is not None:
             mtp_layer.load_state_dict(load_mtp_layer(policy, path / POLICY).state_dict())
-        optimizer.load_state_dict(saved["optimizer"])
+        if optimizer is not None:
+            optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(saved["scheduler"])
     except Exception as err:  # noqa: BLE001 - safetensors, shape and parameter-group mismatches all land here

@@ -21,6 +21,8 @@ from pathlib import Path
 import ray
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -38,7 +40,7 @@ from gymrl.train.accumulate import (
     loss_setup,
     step_result,
 )
-from gymrl.train.checkpoint import CheckpointError
+from gymrl.train.checkpoint import SHARDS, load_checkpoint, save_checkpoint
 from gymrl.train.loop import TrainerBase, checkpoint_mtp_layer, lr_factor
 from gymrl.train.weight_push import WeightPusher
 
@@ -72,12 +74,21 @@ class TrainerRank:
     """One rank of the sharded trainer (a Ray actor): its shard of the policy, the reference policy (beta > 0) and
     the AdamW state."""
 
-    def __init__(self, cfg: RunConfig, model_path: str, rank: int, world: int, init_method: str):
+    def __init__(self, cfg: RunConfig, rank: int):
+        self.cfg, self.rank = cfg, rank
+
+    def address(self) -> str:
+        """Where the process group meets (rank 0 asks): this node's address and a port free on it."""
+        host = ray.util.get_node_ip_address()
+        return f"tcp://{host}:{free_port(host)}"
+
+    def join(self, init_method: str, world: int, model_path: str) -> None:
+        """Join the process group, then load the policy (and the reference, beta > 0) and shard it."""
+        cfg = self.cfg
         cuda = cfg.train.device == "cuda"
         if cuda:
             torch.cuda.set_device(0)  # Ray gave this actor one GPU
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=world)
-        self.cfg, self.rank = cfg, rank
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=self.rank, world_size=world)
         self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         bf16 = cfg.train.dtype == "bfloat16"
         # On cuda in bfloat16: float32 shards (the AdamW master weights), bfloat16 compute, float32 reductions.
@@ -117,6 +128,22 @@ class TrainerRank:
     def learning_rate(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def scheduler_state(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def save_shards(self, folder: str) -> None:
+        """Write this rank's shards of the weights and the AdamW state (every rank writes its own files)."""
+        model, optim = get_state_dict(self.policy, self.optimizer)
+        dcp.save({"model": model, "optim": optim}, checkpoint_id=folder)
+
+    def load_shards(self, folder: str, scheduler: dict) -> None:
+        """Read the shards :meth:`save_shards` wrote (by any number of ranks), and the scheduler's state."""
+        model, optim = get_state_dict(self.policy, self.optimizer)  # the AdamW state initialised, to be filled
+        state = {"model": model, "optim": optim}
+        dcp.load(state, checkpoint_id=folder)
+        set_state_dict(self.policy, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(scheduler)
+
     def full_state(self) -> dict[str, torch.Tensor] | None:
         """The full weights on CPU, gathered one tensor at a time (every rank takes part); rank 0 returns them."""
         out = {}
@@ -138,14 +165,12 @@ class ShardedTrainer(TrainerBase):
         self.policy = session.policy  # the driver's full copy: loaded with each push, saved at the end of the run
         self.mtp = checkpoint_mtp_layer(session)  # frozen (train.mtp_loss_weight is refused): saved as it was loaded
         self.version = 0
-        host = ray.util.get_node_ip_address()
-        init_method = f"tcp://{host}:{free_port(host)}"
         # On cpu the ranks reserve no Ray CPU (the engines hold them, as the in-process trainer does not either).
         resources = {"num_gpus": 1, "num_cpus": 0} if train.device == "cuda" else {"num_cpus": 0}
         actor = ray.remote(**resources)(TrainerRank)
-        self.ranks = [actor.remote(self.cfg, str(session.model_path), rank, train.workers, init_method)
-                      for rank in range(train.workers)]
-        ray.get([r.learning_rate.remote() for r in self.ranks])  # every rank built: the group formed
+        self.ranks = [actor.remote(self.cfg, rank) for rank in range(train.workers)]
+        init_method = ray.get(self.ranks[0].address.remote())
+        ray.get([r.join.remote(init_method, train.workers, str(session.model_path)) for r in self.ranks])
         self.pusher = WeightPusher(session.pool, "bytes", torch.device("cpu"), self.cfg.engine.dtype)
         log.info("sharded trainer: %d ranks (%s)", train.workers, "nccl" if train.device == "cuda" else "gloo")
 
@@ -178,11 +203,18 @@ class ShardedTrainer(TrainerBase):
         return time.perf_counter() - started
 
     def load_checkpoint(self, path: Path) -> dict:
-        raise CheckpointError(f"cannot resume from '{path}' with train.workers > 1: the sharded trainer has no "
-                              "resumable checkpoints yet; resume with train.workers=1")
+        """Restore the driver's policy and RNG states, and every rank's shards and scheduler (the checkpoint may
+        have been written by another number of ranks)."""
+        saved = load_checkpoint(path, self.policy, None, None, self.mtp, sharded=True)
+        ray.get([r.load_shards.remote(str(Path(path) / SHARDS), saved["rank_scheduler"]) for r in self.ranks])
+        self.version = saved["policy_version"]
+        return saved
 
     def save_checkpoint(self, run_dir: Path, step: int, state: dict, keep: int) -> None:
-        """Reached only when the run is stopped (train.checkpoint_every > 0 is refused with train.workers > 1): no
-        resumable checkpoint, but the driver's policy gets the newest weights for the run's final save."""
-        log.warning("step %d: no resumable checkpoint with train.workers > 1; the run's final policy is saved", step)
+        """The one-process checkpoint's folder (the full policy, an HF folder; the run's state) plus ``shards/``:
+        each rank's weights and AdamW state (torch.distributed.checkpoint; the ranks share this machine's disk)."""
         self.gather()
+        scheduler = ray.get(self.ranks[0].scheduler_state.remote())
+        save_checkpoint(run_dir, step, self.policy, self.s.tokenizer, None, None, state | {"rank_scheduler": scheduler},
+                        keep=keep, mtp_layer=self.mtp,
+                        write_shards=lambda folder: ray.get([r.save_shards.remote(str(folder)) for r in self.ranks]))
