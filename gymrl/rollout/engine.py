@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from gymrl.config import EngineConfig, SamplingConfig
+from gymrl.resources import ray_node
 
 WORKER_EXTENSION = "gymrl.rollout.weight_sync.WeightSyncExtension"
 Sampling = SamplingConfig | list[SamplingConfig]  # one for every prompt, or one per prompt
@@ -366,6 +367,10 @@ class RolloutEngine:
         """Call a :class:`~gymrl.rollout.weight_sync.WeightSyncExtension` method in every worker of this engine
         (one result per tensor-parallel rank), without pausing its requests."""
         return await self.llm.collective_rpc(method, args=() if payload is None else (payload,))
+
+    def node(self) -> dict[str, str]:
+        """The Ray node this engine runs on (:func:`gymrl.resources.ray_node`)."""
+        return ray_node()
 
     def stats(self, new_peak_window: bool = False) -> EngineStats:
         """The counters now. ``new_peak_window``: start measuring ``peak_in_flight`` afresh after this

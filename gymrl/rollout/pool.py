@@ -19,9 +19,11 @@ from gymrl.rollout.engine import Completion, EngineStats, Generation, RolloutEng
 log = logging.getLogger(__name__)
 
 
-def actor_resources(cfg: EngineConfig) -> dict[str, float]:
-    """Ray resources of one engine actor: its CPUs, and on cuda one GPU per tensor-parallel rank."""
-    return {"num_cpus": cfg.cpus_per_engine, "num_gpus": cfg.tensor_parallel_size if cfg.device == "cuda" else 0}
+def actor_resources(cfg: EngineConfig) -> dict:
+    """Ray resources of one engine actor: its CPUs, on cuda one GPU per tensor-parallel rank, and the custom resources
+    of engine.ray_resources (which place it on the nodes that have them)."""
+    resources = {"num_cpus": cfg.cpus_per_engine, "num_gpus": cfg.tensor_parallel_size if cfg.device == "cuda" else 0}
+    return resources | ({"resources": dict(cfg.ray_resources)} if cfg.ray_resources else {})
 
 
 def _launch_engine(model_path: str, cfg: EngineConfig, seed: int, engine_id: int):
@@ -51,8 +53,8 @@ def start_engine(model_path: str, cfg: EngineConfig, seed: int, engine_id: int):
     return actor
 
 
-def _resource_text(counts: dict) -> str:
-    return ", ".join(f"{key} {counts.get(key, 0):g}" for key in ("CPU", "GPU"))
+def _resource_text(counts: dict, keys) -> str:
+    return ", ".join(f"{key} {counts.get(key, 0):g}" for key in keys)
 
 
 PLACEMENT_WARNING_S = 120.0  # an engine load takes 20-160 s on the lent machines
@@ -65,14 +67,15 @@ def wait_ready(actors: list, cfg: EngineConfig, warn_after_s: float = PLACEMENT_
     _, pending = ray.wait(refs, num_returns=len(refs), timeout=warn_after_s)
     if pending:
         resources = actor_resources(cfg)
-        need = {"CPU": resources["num_cpus"], "GPU": resources["num_gpus"]}
+        need = {"CPU": resources["num_cpus"], "GPU": resources["num_gpus"], **cfg.ray_resources}
         free, total = ray.available_resources(), ray.cluster_resources()
         never = any(need[key] > total.get(key, 0) for key in need)
         log.warning("%d of %d engine(s) not ready after %.0f s: still loading, or waiting for Ray to place them. "
-                    "Each engine needs %s (engine.cpus_per_engine, engine.tensor_parallel_size); Ray has %s free "
+                    "Each engine needs %s (engine.cpus_per_engine, engine.tensor_parallel_size, engine.ray_resources); "
+                    "Ray has %s free "
                     "of %s%s. Fewer engines, a smaller engine.cpus_per_engine or a larger ray_num_cpus make room.",
-                    len(pending), len(refs), warn_after_s, _resource_text(need), _resource_text(free),
-                    _resource_text(total),
+                    len(pending), len(refs), warn_after_s, _resource_text(need, need), _resource_text(free, need),
+                    _resource_text(total, need),
                     " (less than one engine needs: it can never be placed)" if never else "")
     return ray.get(refs)
 
@@ -246,6 +249,12 @@ class EnginePool:
         replaced (its counters start again from zero)."""
         done = self._call({e: (lambda a: a.stats.remote(new_peak_window)) for e in range(len(self.actors))},
                           self._health_timeout_s, "a health check", hung_is_dead=True)
+        return [done[e] for e in range(len(self.actors))]
+
+    def nodes(self) -> list[dict[str, str]]:
+        """The Ray node each engine runs on (engine.ray_resources places them), as the run records it."""
+        done = self._call({e: (lambda a: a.node.remote()) for e in range(len(self.actors))},
+                          self._health_timeout_s, "a placement check", hung_is_dead=True)
         return [done[e] for e in range(len(self.actors))]
 
     def step_metrics(self) -> dict[str, float]:

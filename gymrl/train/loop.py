@@ -28,7 +28,7 @@ from gymrl.models.checkpoint import save_policy
 from gymrl.models.checkpoint_files import inspect_checkpoint
 from gymrl.models.lora import apply_lora
 from gymrl.models.mtp import load_mtp_layer, mtp_layer_class
-from gymrl.resources import trainer_gpu
+from gymrl.resources import ray_node, trainer_gpu
 from gymrl.rollout.engine import SpecStats
 from gymrl.rollout.pool import EngineError
 from gymrl.rollout.runner import RolloutBatch, RolloutRunner
@@ -60,6 +60,10 @@ class TrainerBase:
                 if attempt == attempts:
                     raise
                 logging.getLogger(__name__).warning("evaluation failed (%s); running it again", err)
+
+    def nodes(self) -> list[dict[str, str]]:
+        """The Ray node of each trainer rank: here the driver's, where the in-process trainer runs."""
+        return [ray_node()]
 
 
 class GRPOTrainer(TrainerBase):
@@ -324,6 +328,9 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
         trainer = ShardedTrainer(session)
     else:  # its reference policy (beta > 0) is the initial one, even on resume
         trainer = GRPOTrainer(session)
+    # Where each part runs (engine.ray_resources and train.ray_resources place them on a cluster): in summary.json.
+    placement = {"driver": ray_node(), "engines": session.pool.nodes(), "trainer_ranks": trainer.nodes()}
+    logging.getLogger(__name__).info("placement: %s", json.dumps(placement))
     saved = None
     if resume is not None:
         saved = trainer.load_checkpoint(resume)
@@ -410,6 +417,7 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
         "eval_tasks": len(eval_tasks),
         "wall_seconds": time.perf_counter() - started,
         "policy_version": trainer.version,
+        "placement": placement,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_rewards(log.path, run_dir / "reward_curve.png")

@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor
 from gymrl.config import RunConfig
 from gymrl.envs.launcher import free_port
 from gymrl.models.checkpoint import load_policy
+from gymrl.resources import ray_node
 from gymrl.rollout.runner import Rollout, RolloutBatch
 from gymrl.session import Session
 from gymrl.train.accumulate import (
@@ -128,6 +129,9 @@ class TrainerRank:
     def learning_rate(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def node(self) -> dict[str, str]:
+        return ray_node()
+
     def scheduler_state(self) -> dict:
         return self.scheduler.state_dict()
 
@@ -167,6 +171,8 @@ class ShardedTrainer(TrainerBase):
         self.version = 0
         # On cpu the ranks reserve no Ray CPU (the engines hold them, as the in-process trainer does not either).
         resources = {"num_gpus": 1, "num_cpus": 0} if train.device == "cuda" else {"num_cpus": 0}
+        if train.ray_resources:  # the nodes that have them
+            resources["resources"] = dict(train.ray_resources)
         actor = ray.remote(**resources)(TrainerRank)
         self.ranks = [actor.remote(self.cfg, rank) for rank in range(train.workers)]
         init_method = ray.get(self.ranks[0].address.remote())
@@ -190,6 +196,10 @@ class ShardedTrainer(TrainerBase):
 
     def learning_rate(self) -> float:
         return ray.get(self.ranks[0].learning_rate.remote())
+
+    def nodes(self) -> list[dict[str, str]]:
+        """The Ray node of each rank (train.ray_resources places them)."""
+        return ray.get([r.node.remote() for r in self.ranks])
 
     def gather(self) -> None:
         """Load the ranks' shards into the driver's policy."""
