@@ -80,13 +80,14 @@ def hand_made_batch(vocab: int, groups: int = 3, group_size: int = 4) -> Rollout
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("train", [
-    {"loss_type": "dapo", "is_correction": "tis", "beta": 0.0},
-    {"loss_type": "grpo", "is_correction": "none", "beta": 0.1},
-], ids=["dapo-tis", "grpo-kl"])
-def test_two_ranks_take_the_one_process_step(demo_cfg, demo_model, train):
-    """The same hand-made batch through workers=2 (FSDP2, gloo) and workers=1: the same loss, stats, gradient norm
-    (clipping active) and updated weights, within 1e-5 in float32."""
+@pytest.mark.parametrize("train, workers, groups", [
+    ({"loss_type": "dapo", "is_correction": "tis", "beta": 0.0}, 2, 3),
+    ({"loss_type": "grpo", "is_correction": "none", "beta": 0.1}, 2, 3),
+    ({"loss_type": "bnpo", "is_correction": "tis", "beta": 0.0}, 3, 1),  # 2 sequences: one rank has none
+], ids=["dapo-tis", "grpo-kl", "bnpo-idle-rank"])
+def test_sharded_ranks_take_the_one_process_step(demo_cfg, demo_model, train, workers, groups):
+    """The same hand-made batch through workers > 1 (FSDP2, gloo) and workers=1: the same loss, stats, gradient
+    norm (clipping active) and updated weights, within 1e-5 in float32."""
     import ray
 
     from gymrl.session import init_ray
@@ -95,14 +96,14 @@ def test_two_ranks_take_the_one_process_step(demo_cfg, demo_model, train):
 
     base = {"micro_batch_size": 3, "max_grad_norm": 0.002, "learning_rate": 1e-3, "dtype": "float32"} | train
     one = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update=base)})
-    two = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update=base | {"workers": 2})})
+    many = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update=base | {"workers": workers})})
     init_ray(one)
 
     single = GRPOTrainer(engineless_session(one, demo_model))
-    batch = hand_made_batch(single.policy.config.vocab_size)
+    batch = hand_made_batch(single.policy.config.vocab_size, groups, group_size=4 if groups > 1 else 2)
     initial = {name: weight.clone() for name, weight in single.policy.state_dict().items()}
     expected = single.step(batch)
-    sharded = ShardedTrainer(engineless_session(two, demo_model))
+    sharded = ShardedTrainer(engineless_session(many, demo_model))
     try:
         got = sharded.step(batch)
         sharded.gather()
