@@ -402,9 +402,9 @@ class TrainConfig(Section):
     )
     push_bucket_mb: int = Field(
         default=512, ge=1,
-        description="Not used yet. Meant for workers > 1: a push that gathers the sharded weights bucket by bucket "
-        "(at most this many MB of full tensors at a time). Today such a push gathers them one tensor at a time onto "
-        "rank 0 and sends them to the engines in one blob.",
+        description="With workers > 1, a push (and a checkpoint) gathers the sharded weights into the driver's policy "
+        "bucket by bucket: rank 0 holds at most this many MB of full tensors at a time (one larger tensor alone). "
+        "The driver then sends the whole policy to the engines in one blob, as with workers = 1.",
     )
     weight_sync: Literal["auto", "bytes", "ipc", "broadcast"] = Field(
         default="auto",

@@ -94,7 +94,8 @@ def test_sharded_ranks_take_the_one_process_step(demo_cfg, demo_model, train, wo
     from gymrl.train.loop import GRPOTrainer
     from gymrl.train.sharded import ShardedTrainer
 
-    base = {"micro_batch_size": 3, "max_grad_norm": 0.002, "learning_rate": 1e-3, "dtype": "float32"} | train
+    base = {"micro_batch_size": 3, "max_grad_norm": 0.002, "learning_rate": 1e-3, "dtype": "float32",
+            "push_bucket_mb": 1} | train  # the weights come back in several buckets
     one = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update=base)})
     many = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update=base | {"workers": workers})})
     init_ray(one)

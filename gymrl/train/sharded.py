@@ -148,15 +148,21 @@ class TrainerRank:
         set_state_dict(self.policy, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(scheduler)
 
-    def full_state(self) -> dict[str, torch.Tensor] | None:
-        """The full weights on CPU, gathered one tensor at a time (every rank takes part); rank 0 returns them."""
-        out = {}
+    def full_state(self, bucket_bytes: int):
+        """The full weights on CPU, gathered one tensor at a time (every rank takes part), in buckets of at most
+        ``bucket_bytes`` (a tensor larger than that alone): rank 0 yields each bucket as it fills, the others nothing."""
+        bucket, size = {}, 0
         for name, tensor in self.policy.state_dict().items():
             full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            nbytes = full.numel() * full.element_size()
+            if bucket and size + nbytes > bucket_bytes:
+                yield bucket
+                bucket, size = {}, 0
             if self.rank == 0:
-                out[name] = full.detach().to("cpu", copy=True)
+                bucket[name], size = full.detach().to("cpu", copy=True), size + nbytes
             del full
-        return out if self.rank == 0 else None
+        if bucket:
+            yield bucket
 
 
 class ShardedTrainer(TrainerBase):
@@ -202,8 +208,23 @@ class ShardedTrainer(TrainerBase):
         return ray.get([r.node.remote() for r in self.ranks])
 
     def gather(self) -> None:
-        """Load the ranks' shards into the driver's policy."""
-        self.policy.load_state_dict(ray.get([r.full_state.remote() for r in self.ranks])[0])
+        """Load the ranks' shards into the driver's policy, one bucket (train.push_bucket_mb) at a time: rank 0 never
+        holds more than a bucket of full tensors, nor does the object store."""
+        streams = [r.full_state.remote(self.cfg.train.push_bucket_mb * 2**20) for r in self.ranks]
+        loaded = set()
+        for ref in streams[0]:
+            bucket = ray.get(ref)
+            unexpected = self.policy.load_state_dict(bucket, strict=False).unexpected_keys
+            if unexpected:
+                raise RuntimeError(f"the ranks' weights have {unexpected[:3]}, which the driver's policy has not")
+            loaded.update(bucket)
+            del bucket, ref
+        for stream in streams[1:]:  # they yield nothing; their end is the end of their collectives
+            for ref in stream:
+                ray.get(ref)
+        missing = set(self.policy.state_dict()) - loaded
+        if missing:
+            raise RuntimeError(f"the ranks' weights lack {sorted(missing)[:3]} of the driver's policy")
 
     def push_weights(self) -> float:
         """Gather the weights into the driver's policy, and push that into every engine (bytes)."""
