@@ -209,7 +209,7 @@ class ShardedTrainer(TrainerBase):
 
     def gather(self) -> None:
         """Load the ranks' shards into the driver's policy, one bucket (train.push_bucket_mb) at a time: rank 0 never
-        holds more than a bucket of full tensors, nor does the object store."""
+        holds more than a bucket of full tensors (those it yielded wait in the object store until loaded here)."""
         streams = [r.full_state.remote(self.cfg.train.push_bucket_mb * 2**20) for r in self.ranks]
         loaded = set()
         for ref in streams[0]:
