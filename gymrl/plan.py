@@ -36,7 +36,7 @@ from gymrl.memory import (
 )
 from gymrl.models.checkpoint_files import CheckpointInfo, inspect_checkpoint
 from gymrl.models.tiny import is_complete, model_dir_name
-from gymrl.resources import memory_problem
+from gymrl.resources import memory_problem, placement_problem
 
 Rows = list[tuple[str, str]]
 
@@ -174,8 +174,9 @@ def _engines(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, plan
                                  "the engines would wait forever")
     else:
         plan.sections["ray"] = [("cluster", f"{cfg.ray_address} (not contacted)")]
-    if cfg.ray_address is None and (problem := memory_problem(cfg)):
-        plan.warnings.append(problem)
+    for problem in (memory_problem(cfg), placement_problem(cfg)) if cfg.ray_address is None else ():
+        if problem:
+            plan.warnings.append(problem)
 
     res = actor_resources(eng)
     plan.gpus_needed = int(eng.num_engines * res["num_gpus"])
@@ -183,7 +184,8 @@ def _engines(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, plan
     rows: Rows = [
         ("engines", f"{eng.num_engines} x vLLM on {eng.device}, one Ray actor each"),
         ("per engine", f"{res['num_cpus']:g} CPU(s), {res['num_gpus']} GPU(s), "
-                       f"tensor parallel {eng.tensor_parallel_size}"),
+                       f"tensor parallel {eng.tensor_parallel_size}"
+                       + (f", Ray resources {json.dumps(res['resources'])}" if "resources" in res else "")),
         ("context", f"max_model_len {eng.max_model_len}, dtype {eng.dtype}, gpu_memory_utilization "
                     f"{eng.gpu_memory_utilization}, enforce_eager {eng.enforce_eager}"),
         ("speculative", json.dumps(eng.speculative_config.model_dump()) if eng.speculative_config else "off"),
