@@ -6,6 +6,7 @@ with a custom resource of its own, and runs ``gymrl train --set ray_address=...`
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -112,6 +113,7 @@ def two_nodes():
         yield cluster
     finally:
         cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.slow
