@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -59,9 +60,9 @@ def split_by_tokens(lengths: list[int], ranks: int) -> list[list[int]]:
     return [sorted(share) for share in shares]
 
 
-def shard_model(model: torch.nn.Module, mixed: MixedPrecisionPolicy | None) -> None:
+def shard_model(model: torch.nn.Module, mesh: DeviceMesh, mixed: MixedPrecisionPolicy | None) -> None:
     """FSDP2 in place: one unit per decoder layer, then the root (embeddings, final norm, head)."""
-    kwargs = {"mp_policy": mixed} if mixed is not None else {}
+    kwargs = {"mesh": mesh} | ({"mp_policy": mixed} if mixed is not None else {})
     for layer in model.model.layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
@@ -91,6 +92,7 @@ class TrainerRank:
             torch.cuda.set_device(0)  # Ray gave this actor one GPU
         dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=self.rank, world_size=world)
         self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        mesh = init_device_mesh(self.device.type, (world,))  # FSDP's default is a CUDA mesh wherever a GPU is seen
         bf16 = cfg.train.dtype == "bfloat16"
         # On cuda in bfloat16: float32 shards (the AdamW master weights), bfloat16 compute, float32 reductions.
         mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda and bf16 else None
@@ -100,8 +102,8 @@ class TrainerRank:
         if cfg.train.beta > 0:  # the initial policy, sharded the same way, never trained
             self.reference, _ = load_policy(model_path, "float32" if mixed is not None else cfg.train.dtype)
             self.reference.eval().requires_grad_(False)
-            shard_model(self.reference, mixed)
-        shard_model(policy, mixed)
+            shard_model(self.reference, mesh, mixed)
+        shard_model(policy, mesh, mixed)
         self.policy = policy.train()
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.train.learning_rate,
                                            weight_decay=cfg.train.weight_decay)
