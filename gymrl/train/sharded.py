@@ -8,9 +8,10 @@ weighted by its share of the *whole* batch. FSDP's gradient reduction is set to 
 summed gradient on every shard is the one-process gradient of the full batch. Clipping uses the global norm
 (``clip_grad_norm_`` on the DTensor gradients).
 
-A push gathers the full weights, parameter by parameter, onto rank 0, which hands them to the driver; the driver
-loads them into its own copy of the policy (``session.policy``, also what the run saves at its end) and pushes that
-the usual way (bytes).
+A push gathers the full weights, parameter by parameter, onto rank 0, which hands them to the driver in buckets of
+at most ``train.push_bucket_mb``; the driver loads them into its own copy of the policy (``session.policy``, also
+what the run saves at its end) and pushes that the usual way (bytes). A checkpoint is the one-process trainer's
+folder plus each rank's shards of the weights and the AdamW state (``torch.distributed.checkpoint``).
 """
 
 import functools
@@ -245,7 +246,7 @@ class ShardedTrainer(TrainerBase):
 
     def save_checkpoint(self, run_dir: Path, step: int, state: dict, keep: int) -> None:
         """The one-process checkpoint's folder (the full policy, an HF folder; the run's state) plus ``shards/``:
-        each rank's weights and AdamW state (torch.distributed.checkpoint; the ranks share this machine's disk)."""
+        each rank's weights and AdamW state (torch.distributed.checkpoint, so the ranks need one filesystem)."""
         self.gather()
         scheduler = ray.get(self.ranks[0].scheduler_state.remote())
         save_checkpoint(run_dir, step, self.policy, self.s.tokenizer, None, None, state | {"rank_scheduler": scheduler},
