@@ -22,10 +22,15 @@ def foreign_fields(architecture: str) -> set[str]:
 # Defaults of an architecture where they differ from the fields' own (which are qwen2's). deepseek_v3, measured
 # on 2 CPU cores: with the qwen2 warm-up (800 steps of 64) it takes over 4 minutes, and 300 steps of 64 with one
 # attention head left it unable to copy the operands (4 of 31 held-out prompts); 600 steps of 32 with two heads
-# copies all 31 and builds in about 2.5 minutes. Its LM head is untied: vLLM's DeepSeek model has no tied head.
+# copies all 31 and builds in about 2.5 minutes. Its warm-up peak learning rate is 1e-3: at qwen2's 3e-3 the loss
+# stalled at 0.18 (qwen2 reaches 0.048; the 30/70 right/off-by-one answers put the floor near 0.047), the model never
+# learned the sums, its sampled answers were spread thin (top answer 0.38 likely instead of the designed 0.7) and
+# GRPO could not raise held-out reward; at 1e-3, 0.056 in the same 600 steps. Its LM head is untied: vLLM's DeepSeek
+# model has no tied head.
 # nemotron_h: untied like deepseek_v3 (Nemotron-3's own checkpoints are), and a 3-layer hybrid, one layer of each
 # kind vLLM's model has (Mamba-2, MoE, attention).
-ARCHITECTURE_DEFAULTS = {"deepseek_v3": {"tie_word_embeddings": False, "warmup_steps": 600, "warmup_batch_size": 32},
+ARCHITECTURE_DEFAULTS = {"deepseek_v3": {"tie_word_embeddings": False, "warmup_steps": 600, "warmup_batch_size": 32,
+                                         "warmup_lr": 1e-3},
                          "nemotron_h": {"tie_word_embeddings": False, "num_hidden_layers": 3, "warmup_steps": 600,
                                         "warmup_batch_size": 32}}
 
@@ -82,7 +87,8 @@ class TinyModelSpec(BaseModel):
     warmup_steps: int = Field(
         default=800, ge=0, description="AdamW steps of supervised warm-up (0 = random model; deepseek_v3 default 600)."
     )
-    warmup_lr: float = Field(default=3e-3, gt=0, description="Peak warm-up learning rate (cosine decay to zero).")
+    warmup_lr: float = Field(default=3e-3, gt=0, description="Peak warm-up learning rate, cosine decay to zero "
+                             "(deepseek_v3 default 1e-3).")
     warmup_batch_size: int = Field(
         default=64, ge=1, description="Sequences per warm-up (and MTP) step (deepseek_v3 default 32)."
     )
