@@ -475,6 +475,17 @@ class EndpointConfig(Section):
     )
 
 
+class ClusterConfig(Section):
+    """The GPUs a run is planned for, when they are not the ones this machine shows (a config checked on a laptop or
+    login node before a GPU job): `gymrl train --dry-run` checks the memory plan against them and refuses one that
+    cannot fit."""
+
+    gpus: int | None = Field(default=None, ge=1, description="GPUs the run will have, over all its nodes (engines and "
+                             "sharded trainer ranks take one or more each); None = those visible here.")
+    gpu_memory_gb: float | None = Field(default=None, gt=0, description="Memory of each of those GPUs in GB, e.g. 80 "
+                                       "(H100) or 141 (H200); None = the GPUs visible here.")
+
+
 class RunConfig(Section):
     run_dir: Path = Field(default=Path("runs/demo"), description="Where metrics, plots and checkpoints go.")
     seed: int = Field(default=0, description="Seeds task sampling, vLLM sampling and the trainer.")
@@ -491,6 +502,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     ray_address: str | None = Field(
         default=None, description="Ray cluster address (HOST:PORT of `ray start --head`, or auto); None starts Ray "
         "locally. engine.ray_resources and train.ray_resources place the actors on the cluster's nodes.")

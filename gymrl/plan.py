@@ -9,7 +9,8 @@ builds the model on the meta device), no tiny model is built, and no Ray, engine
 
 An error a run would hit anywhere raises (the CLI prints it as one line, exit 2). What only stops the
 plan on *this* machine (too few GPUs, a model folder that lives on the GPU node) is a warning: the plan
-is still printed, so it can be checked on a laptop or login node before a GPU job.
+is still printed, so it can be checked on a laptop or login node before a GPU job. Memory is the exception:
+a plan that cannot fit the GPUs declared in ``cluster`` (or, for a local run, the GPUs here) is refused.
 """
 
 import json
@@ -25,6 +26,8 @@ from gymrl.envs.base import Environment
 from gymrl.envs.sources import gym_python_of, open_environments
 from gymrl.memory import (
     GPU_KINDS,
+    EngineMemory,
+    ModelShape,
     count,
     describe_layout,
     engine_memory,
@@ -179,7 +182,8 @@ def _engines(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, plan
             plan.warnings.append(problem)
 
     res = actor_resources(eng)
-    plan.gpus_needed = int(eng.num_engines * res["num_gpus"])
+    ranks = cfg.train.workers if cfg.train.workers > 1 and cfg.train.device == "cuda" else 0  # one GPU per rank
+    plan.gpus_needed = int(eng.num_engines * res["num_gpus"]) + ranks
     plan.gpus_visible, _ = _gpus()
     rows: Rows = [
         ("engines", f"{eng.num_engines} x vLLM on {eng.device}, one Ray actor each"),
@@ -194,10 +198,17 @@ def _engines(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, plan
     rows.append(("AsyncEngineArgs(...)", json.dumps({k: v for k, v in shown.items() if k != "model"}, default=str)))
     plan.sections["engines"] = rows
 
-    split = f" ({eng.num_engines} engines x tensor parallel {eng.tensor_parallel_size})" if plan.gpus_needed else ""
+    split = (f" ({eng.num_engines} engines x tensor parallel {eng.tensor_parallel_size}"
+             f"{f' + {ranks} trainer ranks' if ranks else ''})" if plan.gpus_needed else "")
     plan.sections["gpus"] = [("needed", f"{plan.gpus_needed}{split}"),
                              ("visible", f"{plan.gpus_visible} here (torch.cuda.device_count())")]
-    if cfg.ray_address is None and plan.gpus_needed > plan.gpus_visible:
+    declared = cfg.cluster.gpus
+    if declared is not None:
+        plan.sections["gpus"].append(("declared", f"{declared} (cluster.gpus)"))
+        if plan.gpus_needed > declared:
+            raise ValueError(f"cluster.gpus: this plan needs {plan.gpus_needed} GPUs{split}, the cluster has {declared}: "
+                             "lower engine.num_engines, engine.tensor_parallel_size or train.workers")
+    elif cfg.ray_address is None and plan.gpus_needed > plan.gpus_visible:
         plan.warnings.append(f"this plan needs {plan.gpus_needed} GPUs and this machine shows {plan.gpus_visible}: "
                              "it cannot run here (the engines would wait for Ray GPUs forever)")
 
@@ -231,8 +242,8 @@ def _trainer(cfg: RunConfig, plan: Plan) -> None:
 
 def _memory(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, plan: Plan) -> None:
     """Bytes per trainer rank and engine GPU from config.json (gymrl.memory), the fewest H100s and H200s the config
-    needs, and a warning naming the key to change when the GPUs here (or the host, for a CPU trainer) cannot hold
-    it."""
+    needs, and what does not fit, naming the key to change: refused for declared GPUs (``cluster``) and for this
+    machine's when the run would use them, a warning for a remote cluster's."""
     if info is None:
         return
     shape = model_shape(model_path, info, cfg.train.lora)
@@ -249,7 +260,9 @@ def _memory(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, plan:
     need = sum(p.bytes for p in parts)
     rows.append(("trainer rank", f"{gb(need)} on each of {tr.workers} rank(s) (train.workers)"))
     rows += [(f"  {p.name}", f"{gb(p.bytes)} = {p.how}") for p in parts]
-    _, gpu_memory = _gpus()
+    declared = cfg.cluster.gpu_memory_gb
+    gpu_memory = declared * 1e9 if declared is not None else _gpus()[1]
+    here = "a declared GPU (cluster.gpu_memory_gb)" if declared is not None else "a GPU here"
     engine_gpu = gpu_memory if eng.device == "cuda" else None
     em = engine_memory(eng, shape, info, engine_gpu)
     tp = eng.tensor_parallel_size
@@ -264,34 +277,48 @@ def _memory(cfg: RunConfig, model_path: Path, info: CheckpointInfo | None, plan:
             rows.append((f"{kind} ({size / 1e9:.0f} GB)", describe_layout(cfg, fewest_gpus(cfg, shape, info, size))))
     plan.sections["memory"] = rows
 
+    misfits = _misfits(cfg, shape, info, plan, need, em, engine_gpu, gpu_memory, here)
+    # A plan for declared GPUs, or for this machine's GPUs when the run would use them, that cannot fit is refused;
+    # one for a remote cluster (ray_address) checked on a machine with other GPUs only warns.
+    if misfits and (declared is not None or (gpu_memory and cfg.ray_address is None)):
+        raise ValueError("; ".join(misfits))
+    plan.warnings += misfits
+
+
+def _misfits(cfg: RunConfig, shape: ModelShape, info: CheckpointInfo, plan: Plan, need: float, em: EngineMemory,
+             engine_gpu: float | None, gpu_memory: float | None, here: str) -> list[str]:
+    """What of the memory plan does not fit the GPUs (or the host, for a CPU trainer), each naming the key to change."""
+    eng, tr = cfg.engine, cfg.train
+    out = []
     if engine_gpu and not em.fits:
         fit = fewest_gpus(cfg, shape, info, engine_gpu).tensor_parallel
-        plan.warnings.append(f"engine.tensor_parallel_size: at {tp}, an engine GPU needs {gb(em.weights)} of weights "
-                             f"and {gb(em.sequence)} for one max_model_len sequence, more than gpu_memory_utilization "
-                             f"{eng.gpu_memory_utilization} of the {gb(engine_gpu)} GPUs here holds; " + (
-                                 f"use {fit}" if fit else "no tensor_parallel_size up to 8 fits: lower "
-                                                          "engine.max_model_len or use bigger GPUs"))
+        out.append(f"engine.tensor_parallel_size: at {eng.tensor_parallel_size}, an engine GPU needs {gb(em.weights)} "
+                   f"of weights and {gb(em.sequence)} for one max_model_len sequence, more than gpu_memory_utilization "
+                   f"{eng.gpu_memory_utilization} of {here} ({gb(engine_gpu)}) holds; " + (
+                       f"use {fit}" if fit else "no tensor_parallel_size up to 8 fits: lower engine.max_model_len or "
+                                                "use bigger GPUs"))
     if tr.device != "cuda":
         if need > _host_memory():
-            plan.warnings.append(f"train.device: the trainer needs about {gb(need)} of host memory, this machine has "
-                                 f"{gb(_host_memory())}")
-        return
+            out.append(f"train.device: the trainer needs about {gb(need)} of host memory, this machine has "
+                       f"{gb(_host_memory())}")
+        return out
     if not gpu_memory:
-        return
-    shared = tr.workers == 1 and eng.device == "cuda" and plan.gpus_visible <= plan.gpus_needed
+        return out
+    gpus = cfg.cluster.gpus if cfg.cluster.gpus is not None else plan.gpus_visible
+    shared = tr.workers == 1 and eng.device == "cuda" and gpus <= plan.gpus_needed
     room = gpu_memory * (1 - eng.gpu_memory_utilization) if shared else gpu_memory
     if need <= room:
-        return
+        return out
     where = (f"the {gb(room)} that engine.gpu_memory_utilization {eng.gpu_memory_utilization} leaves on GPU 0"
-             if shared else f"the {gb(gpu_memory)} of a GPU here")
+             if shared else f"the {gb(gpu_memory)} of {here}")
     layout = fewest_gpus(cfg, shape, info, gpu_memory)
     if layout.ranks is None:
-        change = (f"lower train.micro_batch_size or engine.max_model_len ({layout.reason}, more than a GPU here; the "
+        change = (f"lower train.micro_batch_size or engine.max_model_len ({layout.reason}, more than {here}; the "
                   "trainer recomputes no activations)")
     else:
         change = f"{layout.ranks} ranks fit (train.workers {layout.ranks})"
-    plan.warnings.append(f"train.workers: a trainer rank needs about {gb(need)}, more than {where}: {change}")
-
+    out.append(f"train.workers: a trainer rank needs about {gb(need)}, more than {where}: {change}")
+    return out
 
 def _environments(cfg: RunConfig, envs: list[Environment], has_tools: dict[str, bool], plan: Plan) -> None:
     rows: Rows = []

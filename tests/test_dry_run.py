@@ -296,8 +296,7 @@ def shape_of(path: Path, lora: LoraConfig | None = None):
 
 
 def nano_config(path: Path, **train):
-    """configs/nemotron3_nano.yaml on ``path``, with ``train`` keys set past the validator (train.workers > 1 is
-    refused until the sharded trainer lands)."""
+    """configs/nemotron3_nano.yaml on ``path``, with these ``train`` keys."""
     cfg = load_config(NANO, {"model.path": str(path), "engine.speculative_config": None})
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
 
@@ -391,22 +390,41 @@ def test_full_fine_tuning_dry_runs_print_gpu_counts(nothing_heavy, nano, super_)
     assert "no number of trainer ranks fits (activations, logits and gathered layers alone take" in out
 
 
-def test_a_plan_that_does_not_fit_the_gpus_here_names_the_key(nothing_heavy, nano, monkeypatch):
+def test_a_plan_that_does_not_fit_the_gpus_here_is_refused_naming_the_key(nothing_heavy, nano, monkeypatch):
     monkeypatch.setattr(gymrl.plan, "_gpus", lambda: (8, int(80e9)))  # one H100 node
-    out = flat(dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT).stdout)
-    assert "warning: train.workers: a trainer rank needs about 277.4 GB, more than the 80.0 GB of a GPU here: 12 " \
-           "ranks fit (train.workers 12)" in out
-    assert "engine.tensor_parallel_size" not in out.split("warning:", 1)[1]  # an engine fits on one H100
-    out = flat(dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT, "engine.gpu_memory_utilization=0.5").stdout)
-    assert "warning: engine.tensor_parallel_size: at 1, an engine GPU needs 63.2 GB of weights" in out
-    assert "use 2" in out
-    out = flat(dry_run(NANO, f"model.path={nano}", NANO_NO_MTP).stdout)
-    assert "warning: train.workers: a trainer rank needs about" in out
-    assert "lower train.micro_batch_size or engine.max_model_len" in out
+    assert_one_line_error(dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT),
+                          "train.workers: a trainer rank needs about 277.4 GB, more than the 80.0 GB of a GPU here: 12 "
+                          "ranks fit (train.workers 12)")
+    result = dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT, "train.workers=12")  # a rank fits; 14 GPUs do not
+    assert result.exit_code == 0 and "warning: this plan needs 14 GPUs and this machine shows 8" in flat(result.stdout)
+    assert_one_line_error(dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT, "engine.gpu_memory_utilization=0.5"),
+                          "engine.tensor_parallel_size: at 1, an engine GPU needs 63.2 GB of weights", "use 2")
+    assert_one_line_error(dry_run(NANO, f"model.path={nano}", NANO_NO_MTP), "train.workers: a trainer rank needs about",
+                          "lower train.micro_batch_size or engine.max_model_len")
+    # Checked here for a remote cluster, it is a warning: these GPUs are not the run's.
+    out = flat(dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT, "ray_address=10.0.0.1:6379").stdout)
+    assert "warning: train.workers: a trainer rank needs about 277.4 GB" in out
     # LoRA fits one H200: no trainer warning.
     monkeypatch.setattr(gymrl.plan, "_gpus", lambda: (8, int(141e9)))
-    out = flat(dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT, "train.lora={r: 16}").stdout)
-    assert "warning: train.workers" not in out
+    result = dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT, "train.lora={r: 16}")
+    assert result.exit_code == 0 and "warning: train.workers" not in flat(result.stdout), result.output
+
+
+def test_a_plan_for_declared_gpus_is_checked_against_them(nothing_heavy, nano, monkeypatch):
+    monkeypatch.setattr(gymrl.plan, "_gpus", lambda: (0, None))  # a login node without GPUs
+    h200 = ("cluster.gpu_memory_gb=141", "cluster.gpus=8")
+    result = dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT, *h200, "train.workers=5")
+    assert result.exit_code == 0, result.output
+    out = flat(result.stdout)
+    assert "needed 7 (2 engines x tensor parallel 1 + 5 trainer ranks)" in out and "declared 8 (cluster.gpus)" in out
+    assert_one_line_error(dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT, *h200, "train.workers=4"),
+                          "train.workers: a trainer rank needs about", "a declared GPU (cluster.gpu_memory_gb)",
+                          "5 ranks fit (train.workers 5)")
+    assert_one_line_error(dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT, *h200, "train.workers=7"),
+                          "cluster.gpus: this plan needs 9 GPUs", "the cluster has 8")
+    # H100s: an engine fits, five ranks do not.
+    assert_one_line_error(dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT, "cluster.gpu_memory_gb=80",
+                                  "train.workers=5"), "12 ranks fit (train.workers 12)")
 
 
 # --- chat-template variables reach the prompt -------------------------------------------------------------

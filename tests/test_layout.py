@@ -22,6 +22,7 @@ LAYERS = [
     ("gymrl.config",),
     ("gymrl.errors", "gymrl.resources"),
     ("gymrl.models",),
+    ("gymrl.memory",),  # the dry run's memory plan, from a checkpoint's config.json
     ("gymrl.envs",),
     ("environments.",),  # the plugins (their packages and servers)
     ("gymrl.rollout",),
