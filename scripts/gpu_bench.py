@@ -175,8 +175,8 @@ def part_train(cfg, work: Path, steps: int, repeats: int, trl: tuple[str, ...]) 
 
     from gymrl.bench.vs_trl import compare_with_trl
     from gymrl.session import start_session
-    from gymrl.train.loop import GRPOTrainer
     from gymrl.train.policy import pad_batch, token_logprobs
+    from gymrl.train.trainer import GRPOTrainer
 
     gpus = torch.cuda.device_count()
     out: dict = {"gpus": gpus, "copy_bandwidth": {}}  # no GPU: a CPU rehearsal

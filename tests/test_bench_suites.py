@@ -56,7 +56,8 @@ def test_vs_trl_suite(fresh_session, tmp_path):
     summary = json.loads((tmp_path / "runs" / "gymrl_sync" / "summary.json").read_text())
     assert runs["gymrl sync"]["held_out_reward"] == summary["final_eval_reward"]
     assert size["initial_held_out_reward"] == summary["initial_eval_reward"]
-    from gymrl.train.loop import GRPOTrainer, held_out_tasks
+    from gymrl.train.loop import held_out_tasks
+    from gymrl.train.trainer import GRPOTrainer
 
     assert GRPOTrainer(fresh_session).evaluate(held_out_tasks(fresh_session))[0]["eval_reward"] == summary["initial_eval_reward"]
     table = (tmp_path / "vs-trl.md").read_text()

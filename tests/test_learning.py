@@ -111,7 +111,7 @@ def test_kl_to_the_reference_policy(fresh_session):
     """With beta > 0 the trainer keeps a frozen copy of the initial policy; the KL term starts at 0
     (policy == reference) and becomes positive once a step has moved the policy."""
     from gymrl.config import SamplingConfig
-    from gymrl.train.loop import GRPOTrainer
+    from gymrl.train.trainer import GRPOTrainer
 
     s = fresh_session
     cfg = s.cfg

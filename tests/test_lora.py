@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM
 from gymrl.config import ConfigError, LoraConfig, load_config
 from gymrl.models.checkpoint import load_policy, save_policy
 from gymrl.models.lora import apply_lora, check_targets, merged_state_dict
-from gymrl.train.loop import GRPOTrainer, train
+from gymrl.train.loop import train
 from gymrl.train.policy import pad_batch, token_logprobs
+from gymrl.train.trainer import GRPOTrainer
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 # As in tests/test_engine.py: engine and trainer agree to ~1e-6 in float32; one step moves logprobs > 1e-2.

@@ -16,7 +16,7 @@ from gymrl.models.checkpoint import load_policy, save_policy
 from gymrl.models.mtp import check_mtp_training, load_mtp_layer, new_mtp_layer
 from gymrl.rollout.runner import Rollout, RolloutBatch, encode_prompt
 from gymrl.session import resolve_model_path
-from gymrl.train.loop import GRPOTrainer
+from gymrl.train.trainer import GRPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 MTP_CONFIG = ROOT / "configs" / "mtp_cpu.yaml"
@@ -105,8 +105,8 @@ def test_mtp_training_needs_a_model_with_an_mtp_layer(tmp_path):
 
 def test_spec_metrics_per_environment_and_the_acceptance_plot(tmp_path):
     from gymrl.rollout.engine import SpecStats
-    from gymrl.train.loop import spec_metrics
     from gymrl.train.metrics import MetricsLog, plot_acceptance
+    from gymrl.train.trainer import spec_metrics
 
     def rollout(env, spec):
         return Rollout("t", env, [1], [2, 3], [1, 1], [-1.0, -1.0], "", "stop", 0.0, "", 0, spec=spec)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from gymrl.rollout.weight_sync import pack_state_dict
-from gymrl.train.loop import GRPOTrainer
 from gymrl.train.policy import pad_batch, token_logprobs
+from gymrl.train.trainer import GRPOTrainer
 
 pytestmark = pytest.mark.slow  # its own tool-use engine session (two engines)
 

@@ -91,8 +91,8 @@ def test_sharded_ranks_take_the_one_process_step(demo_cfg, demo_model, train, wo
     import ray
 
     from gymrl.session import init_ray
-    from gymrl.train.loop import GRPOTrainer
     from gymrl.train.sharded import ShardedTrainer
+    from gymrl.train.trainer import GRPOTrainer
 
     base = {"micro_batch_size": 3, "max_grad_norm": 0.002, "learning_rate": 1e-3, "dtype": "float32",
             "push_bucket_mb": 1} | train  # the weights come back in several buckets
@@ -174,8 +174,8 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_ranks(demo_cfg, demo_
     from gymrl.models.checkpoint import load_policy
     from gymrl.session import init_ray
     from gymrl.train.checkpoint import SHARDS, CheckpointError, checkpoint_dir
-    from gymrl.train.loop import GRPOTrainer
     from gymrl.train.sharded import ShardedTrainer
+    from gymrl.train.trainer import GRPOTrainer
 
     def with_train(**update):
         return demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update={

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 from gymrl.config import load_config
 from gymrl.envs.registry import load_environment
 from gymrl.rollout.runner import Rollout, RolloutBatch
-from gymrl.train.loop import TaskSampler, per_env
+from gymrl.train.loop import TaskSampler
+from gymrl.train.trainer import per_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def test_duplicate_env_is_rejected():
 
 
 def test_learning_rate_schedules():
-    from gymrl.train.loop import lr_factor
+    from gymrl.train.trainer import lr_factor
 
     assert [lr_factor("constant", 0, 10, s) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
     assert [lr_factor("linear", 3, 10, s) for s in range(3)] == [0.25, 0.5, 0.75]  # warm-up from near 0

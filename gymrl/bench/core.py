@@ -16,7 +16,7 @@ from rich.table import Table
 from gymrl.bench.args import BenchArgs, with_session
 from gymrl.bench.report import measure_table, summarise, write_json
 from gymrl.session import Session
-from gymrl.train.loop import GRPOTrainer
+from gymrl.train.trainer import GRPOTrainer
 
 
 def run_bench(session: Session, out: Path, repeats: int = 3) -> Table:

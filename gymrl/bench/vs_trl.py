@@ -47,7 +47,8 @@ def compare_with_trl(session, out: Path, steps: int, generations: tuple[str, ...
     from transformers import AutoModelForCausalLM
 
     from gymrl.rollout.weight_sync import pack_policy
-    from gymrl.train.loop import evaluate, held_out_tasks
+    from gymrl.train.loop import held_out_tasks
+    from gymrl.train.trainer import evaluate
 
     cfg = session.cfg
     check_supported(cfg)

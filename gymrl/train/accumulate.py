@@ -1,4 +1,4 @@
-"""One micro-batch's forward, loss and backward: the in-process trainer (loop.py) and every rank of the sharded one
+"""One micro-batch's forward, loss and backward: the in-process trainer (trainer.py) and every rank of the sharded one
 (sharded.py) both step through this, so both compute the same loss.
 
 Each micro-batch's loss is weighted by its share of the whole step's batch (its tokens over the batch's tokens for

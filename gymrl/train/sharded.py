@@ -44,7 +44,7 @@ from gymrl.train.accumulate import (
     step_result,
 )
 from gymrl.train.checkpoint import SHARDS, load_checkpoint, save_checkpoint
-from gymrl.train.loop import TrainerBase, checkpoint_mtp_layer, lr_factor
+from gymrl.train.trainer import TrainerBase, checkpoint_mtp_layer, lr_factor
 from gymrl.train.weight_push import WeightPusher
 
 log = logging.getLogger(__name__)
