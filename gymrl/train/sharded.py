@@ -97,11 +97,12 @@ class TrainerRank:
         bf16 = cfg.train.dtype == "bfloat16"
         # On cuda in bfloat16: float32 shards (the AdamW master weights), bfloat16 compute, float32 reductions.
         mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda and bf16 else None
-        policy, tokenizer = load_policy(model_path, "float32" if mixed is not None else cfg.train.dtype)
+        dtype = "float32" if mixed is not None else cfg.train.dtype
+        policy, tokenizer = load_policy(model_path, dtype)
         self.setup = loss_setup(cfg.train, cfg.sampling.max_tokens, tokenizer, policy, self.device)
         self.reference = None
         if cfg.train.beta > 0:  # the initial policy, sharded the same way, never trained
-            self.reference, _ = load_policy(model_path, "float32" if mixed is not None else cfg.train.dtype)
+            self.reference, _ = load_policy(model_path, dtype)
             self.reference.eval().requires_grad_(False)
             shard_model(self.reference, mesh, mixed)
         shard_model(policy, mesh, mixed)
