@@ -3,6 +3,7 @@
     python3 scripts/gpu_bench.py build [--config C]          # copy bandwidth; build the model on the GPU
     python3 scripts/gpu_bench.py engines --spec 0,1 [...]    # one engine per k: decode tok/s, acceptance;
                                                             # k=0 also harness vs raw and the weight pushes
+    python3 scripts/gpu_bench.py fsdp [--steps N]            # train.workers=1 under FSDP2 vs the one-process trainer
 
 Each part adds to WORK/results.json (WORK: --work, /tmp/gpubench by default, kept between calls while the
 machine is warm) and writes results.json + results.md into $OUT when set. All engines are gymrl's own
@@ -221,6 +222,76 @@ def part_train(cfg, work: Path, steps: int, repeats: int, trl: tuple[str, ...]) 
     return out
 
 
+def part_fsdp(cfg, work: Path, steps: int) -> dict:
+    """``train.workers: 1`` under FSDP2 (one NCCL rank, a Ray actor with the GPU) against the one-process trainer on
+    the same rollout batches (sampled once by the engine, which is then released): the loss and gradient norm of
+    every step and the weights after the last, in float32 (both float32 throughout) and in bfloat16 (the
+    one-process trainer holds bf16 weights; FSDP2 float32 shards with bf16 compute), and each trainer's s/step
+    and peak GPU memory."""
+    import ray
+    import torch
+
+    from gymrl.models.checkpoint import load_policy
+    from gymrl.session import Session, start_session
+    from gymrl.train.loop import TaskSampler
+    from gymrl.train.sharded import ShardedTrainer
+    from gymrl.train.trainer import GRPOTrainer
+
+    session = start_session(cfg)
+    try:
+        sampler = TaskSampler(session, cfg.seed, cfg.train.prompts_per_step)
+        batches = [session.runner.run(sampler.batch(b), cfg.train.group_size, cfg.sampling, 0, seed=b)
+                   for b in range(steps)]
+    finally:
+        session.close()
+    model_path = session.model_path
+    out: dict = {"steps": steps, "sequences_per_step": len(batches[0].rollouts),
+                 "tokens_per_step": statistics.mean(b.num_tokens for b in batches)}
+
+    def run(trainer) -> dict:
+        times, results = [], []
+        for batch in batches:
+            started = time.perf_counter()
+            results.append(trainer.step(batch))
+            times.append(time.perf_counter() - started)
+        return {"loss": [r.loss for r in results], "grad_norm": [r.grad_norm for r in results],
+                "step_s": _median(times[1:] or times)}
+
+    for dtype in ("float32", "bfloat16"):
+        c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"dtype": dtype, "workers": 1})})
+
+        def session_of(c=c):
+            policy, tokenizer = load_policy(model_path, c.train.dtype)
+            return Session(c, {}, model_path, policy, tokenizer, pool=None, runner=None)
+
+        cuda = torch.cuda.is_available()  # else a CPU rehearsal (gloo)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        one = GRPOTrainer(session_of())
+        single = run(one)
+        single["peak_gpu_GB"] = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+        expected = {k: v.detach().float().cpu() for k, v in one.policy.state_dict().items()}
+        del one
+        if cuda:
+            torch.cuda.empty_cache()
+        sharded = ShardedTrainer(session_of())
+        try:
+            fsdp = run(sharded)
+            fsdp["peak_gpu_GB"] = ray.get(sharded.ranks[0].__ray_call__.remote(
+                lambda rank: torch.cuda.max_memory_allocated() / 1e9)) if cuda else None
+            sharded.gather()
+            got = {k: v.detach().float() for k, v in sharded.policy.state_dict().items()}
+        finally:
+            for rank in sharded.ranks:
+                ray.kill(rank)
+        out[dtype] = {"one_process": single, "fsdp2_one_rank": fsdp,
+                      "max_loss_gap": max(abs(a - b) for a, b in zip(single["loss"], fsdp["loss"])),
+                      "max_grad_norm_gap": max(abs(a - b) for a, b in zip(single["grad_norm"], fsdp["grad_norm"])),
+                      "max_weight_gap": max(float((got[k] - w).abs().max()) for k, w in expected.items())}
+        print(json.dumps(out[dtype], indent=1), flush=True)
+    return out
+
+
 def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: int, results: dict, save) -> None:
     """One engine per k into ``results``, saved after each (a call cut at its time limit keeps the ks it did)."""
     import ray
@@ -342,6 +413,15 @@ def markdown(res: dict) -> str:
                          f"{wp['ipc_changed_weights_logprob_gap']:.3g}; {wp['restored_logprob_gap']:.3g}"))
     for key, t in res.get("train", {}).items():
         rows += _train_rows(key, t)
+    for dtype in ("float32", "bfloat16"):
+        f = res.get("fsdp", {}).get(dtype)
+        if f:
+            one, sh = f["one_process"], f["fsdp2_one_rank"]
+            rows.append((f"[fsdp, {dtype}] one process / FSDP2 one rank: s/step; peak GPU GB; max gap in loss, "
+                         "grad norm, weights",
+                         f"{one['step_s']['median']:.3f} / {sh['step_s']['median']:.3f}; {one['peak_gpu_GB']} / "
+                         f"{sh['peak_gpu_GB']}; {f['max_loss_gap']:.3g}, {f['max_grad_norm_gap']:.3g}, "
+                         f"{f['max_weight_gap']:.3g}"))
     return "\n".join(["| measure | value |", "| --- | --- |"] + [f"| {a} | {v} |" for a, v in rows]) + "\n"
 
 
@@ -381,7 +461,7 @@ def main() -> None:
     from gymrl.config import load_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", choices=("build", "engines", "train", "report"))
+    p.add_argument("part", choices=("build", "engines", "train", "fsdp", "report"))
     p.add_argument("--config", default=str(ROOT / "configs" / "gpu_bench.yaml"))
     p.add_argument("--work", default="/tmp/gpubench")
     p.add_argument("--spec", default="0,1,2,3", help="num_speculative_tokens values (0 = off), one engine each")
@@ -420,6 +500,8 @@ def main() -> None:
         trl = tuple(g for g in args.trl.split(",") if g)
         res.setdefault("train", {})["trl_" + "_".join(trl) if trl else "gymrl"] = part_train(
             cfg, work, args.steps, args.repeats, trl)
+    elif args.part == "fsdp":
+        res["fsdp"] = part_fsdp(cfg, work, args.steps)
     print(save())
 
 
