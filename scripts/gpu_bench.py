@@ -244,6 +244,11 @@ def part_fsdp(cfg, work: Path, steps: int) -> dict:
                    for b in range(steps)]
     finally:
         session.close()
+    # What is compared is the trainers' arithmetic: rewards by completion length, so that every group has
+    # advantages (the model's sudoku rewards are mostly all-zero groups, which give no gradient).
+    for batch in batches:
+        for r in batch.rollouts:
+            r.reward = len(r.completion_ids) % 3 / 2
     model_path = session.model_path
     out: dict = {"steps": steps, "sequences_per_step": len(batches[0].rollouts),
                  "tokens_per_step": statistics.mean(b.num_tokens for b in batches)}
