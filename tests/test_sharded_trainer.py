@@ -165,54 +165,144 @@ def test_a_sharded_push_gives_the_engine_the_trainers_logprobs(fresh_session):
     assert torch.allclose(after, ours, atol=2e-3), (after - ours).abs().max()
 
 
-@pytest.mark.slow
-def test_a_sharded_checkpoint_resumes_on_another_number_of_ranks(demo_cfg, demo_model, tmp_path):
-    """Checkpoint after one step on 2 ranks, then a second step; 3 ranks restored from the checkpoint take the same
-    second step (the AdamW moments and the schedule came back). A one-process trainer refuses the checkpoint."""
-    import ray
+def resume_cfg(demo_cfg, workers: int):
+    """The demo's config for the checkpoint tests: float32, a linear schedule (the learning rate changes each step)."""
+    return demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update={
+        "micro_batch_size": 3, "learning_rate": 1e-3, "lr_schedule": "linear", "steps": 4, "dtype": "float32",
+        "workers": workers})})
 
-    from gymrl.models.checkpoint import load_policy
-    from gymrl.session import init_ray
-    from gymrl.train.checkpoint import SHARDS, CheckpointError, checkpoint_dir
+
+def start_trainer(demo_cfg, demo_model, workers: int):
+    """The one-process trainer (workers=1) or the sharded one on ``workers`` ranks."""
     from gymrl.train.sharded import ShardedTrainer
     from gymrl.train.trainer import GRPOTrainer
 
-    def with_train(**update):
-        return demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update={
-            "micro_batch_size": 3, "learning_rate": 1e-3, "lr_schedule": "linear", "steps": 4, "dtype": "float32"}
-            | update)})
+    kind = ShardedTrainer if workers > 1 else GRPOTrainer
+    return kind(engineless_session(resume_cfg(demo_cfg, workers), demo_model))
+
+
+def trainer_weights(trainer) -> dict[str, torch.Tensor]:
+    if hasattr(trainer, "gather"):
+        trainer.gather()
+    return {name: weight.detach().clone() for name, weight in trainer.policy.state_dict().items()}
+
+
+def stop_trainer(trainer) -> None:
+    import ray
+
+    for rank in getattr(trainer, "ranks", []):
+        ray.kill(rank)
+
+
+@pytest.fixture(scope="module")
+def checkpointed(demo_cfg, demo_model, tmp_path_factory):
+    """``run(workers)``: a trainer of that kind takes one step on the hand-made batch, checkpoints, and takes a second
+    step on it; the checkpoint's folder, the weights and the learning rate after the second step. Each kind runs
+    once per module."""
+    from gymrl.session import init_ray
+    from gymrl.train.checkpoint import checkpoint_dir
 
     init_ray(demo_cfg)
-    first = ShardedTrainer(engineless_session(with_train(workers=2), demo_model))
-    batch = hand_made_batch(first.policy.config.vocab_size)
+    runs = {}
+
+    def run(workers: int):
+        if workers not in runs:
+            run_dir = tmp_path_factory.mktemp(f"wrote{workers}")
+            trainer = start_trainer(demo_cfg, demo_model, workers)
+            try:
+                batch = hand_made_batch(trainer.policy.config.vocab_size)
+                trainer.step(batch)
+                trainer.save_checkpoint(run_dir, 1, {"policy_version": trainer.version}, keep=2)
+                trainer.step(batch)
+                runs[workers] = (checkpoint_dir(run_dir, 1), trainer_weights(trainer), trainer.learning_rate(), batch)
+            finally:
+                stop_trainer(trainer)
+        return runs[workers]
+
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wrote, resumes", [(2, 3), (2, 2), (2, 1), (1, 2)],
+                         ids=["2-to-3-ranks", "2-to-2-ranks", "sharded-to-one-process", "one-process-to-sharded"])
+def test_a_checkpoint_resumes_on_another_number_of_ranks(demo_cfg, demo_model, checkpointed, wrote, resumes):
+    """Checkpoint after one step, then a second step; a trainer of another number of ranks (or of the other kind)
+    restored from the checkpoint takes the same second step: the AdamW moments and the schedule came back. Within
+    1e-5 (float32) across numbers of ranks; bit for bit on the same number."""
+    from gymrl.models.checkpoint import load_policy
+    from gymrl.train.checkpoint import SHARDS
+
+    folder, expected, expected_lr, batch = checkpointed(wrote)
+    assert (folder / SHARDS).is_dir() == (wrote > 1) and (folder / "policy" / "config.json").is_file()
+    trainer = start_trainer(demo_cfg, demo_model, resumes)
     try:
-        first.step(batch)
-        first.save_checkpoint(tmp_path, 1, {"policy_version": first.version}, keep=2)
-        first.step(batch)
-        first.gather()
-        expected = {name: weight.clone() for name, weight in first.policy.state_dict().items()}
-        expected_lr = first.learning_rate()
+        saved = trainer.load_checkpoint(folder)
+        assert saved["step"] == 1 and trainer.version == 1
+        trainer.step(batch)
+        got, lr = trainer_weights(trainer), trainer.learning_rate()
     finally:
-        for rank in first.ranks:
-            ray.kill(rank)
-    folder = checkpoint_dir(tmp_path, 1)
-    assert (folder / SHARDS).is_dir() and (folder / "policy" / "config.json").is_file()
-    second = ShardedTrainer(engineless_session(with_train(workers=3), demo_model))
-    try:
-        saved = second.load_checkpoint(folder)
-        assert saved["step"] == 1 and second.version == 1
-        second.step(batch)
-        second.gather()
-        assert second.learning_rate() == pytest.approx(expected_lr)
-    finally:
-        for rank in second.ranks:
-            ray.kill(rank)
+        stop_trainer(trainer)
+    assert lr == pytest.approx(expected_lr, rel=1e-12)
     at_checkpoint = load_policy(folder / "policy")[0].state_dict()
+    assert got.keys() == expected.keys()
     moved = 0.0
-    for name, weight in second.policy.state_dict().items():
-        torch.testing.assert_close(weight, expected[name], atol=1e-5, rtol=0, msg=name)
+    for name, weight in got.items():
+        if resumes == wrote:
+            assert torch.equal(weight, expected[name]), (name, float((weight - expected[name]).abs().max()))
+        else:
+            torch.testing.assert_close(weight, expected[name], atol=1e-5, rtol=0, msg=name)
         moved = max(moved, float((weight - at_checkpoint[name]).abs().max()))
     assert moved > 1e-4  # the second step moved the weights: it is what was compared
-    with pytest.raises(CheckpointError, match="written with train.workers > 1; resume it with train.workers > 1"):
-        GRPOTrainer(engineless_session(with_train(), demo_model)).load_checkpoint(folder)
 
+
+@pytest.mark.slow
+def test_gymrl_export_writes_a_sharded_checkpoints_policy(checkpointed, tmp_path):
+    """``gymrl export`` of a sharded trainer's checkpoint: a plain HF folder (no shards) with the checkpoint's
+    weights."""
+    from typer.testing import CliRunner
+
+    from gymrl.cli import app
+    from gymrl.models.checkpoint import load_policy
+
+    folder = checkpointed(2)[0]
+    out = tmp_path / "exported"
+    result = CliRunner().invoke(app, ["export", str(folder), str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "config.json").is_file() and not (out / "shards").exists()
+    exported = load_policy(out)[0].state_dict()
+    saved = load_policy(folder / "policy")[0].state_dict()
+    assert exported.keys() == saved.keys()
+    for name, weight in saved.items():
+        assert torch.equal(exported[name], weight), name
+
+
+def test_what_one_trainer_kind_cannot_resume_of_the_other_is_refused(demo_model, tmp_path):
+    """The sharded trainer trains no LoRA adapters and no MTP layer: a one-process checkpoint that has them is refused
+    on workers > 1, a sharded one under train.lora or an MTP optimizer group on workers=1, each naming the key; a
+    sharded checkpoint whose shards are broken is a CheckpointError naming the checkpoint."""
+    from gymrl.config import LoraConfig
+    from gymrl.models.checkpoint import load_policy
+    from gymrl.models.lora import apply_lora
+    from gymrl.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    policy, tokenizer = load_policy(demo_model)
+    params = list(policy.parameters())
+    two_groups = torch.optim.AdamW([{"params": params[:-1]}, {"params": params[-1:]}])  # as with an MTP group
+    scheduler = torch.optim.lr_scheduler.LambdaLR(two_groups, lambda step: 1.0)
+    mtp = save_checkpoint(tmp_path / "mtp", 1, policy, tokenizer, two_groups, scheduler, {})
+    with pytest.raises(CheckpointError, match=r"MTP layer \(train.mtp_loss_weight > 0\).*resume it with "
+                                              "train.workers=1"):
+        load_checkpoint(mtp, policy, None, None, sharded=True)
+    sharded = save_checkpoint(tmp_path / "sharded", 1, policy, tokenizer, None, None,
+                              {"rank_scheduler": scheduler.state_dict()}, write_shards=lambda folder: folder.mkdir())
+    with pytest.raises(CheckpointError, match="resume it with train.mtp_loss_weight 0"):
+        load_checkpoint(sharded, policy, two_groups, scheduler)
+    one_group = torch.optim.AdamW(policy.parameters())
+    with pytest.raises(CheckpointError, match=f"cannot restore checkpoint '{sharded}'"):  # shards/ has no shards
+        load_checkpoint(sharded, policy, one_group, torch.optim.lr_scheduler.LambdaLR(one_group, lambda step: 1.0))
+    lora = apply_lora(policy, LoraConfig(r=2))
+    with pytest.raises(CheckpointError, match="resume it without train.lora"):
+        load_checkpoint(sharded, lora, None, None)
+    adapters = save_checkpoint(tmp_path / "lora", 1, lora, tokenizer, None, None, {})
+    with pytest.raises(CheckpointError, match=r"LoRA adapters \(train.lora\).*resume it with train.workers=1"):
+        load_checkpoint(adapters, lora, None, None, sharded=True)

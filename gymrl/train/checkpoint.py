@@ -2,7 +2,8 @@
 
 Layout: ``<run_dir>/checkpoints/step_000010/`` holds ``policy/`` (a plain HF folder, as ``save_policy``
 writes it) and ``trainer_state.pt`` (optimizer, scheduler, RNG states, step and the caller's state: data
-cursor, policy version, trace and metrics offsets). A checkpoint is built in a hidden sibling folder,
+cursor, policy version, trace and metrics offsets); the sharded trainer's adds ``shards/``, its ranks' weights
+and AdamW state. Either trainer resumes a checkpoint of either. A checkpoint is built in a hidden sibling folder,
 flushed to disk and renamed into place, so a run killed mid-write leaves at most a hidden temp folder
 that :func:`latest_checkpoint` never picks and the next save removes.
 
@@ -19,6 +20,7 @@ import re
 import shutil
 import signal
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -159,25 +161,31 @@ def save_checkpoint(run_dir: str | Path, step: int, policy, tokenizer, optimizer
 
 def load_checkpoint(path: str | Path, policy, optimizer, scheduler, mtp_layer=None, sharded: bool = False) -> dict:
     """Restore the policy's weights (and ``mtp_layer``'s, if given), the optimizer, the scheduler (None if the run
-    has none) and the RNG states from a checkpoint folder; returns the caller's state with ``step`` added.
-    ``sharded``: the sharded trainer restores (``optimizer`` None; its ranks then read ``shards/`` themselves)."""
+    has none) and the RNG states from a checkpoint folder written by either trainer; returns the caller's state with
+    ``step`` added.
+
+    ``sharded``: the sharded trainer restores (``optimizer`` and ``scheduler`` None): its ranks then read the AdamW
+    state themselves (from ``shards/``, or from ``trainer_state.pt`` for a checkpoint of the one-process trainer),
+    and the returned ``rank_scheduler`` is the scheduler state they load, whichever trainer wrote it. The one-process
+    trainer restores a sharded checkpoint's AdamW state from ``shards/`` (:func:`load_sharded_optimizer`) and its
+    scheduler from the ranks' state the checkpoint keeps."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint folder at '{path}'")
     for part in (TRAINER_STATE, f"{POLICY}/config.json"):
         if not (path / part).is_file():
             raise FileNotFoundError(f"incomplete checkpoint '{path}': no {part}")
-    if (path / SHARDS).is_dir() != sharded:
-        written = "train.workers > 1" if (path / SHARDS).is_dir() else "train.workers=1"
-        raise CheckpointError(f"checkpoint '{path}' was written with {written}; resume it with {written} too")
-    try:
-        saved = torch.load(path / TRAINER_STATE, weights_only=True)
+    has_shards = (path / SHARDS).is_dir()
+    try:  # the sharded trainer's driver reads no optimizer state: it stays on disk (memory-mapped)
+        saved = torch.load(path / TRAINER_STATE, weights_only=True, mmap=sharded)
     except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
         raise CheckpointError(f"corrupt checkpoint '{path}': cannot read {TRAINER_STATE} ({err})") from err
-    if (saved["scheduler"] is None) != (scheduler is None):
-        has = "has no" if saved["scheduler"] is None else "has a"
+    _check_trainer_kinds(path, saved, has_shards, sharded, policy, optimizer)
+    schedule = saved["state"].get("rank_scheduler") if has_shards else saved["scheduler"]
+    if (schedule is None) != (scheduler is None and not sharded):
+        has = "has no" if schedule is None else "has a"
         raise CheckpointError(f"checkpoint '{path}' {has} scheduler state, and the run "
-                              f"{'has a' if scheduler is not None else 'has no'} scheduler")
+                              f"{'has a' if scheduler is not None or sharded else 'has no'} scheduler")
     try:
         if saved.get("adapter") is not None:  # a LoRA policy: its base is the run's model, its adapters are here
             unexpected = policy.load_state_dict(saved["adapter"], strict=False).unexpected_keys
@@ -188,14 +196,65 @@ def load_checkpoint(path: str | Path, policy, optimizer, scheduler, mtp_layer=No
             policy.load_state_dict(weights.state_dict())
         if mtp_layer is not None:
             mtp_layer.load_state_dict(load_mtp_layer(policy, path / POLICY).state_dict())
-        if optimizer is not None:
+        if optimizer is not None and has_shards:
+            load_sharded_optimizer(path / SHARDS, policy, optimizer)
+        elif optimizer is not None:
             optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None:
-            scheduler.load_state_dict(saved["scheduler"])
+            scheduler.load_state_dict(schedule)
     except Exception as err:  # noqa: BLE001 - safetensors, shape and parameter-group mismatches all land here
         raise CheckpointError(f"cannot restore checkpoint '{path}': {err}") from err
     set_rng_state(saved["rng"])
-    return saved["state"] | {"step": saved["step"]}
+    return saved["state"] | {"step": saved["step"]} | ({"rank_scheduler": schedule} if sharded else {})
+
+
+def _check_trainer_kinds(path: Path, saved: dict, has_shards: bool, sharded: bool, policy, optimizer) -> None:
+    """Refuse, naming the key, what one trainer kind wrote and the other cannot take: the sharded trainer trains no
+    LoRA adapters and no MTP layer (train.lora, train.mtp_loss_weight > 0 are refused with train.workers > 1)."""
+    if sharded and not has_shards:
+        if saved.get("adapter") is not None:
+            raise CheckpointError(f"checkpoint '{path}' holds LoRA adapters (train.lora), which the sharded trainer "
+                                  "(train.workers > 1) does not train; resume it with train.workers=1")
+        if saved["optimizer"] is None or len(saved["optimizer"]["param_groups"]) != 1:
+            raise CheckpointError(f"checkpoint '{path}' holds AdamW state for an MTP layer (train.mtp_loss_weight "
+                                  "> 0), which the sharded trainer (train.workers > 1) does not train; resume it "
+                                  "with train.workers=1")
+    if has_shards and not sharded:
+        if is_lora(policy):
+            raise CheckpointError(f"checkpoint '{path}' was written by the sharded trainer (train.workers > 1), "
+                                  "which trains no LoRA adapters; resume it without train.lora")
+        if optimizer is not None and len(optimizer.param_groups) != 1:
+            raise CheckpointError(f"checkpoint '{path}' was written by the sharded trainer (train.workers > 1), "
+                                  "which has no AdamW state for an MTP layer; resume it with train.mtp_loss_weight 0")
+
+
+def load_sharded_optimizer(folder: Path, policy, optimizer) -> None:
+    """Fill a one-process optimizer (over ``policy.parameters()``) from the AdamW shards the sharded trainer's ranks
+    wrote into ``folder``, whatever their number. In this process, without a process group: the optimizer's state by
+    parameter name (initialised by a step with zero gradients and learning rate, which moves no weight) is the
+    template ``torch.distributed.checkpoint`` reads each tensor into, whole; then it goes back into the optimizer.
+    The weights come from ``policy/``, as for a one-process checkpoint."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optim": get_optimizer_state_dict(policy, optimizer)}
+    read_shards(state, folder)
+    set_optimizer_state_dict(policy, optimizer, state["optim"])
+
+
+def read_shards(state: dict, folder: str | Path) -> None:
+    """Fill ``state``'s tensors from the shards in ``folder`` (``torch.distributed.checkpoint.load``: in each rank,
+    or in one process without a process group); a failure is a RuntimeError, not dcp's CheckpointException, which is
+    a BaseException that ``except Exception`` misses."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with warnings.catch_warnings():  # in one process, one process is what is meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.load(state, checkpoint_id=folder)
+        except CheckpointException as err:
+            failures = "; ".join(f"{type(e).__name__}: {e}" for e in err.failures.values())
+            raise RuntimeError(f"cannot read the shards in '{folder}' ({failures})") from None
 
 
 class StopSignal:

@@ -23,7 +23,7 @@ import ray
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -43,7 +43,15 @@ from gymrl.train.accumulate import (
     loss_setup,
     step_result,
 )
-from gymrl.train.checkpoint import SHARDS, load_checkpoint, save_checkpoint
+from gymrl.train.checkpoint import (
+    POLICY,
+    SHARDS,
+    TRAINER_STATE,
+    CheckpointError,
+    load_checkpoint,
+    read_shards,
+    save_checkpoint,
+)
 from gymrl.train.trainer import TrainerBase, checkpoint_mtp_layer, lr_factor
 from gymrl.train.weight_push import WeightPusher
 
@@ -97,7 +105,7 @@ class TrainerRank:
         bf16 = cfg.train.dtype == "bfloat16"
         # On cuda in bfloat16: float32 shards (the AdamW master weights), bfloat16 compute, float32 reductions.
         mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda and bf16 else None
-        dtype = "float32" if mixed is not None else cfg.train.dtype
+        self.dtype = dtype = "float32" if mixed is not None else cfg.train.dtype
         policy, tokenizer = load_policy(model_path, dtype)
         self.setup = loss_setup(cfg.train, cfg.sampling.max_tokens, tokenizer, policy, self.device)
         self.reference = None
@@ -107,10 +115,13 @@ class TrainerRank:
             shard_model(self.reference, mesh, mixed)
         shard_model(policy, mesh, mixed)
         self.policy = policy.train()
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.train.learning_rate,
-                                           weight_decay=cfg.train.weight_decay)
+        self.optimizer = self.adamw(self.policy)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
             lr_factor, cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.steps))
+
+    def adamw(self, model: torch.nn.Module) -> torch.optim.AdamW:
+        return torch.optim.AdamW(model.parameters(), lr=self.cfg.train.learning_rate,
+                                 weight_decay=self.cfg.train.weight_decay)
 
     def step(self, rollouts: list[Rollout], advantages: torch.Tensor, totals: Totals, passes: int,
              filler: Rollout) -> tuple[list[MicroBatch], float]:
@@ -148,9 +159,24 @@ class TrainerRank:
         """Read the shards :meth:`save_shards` wrote (by any number of ranks), and the scheduler's state."""
         model, optim = get_state_dict(self.policy, self.optimizer)  # the AdamW state initialised, to be filled
         state = {"model": model, "optim": optim}
-        dcp.load(state, checkpoint_id=folder)
+        read_shards(state, folder)
         set_state_dict(self.policy, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(scheduler)
+
+    def load_one_process(self, folder: str) -> None:
+        """Read a checkpoint of the one-process trainer (train.workers=1): the full weights (``policy/``), and the
+        AdamW and scheduler state of ``trainer_state.pt``. Its AdamW state is keyed by parameter index; a plain copy
+        of the policy with a plain AdamW turns it into the by-name form that ``set_state_dict`` takes, and each rank
+        keeps its shard of it. For the while, a rank holds a full copy of the weights and of the AdamW moments
+        (those memory-mapped from the file): about three times the model's size besides its shards."""
+        plain, _ = load_policy(Path(folder) / POLICY, self.dtype)
+        saved = torch.load(Path(folder) / TRAINER_STATE, weights_only=True, mmap=True)
+        optimizer = self.adamw(plain)
+        optimizer.load_state_dict(saved["optimizer"])
+        full = StateDictOptions(full_state_dict=True)
+        model, optim = get_state_dict(plain, optimizer, options=full)
+        set_state_dict(self.policy, self.optimizer, model_state_dict=model, optim_state_dict=optim, options=full)
+        self.scheduler.load_state_dict(saved["scheduler"])
 
     def full_state(self, bucket_bytes: int):
         """The full weights on CPU, gathered one tensor at a time (every rank takes part), in buckets of at most
@@ -238,10 +264,19 @@ class ShardedTrainer(TrainerBase):
         return time.perf_counter() - started
 
     def load_checkpoint(self, path: Path) -> dict:
-        """Restore the driver's policy and RNG states, and every rank's shards and scheduler (the checkpoint may
-        have been written by another number of ranks)."""
+        """Restore the driver's policy and RNG states, and every rank's weights, AdamW state and scheduler: from the
+        shards of a checkpoint of the sharded trainer (written by any number of ranks), or from the full state of
+        one of the one-process trainer."""
         saved = load_checkpoint(path, self.policy, None, None, self.mtp, sharded=True)
-        ray.get([r.load_shards.remote(str(Path(path) / SHARDS), saved["rank_scheduler"]) for r in self.ranks])
+        shards = Path(path) / SHARDS
+        try:
+            if shards.is_dir():
+                ray.get([r.load_shards.remote(str(shards), saved["rank_scheduler"]) for r in self.ranks])
+            else:
+                ray.get([r.load_one_process.remote(str(path)) for r in self.ranks])
+        except ray.exceptions.RayTaskError as err:
+            raise CheckpointError(f"cannot restore checkpoint '{path}' on the ranks: {getattr(err, 'cause', err)}") \
+                from err
         self.version = saved["policy_version"]
         return saved
 
