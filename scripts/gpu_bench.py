@@ -3,6 +3,7 @@
     python3 scripts/gpu_bench.py build [--config C]          # copy bandwidth; build the model on the GPU
     python3 scripts/gpu_bench.py engines --spec 0,1 [...]    # one engine per k: decode tok/s, acceptance;
                                                             # k=0 also harness vs raw and the weight pushes
+    python3 scripts/gpu_bench.py trainer --micro 16,64      # the trainer alone: tokens/s, MFU, a profile
     python3 scripts/gpu_bench.py fsdp [--steps N]            # train.workers=1 under FSDP2 vs the one-process trainer
 
 Each part adds to WORK/results.json (WORK: --work, /tmp/gpubench by default, kept between calls while the
@@ -297,6 +298,92 @@ def part_fsdp(cfg, work: Path, steps: int) -> dict:
     return out
 
 
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (the H200 has the same)
+
+
+def synthetic_batch(cfg, tokenizer, envs, seed: int):
+    """A step's batch with the config's shape and no engine: the environment's real prompts, completions of random
+    tokens, uniform in length from 40 (or fewer) to sampling.max_tokens, and rewards that differ within every group."""
+    import random
+
+    from gymrl.rollout.runner import Rollout, RolloutBatch, encode_prompt
+
+    rng = random.Random(seed)
+    tasks = [t for e in cfg.envs for t in envs[e.name].tasks("train")]
+    rollouts = []
+    for g in range(cfg.train.prompts_per_step):
+        prompt = encode_prompt(tokenizer, tasks[rng.randrange(len(tasks))])
+        for i in range(cfg.train.group_size):
+            n = rng.randint(min(40, cfg.sampling.max_tokens), cfg.sampling.max_tokens)
+            rollouts.append(Rollout(task_id=f"t{g}", env=cfg.envs[0].name, prompt_ids=prompt,
+                                    completion_ids=[rng.randrange(3, tokenizer.vocab_size) for _ in range(n)],
+                                    completion_mask=[1] * n, logprobs=[-6.0] * n, text="", finish_reason="length",
+                                    reward=float(i % 2), reason="", policy_version=0))
+    return RolloutBatch(rollouts, cfg.train.group_size, generate_seconds=0.0, verify_seconds=0.0)
+
+
+def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int]) -> dict:
+    """The one-process trainer alone on the GPU (no engine): s/step, trained tokens/s and model FLOP utilisation on
+    synthetic batches of the config's shape, per train.micro_batch_size, and a profile of one step (the top CUDA
+    kernels). FLOPs per trained token: 6 x the parameters of the matrix multiplies (forward 2N, backward 4N; the
+    lm_head counted, the embedding lookup not) plus attention's 6 x 2 x layers x hidden x the mean sequence length
+    (QK^T and AV, forward and backward, causal halved). The old logprobs are the same forward's (TIS) or the
+    engine's, so no extra scoring pass runs; beta > 0 would add a 2N reference forward."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from gymrl.envs.registry import load_environment
+    from gymrl.models.checkpoint import load_policy
+    from gymrl.session import Session, resolve_model_path
+    from gymrl.train.trainer import GRPOTrainer
+
+    envs = {e.name: load_environment(e.name, e.args) for e in cfg.envs}
+    path = resolve_model_path(cfg.model, list(envs.values()), [e.weight for e in cfg.envs])
+    out: dict = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "runs": {}}
+    for mb in micro_batch_sizes:
+        c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": mb})})
+        policy, tokenizer = load_policy(path, c.train.dtype)
+        trainer = GRPOTrainer(Session(c, envs, path, policy, tokenizer, pool=None, runner=None))
+        config = policy.config
+        matmul = sum(p.numel() for n, p in policy.named_parameters() if "embed_tokens" not in n)
+        if getattr(config, "tie_word_embeddings", False):
+            matmul += policy.get_input_embeddings().weight.numel()  # the tied lm_head multiplies too
+        batches = [synthetic_batch(c, tokenizer, envs, seed) for seed in range(steps)]
+        times = []
+        for batch in batches:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            trainer.step(batch)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        tokens = statistics.mean(sum(len(r.prompt_ids) + len(r.completion_ids) for r in b.rollouts) for b in batches)
+        mean_len = tokens / len(batches[0].rollouts)
+        per_token = 6 * matmul + 6 * 2 * config.num_hidden_layers * config.hidden_size * mean_len / 2
+        step_s = statistics.median(times[1:])
+        run = {"micro_batch_size": mb, "step_s": _median(times[1:]), "tokens_per_step": tokens,
+               "tokens_per_s": tokens / step_s, "matmul_parameters": matmul, "flops_per_token": per_token,
+               "mfu": tokens * per_token / step_s / H100_BF16_PEAK,
+               "peak_gpu_GB": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
+        if mb == micro_batch_sizes[0]:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            with profile(activities=activities) as prof:
+                trainer.step(batches[-1])
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+            key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+            run["profile"] = prof.key_averages().table(sort_by=key, row_limit=25)
+            print(run["profile"], flush=True)
+        out["runs"][str(mb)] = run
+        print(json.dumps({k: v for k, v in run.items() if k != "profile"}, indent=1), flush=True)
+        del trainer, policy
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    return out
+
+
 def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: int, results: dict, save) -> None:
     """One engine per k into ``results``, saved after each (a call cut at its time limit keeps the ks it did)."""
     import ray
@@ -418,6 +505,10 @@ def markdown(res: dict) -> str:
                          f"{wp['ipc_changed_weights_logprob_gap']:.3g}; {wp['restored_logprob_gap']:.3g}"))
     for key, t in res.get("train", {}).items():
         rows += _train_rows(key, t)
+    for mb, r in res.get("trainer", {}).get("runs", {}).items():
+        rows.append((f"[trainer, micro_batch_size {mb}] s/step median [min-max]; tokens/s; MFU; peak GPU GB",
+                     f"{r['step_s']['median']:.3f} [{r['step_s']['min']:.3f}-{r['step_s']['max']:.3f}]; "
+                     f"{r['tokens_per_s']:,.0f}; {r['mfu']:.3f}; {r['peak_gpu_GB']}"))
     for dtype in ("float32", "bfloat16"):
         f = res.get("fsdp", {}).get(dtype)
         if f:
@@ -466,7 +557,7 @@ def main() -> None:
     from gymrl.config import load_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", choices=("build", "engines", "train", "fsdp", "report"))
+    p.add_argument("part", choices=("build", "engines", "train", "fsdp", "trainer", "report"))
     p.add_argument("--config", default=str(ROOT / "configs" / "gpu_bench.yaml"))
     p.add_argument("--work", default="/tmp/gpubench")
     p.add_argument("--spec", default="0,1,2,3", help="num_speculative_tokens values (0 = off), one engine each")
@@ -474,6 +565,7 @@ def main() -> None:
     p.add_argument("--greedy-prompts", type=int, default=64)
     p.add_argument("--steps", type=int, default=6, help="train: GRPO steps of each runner (step 1 warms up)")
     p.add_argument("--trl", default="", help="train: TRL generations to compare with, e.g. transformers,vllm")
+    p.add_argument("--micro", default="64", help="trainer: train.micro_batch_size values, e.g. 16,64,128")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (YAML value)")
     args = p.parse_args()
     import yaml
@@ -505,6 +597,8 @@ def main() -> None:
         trl = tuple(g for g in args.trl.split(",") if g)
         res.setdefault("train", {})["trl_" + "_".join(trl) if trl else "gymrl"] = part_train(
             cfg, work, args.steps, args.repeats, trl)
+    elif args.part == "trainer":
+        res["trainer"] = part_trainer(cfg, work, args.steps, [int(m) for m in args.micro.split(",")])
     elif args.part == "fsdp":
         res["fsdp"] = part_fsdp(cfg, work, args.steps)
     print(save())
