@@ -84,6 +84,7 @@ def train(
     from gymrl.train.loop import train as run_training
     from gymrl.train.producer import TooManyFailures
     from gymrl.train.progress import TrainProgress
+    from gymrl.train.sharded import TrainerRankError
 
     try:
         with console.status("starting: environment, model, Ray and vLLM engine(s)..."):
@@ -93,7 +94,8 @@ def train(
     try:
         with TrainProgress(cfg.train.steps, console) as progress:
             summary = run_training(session, progress.update, checkpoint)
-    except USER_ERRORS + (EnvServerError, EngineError, CheckpointError, TooManyFailures, TraceDiskFull) as err:
+    except USER_ERRORS + (EnvServerError, EngineError, CheckpointError, TooManyFailures, TraceDiskFull,
+                          TrainerRankError) as err:
         last = latest_checkpoint(Path(cfg.run_dir))
         fail(RuntimeError(f"{err}\nthe run stopped; " + (
             f"its last checkpoint is {last}: continue with `gymrl train --resume {cfg.run_dir}`" if last

@@ -406,6 +406,11 @@ class TrainConfig(Section):
         "bucket by bucket: rank 0 holds at most this many MB of full tensors at a time (one larger tensor alone). "
         "The driver then sends the whole policy to the engines in one blob, as with workers = 1.",
     )
+    collective_timeout_s: float = Field(
+        default=600.0, gt=0,
+        description="With workers > 1, how long a rank waits in a collective (gloo or NCCL) for the others before it "
+        "fails. A rank that dies stops the run at once (the driver sees it); this bounds one that hangs alive.",
+    )
     weight_sync: Literal["auto", "bytes", "ipc", "broadcast"] = Field(
         default="auto",
         description="How a push reaches the engines. bytes: one safetensors blob through Ray's object store (any "
@@ -504,8 +509,9 @@ class RunConfig(Section):
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     ray_address: str | None = Field(
-        default=None, description="Ray cluster address (HOST:PORT of `ray start --head`, or auto); None starts Ray "
-        "locally. engine.ray_resources and train.ray_resources place the actors on the cluster's nodes.")
+        default=None, description="Ray cluster address (HOST:PORT of `ray start --head`, or auto); None starts a "
+        "local Ray of the run's own, even where `ray start` or RAY_ADDRESS names another. engine.ray_resources and "
+        "train.ray_resources place the actors on the cluster's nodes.")
     ray_num_cpus: int | None = Field(default=None, ge=1, description="CPUs of the local Ray (None = all).")
 
     @model_validator(mode="after")

@@ -65,12 +65,21 @@ def resolve_model_path(cfg: ModelConfig, envs: list[Environment], weights: list[
 
 
 def init_ray(cfg: RunConfig) -> None:
+    """Join the cluster at ``ray_address``, or, without one, start a local Ray of the run's own: ``address="local"``
+    never attaches to a cluster that ``ray start`` left running here, nor to one that RAY_ADDRESS names (Ray
+    would, and then refuse the local cluster's num_cpus and num_gpus)."""
     if ray.is_initialized():
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     local = cfg.ray_address is None
+    if local:
+        env = os.environ.get("RAY_ADDRESS")
+        logging.getLogger(__name__).log(
+            logging.WARNING if env else logging.INFO,
+            "no ray_address: starting a local Ray cluster of its own; set ray_address to join a running one%s",
+            f" (RAY_ADDRESS={env} is not used)" if env else "")
     ray.init(
-        address=cfg.ray_address,
+        address="local" if local else cfg.ray_address,
         num_cpus=cfg.ray_num_cpus if local else None,
         num_gpus=ray_gpus(cfg) if local else None,  # the trainer's own GPU is not Ray's to give to an engine
         include_dashboard=False,

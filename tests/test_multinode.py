@@ -138,3 +138,29 @@ def test_engines_and_trainer_ranks_run_on_the_nodes_their_resources_name(two_nod
     assert [e["node_id"] for e in placement["engines"]] == [engine_node]
     assert [r["node_id"] for r in placement["trainer_ranks"]] == [trainer_node] * 2
     assert placement["driver"]["hostname"] == socket.gethostname()  # the trainer of workers=1 would run there
+
+
+@pytest.mark.slow
+def test_a_run_without_ray_address_starts_a_ray_of_its_own(two_nodes, tmp_path):
+    """With a cluster that `ray start` left running here, named by RAY_ADDRESS or not, a run without ray_address
+    starts a local Ray of its own (Ray's address=None would attach to the running one, then refuse num_cpus)."""
+    script = """if True:
+        import os, sys, ray
+        from gymrl.config import load_config
+        from gymrl.session import init_ray
+        cfg = load_config(sys.argv[1], {"run_dir": sys.argv[2], "ray_num_cpus": 1})
+        for _ in range(2):  # RAY_ADDRESS naming the running cluster, then unset
+            init_ray(cfg)
+            print("gcs", ray.get_runtime_context().gcs_address, ray.cluster_resources().get("gymrl_engine_node", 0))
+            ray.shutdown()
+            os.environ.pop("RAY_ADDRESS", None)
+    """
+    done = subprocess.run([sys.executable, "-c", script, str(DEMO_CONFIG), str(tmp_path)], cwd=ROOT, text=True,
+                          env=two_nodes.env | {"RAY_ADDRESS": two_nodes.address}, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (f"no ray_address: starting a local Ray cluster of its own; set ray_address to join a running one "
+            f"(RAY_ADDRESS={two_nodes.address} is not used)") in done.stderr
+    runs = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("gcs ")]
+    assert len(runs) == 2
+    for address, engine_nodes in runs:
+        assert address.rsplit(":", 1)[1] != str(two_nodes.port) and engine_nodes == "0"  # not the running cluster

@@ -12,11 +12,16 @@ A push gathers the full weights, parameter by parameter, onto rank 0, which hand
 at most ``train.push_bucket_mb``; the driver loads them into its own copy of the policy (``session.policy``, also
 what the run saves at its end) and pushes that the usual way (bytes). A checkpoint is the one-process trainer's
 folder plus each rank's shards of the weights and the AdamW state (``torch.distributed.checkpoint``).
+
+A rank that dies or fails (a SIGKILL, an OOM kill, an error) stops the run at once: the driver waits on the ranks'
+calls together (:meth:`ShardedTrainer.wait`), raises :class:`TrainerRankError` naming the rank, and kills the others,
+which would otherwise wait in a collective; ``train.collective_timeout_s`` bounds a rank that hangs alive.
 """
 
 import functools
 import logging
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import ray
@@ -99,7 +104,8 @@ class TrainerRank:
         cuda = cfg.train.device == "cuda"
         if cuda:
             torch.cuda.set_device(0)  # Ray gave this actor one GPU
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=self.rank, world_size=world)
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=self.rank, world_size=world,
+                                timeout=timedelta(seconds=cfg.train.collective_timeout_s))
         self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         mesh = init_device_mesh(self.device.type, (world,))  # FSDP's default is a CUDA mesh wherever a GPU is seen
         bf16 = cfg.train.dtype == "bfloat16"
@@ -195,6 +201,10 @@ class TrainerRank:
             yield bucket
 
 
+class TrainerRankError(RuntimeError):
+    """A rank of the sharded trainer died or failed; every rank has been stopped, the run cannot go on."""
+
+
 class ShardedTrainer(TrainerBase):
     """The trainer of ``train.workers`` > 1: the driver's side, with :class:`~gymrl.train.loop.GRPOTrainer`'s
     interface (step, push_weights, learning_rate, checkpoints)."""
@@ -211,8 +221,8 @@ class ShardedTrainer(TrainerBase):
             resources["resources"] = dict(train.ray_resources)
         actor = ray.remote(**resources)(TrainerRank)
         self.ranks = [actor.remote(self.cfg, rank) for rank in range(train.workers)]
-        init_method = ray.get(self.ranks[0].address.remote())
-        ray.get([r.join.remote(init_method, train.workers, str(session.model_path)) for r in self.ranks])
+        init_method = self.wait([self.ranks[0].address.remote()], "startup")[0]
+        self.wait([r.join.remote(init_method, train.workers, str(session.model_path)) for r in self.ranks], "startup")
         self.pusher = WeightPusher(session.pool, "bytes", torch.device("cpu"), self.cfg.engine.dtype)
         log.info("sharded trainer: %d ranks (%s)", train.workers, "nccl" if train.device == "cuda" else "gloo")
 
@@ -225,33 +235,72 @@ class ShardedTrainer(TrainerBase):
         mb = self.cfg.train.micro_batch_size
         passes = max(-(-len(share) // mb) for share in shares)
         filler = min(rollouts, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))
-        results = ray.get([rank.step.remote([rollouts[i] for i in share], advantages[share], totals, passes, filler)
-                           for rank, share in zip(self.ranks, shares)])
+        results = self.wait([rank.step.remote([rollouts[i] for i in share], advantages[share], totals, passes, filler)
+                             for rank, share in zip(self.ranks, shares)], f"step {self.version + 1}")
         self.version += 1
         return step_result([p for parts, _ in results for p in parts], totals, started, results[0][1])
 
+    def wait(self, refs: list, what: str) -> list:
+        """The results of one call per rank (``refs[i]``: rank i's), taken as they finish, so that the first rank
+        to die or fail stops the run at once (:meth:`failed`) rather than after the others' collectives time out."""
+        rank_of, results, pending = {ref: i for i, ref in enumerate(refs)}, {}, list(refs)
+        while pending:
+            (ref,), pending = ray.wait(pending, num_returns=1)
+            try:
+                results[rank_of[ref]] = ray.get(ref)
+            except ray.exceptions.RayError as err:
+                raise self.failed(rank_of[ref], what, err) from err
+        return [results[i] for i in range(len(refs))]
+
+    def failed(self, rank: int, what: str, err: Exception) -> TrainerRankError:
+        """Kill every rank (the survivors would wait in a collective) and say which one failed, and how. A rank
+        that raised because a peer's connection closed is not the cause: a rank found dead is named instead."""
+        if not isinstance(err, ray.exceptions.RayActorError):
+            pings = {r.__ray_ready__.remote(): i for i, r in enumerate(self.ranks) if i != rank}
+            ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=5.0) if pings else ([], [])
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError as dead:
+                    rank, err = pings[ref], dead
+                    break
+        for actor in self.ranks:
+            ray.kill(actor)
+        if isinstance(err, ray.exceptions.RayActorError):
+            how = "died"
+        else:
+            how, err = "failed", getattr(err, "cause", None) or err
+        detail = " ".join(f"{type(err).__name__}: {err}".split())
+        return TrainerRankError(f"trainer rank {rank} of {len(self.ranks)} {how} during {what}; every rank was "
+                                f"stopped ({detail[:400]})")
+
     def learning_rate(self) -> float:
-        return ray.get(self.ranks[0].learning_rate.remote())
+        return self.wait([self.ranks[0].learning_rate.remote()], "a learning-rate query")[0]
 
     def nodes(self) -> list[dict[str, str]]:
         """The Ray node of each rank (train.ray_resources places them)."""
-        return ray.get([r.node.remote() for r in self.ranks])
+        return self.wait([r.node.remote() for r in self.ranks], "a placement query")
 
     def gather(self) -> None:
         """Load the ranks' shards into the driver's policy, one bucket (train.push_bucket_mb) at a time: rank 0 never
         holds more than a bucket of full tensors (those it yielded wait in the object store until loaded here)."""
         streams = [r.full_state.remote(self.cfg.train.push_bucket_mb * 2**20) for r in self.ranks]
-        loaded = set()
-        for ref in streams[0]:
-            bucket = ray.get(ref)
+        rank_of, live, loaded = {stream: i for i, stream in enumerate(streams)}, list(streams), set()
+        what = f"the gathering of the weights after step {self.version}"
+        while live:  # whichever stream moves first, so that a rank's death is seen while rank 0 waits on it
+            (stream,), _ = ray.wait(live, num_returns=1)
+            try:
+                bucket = ray.get(next(stream))
+            except StopIteration:  # the others yield nothing; their end is the end of their collectives
+                live.remove(stream)
+                continue
+            except ray.exceptions.RayError as err:
+                raise self.failed(rank_of[stream], what, err) from err
             unexpected = self.policy.load_state_dict(bucket, strict=False).unexpected_keys
             if unexpected:
                 raise RuntimeError(f"the ranks' weights have {unexpected[:3]}, which the driver's policy has not")
             loaded.update(bucket)
-            del bucket, ref
-        for stream in streams[1:]:  # they yield nothing; their end is the end of their collectives
-            for ref in stream:
-                ray.get(ref)
+            del bucket
         missing = set(self.policy.state_dict()) - loaded
         if missing:
             raise RuntimeError(f"the ranks' weights lack {sorted(missing)[:3]} of the driver's policy")
@@ -284,7 +333,8 @@ class ShardedTrainer(TrainerBase):
         """The one-process checkpoint's folder (the full policy, an HF folder; the run's state) plus ``shards/``:
         each rank's weights and AdamW state (torch.distributed.checkpoint, so the ranks need one filesystem)."""
         self.gather()
-        scheduler = ray.get(self.ranks[0].scheduler_state.remote())
+        scheduler = self.wait([self.ranks[0].scheduler_state.remote()], f"the checkpoint of step {step}")[0]
         save_checkpoint(run_dir, step, self.policy, self.s.tokenizer, None, None, state | {"rank_scheduler": scheduler},
                         keep=keep, mtp_layer=self.mtp,
-                        write_shards=lambda folder: ray.get([r.save_shards.remote(str(folder)) for r in self.ranks]))
+                        write_shards=lambda folder: self.wait([r.save_shards.remote(str(folder)) for r in self.ranks],
+                                                                 f"the checkpoint of step {step}"))
