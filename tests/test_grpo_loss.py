@@ -332,3 +332,27 @@ def test_stop_banned_logprobs_are_the_renormalised_distribution():
     p_stop = torch.softmax(logits[:, :-1], -1)[..., 0]
     expected = torch.where(banned, plain - torch.log1p(-p_stop), plain)
     assert torch.allclose(masked, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_logprobs_equal_a_whole_batch_log_softmax(dtype):
+    """The trainer's logprobs, computed a few rows at a time in float32 (values and gradients), equal a log_softmax of
+    the whole batch's float32 logits, with a temperature per sequence and banned stop tokens."""
+    from gymrl.train.policy import logprobs_from_logits, stop_banned_mask
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11).to(dtype).requires_grad_(True)
+    ids = torch.randint(1, 11, (3, 7))
+    temperature = torch.tensor([1.0, 0.7, 1.3])
+    banned = stop_banned_mask([2, 3, 1], [[(0, 2)], [], [(1, 4)]], 7)
+    got = logprobs_from_logits(logits, ids, temperature, banned, [0], chunk_rows=4)  # 21 rows: chunks of 4 and 1
+    weights = torch.randn(3, 6)
+    (grad,) = torch.autograd.grad((got * weights).sum(), logits)
+
+    x = logits[:, :-1].float() / temperature.view(-1, 1, 1)
+    x = x.masked_fill(banned[..., None] & (torch.arange(11) == 0), float("-inf"))
+    expected = torch.gather(torch.log_softmax(x, -1), 2, ids[:, 1:, None]).squeeze(-1)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), logits)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert grad.dtype == dtype and torch.allclose(grad.float(), expected_grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
+    assert float(grad[:, -1].abs().sum()) == 0.0  # the last position scores nothing

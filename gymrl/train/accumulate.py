@@ -129,6 +129,17 @@ def backward_micro_batch(policy, reference, mtp, part: list[Rollout], advantages
                       mtp=None if mtp_sums is None else (float(mtp_sums[0].detach()), *mtp_sums[1:]))
 
 
+def backward_batch(policy, reference, mtp, rollouts: list[Rollout], advantages: torch.Tensor, setup: LossSetup,
+                   totals: Totals, micro_batch_size: int) -> list[MicroBatch]:
+    """:func:`backward_micro_batch` over all of ``rollouts``, cut into micro-batches after sorting them by length,
+    longest first: each pads only to sequences of about its own length, and the largest comes first (an
+    out-of-memory error shows at once). The gradient is a sum over micro-batches, so their makeup does not change it."""
+    order = sorted(range(len(rollouts)), key=lambda i: -(len(rollouts[i].prompt_ids) + len(rollouts[i].completion_ids)))
+    cuts = [order[start : start + micro_batch_size] for start in range(0, len(order), micro_batch_size)]
+    return [backward_micro_batch(policy, reference, mtp, [rollouts[i] for i in cut], advantages[cut], setup, totals)
+            for cut in cuts]
+
+
 def mtp_kl_sums(policy, mtp, ids: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     """The MTP loss on one micro-batch's rollouts: (sum over positions of KL(policy || draft), positions where the

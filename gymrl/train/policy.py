@@ -53,21 +53,67 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor,
                          temperature: float | torch.Tensor = 1.0, stop_banned: torch.Tensor | None = None,
-                         stop_ids: list[int] | None = None) -> torch.Tensor:
+                         stop_ids: list[int] | None = None, chunk_rows: int | None = None) -> torch.Tensor:
     """:func:`token_logprobs` from the model's logits [B, T, V] (for callers that need the logits too).
     ``stop_banned`` [B, T-1] (bool, aligned with the shifted targets) marks the positions where the engine sampled
     with ``stop_ids`` banned (``sampling.min_tokens``): there the stop tokens' logits are -inf, as in vLLM's
-    min-tokens logits processor, so the logprobs are of the distribution that was sampled."""
-    logits = logits[:, :-1].float()
-    if isinstance(temperature, torch.Tensor):
-        logits = logits / temperature.to(logits).view(-1, 1, 1)
-    elif temperature != 1.0:
-        logits = logits / temperature
+    min-tokens logits processor, so the logprobs are of the distribution that was sampled. Computed in float32
+    ``chunk_rows`` positions at a time (:class:`TokenLogprob`)."""
+    batch, width, vocab = logits.shape
+    targets = F.pad(input_ids[:, 1:], (0, 1))  # position t scores token t+1; the last position's is unused
+    scale = torch.ones(batch, device=logits.device, dtype=torch.float32)
+    scale = scale / (temperature.to(scale) if isinstance(temperature, torch.Tensor) else temperature)
+    banned = is_stop = None
     if stop_banned is not None and stop_ids and bool(stop_banned.any()):
-        is_stop = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        is_stop[[i for i in stop_ids if i < logits.shape[-1]]] = True
-        logits = logits.masked_fill(stop_banned[..., None] & is_stop, float("-inf"))
-    return torch.gather(F.log_softmax(logits, dim=-1), 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        is_stop = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+        is_stop[[i for i in stop_ids if i < vocab]] = True
+        banned = F.pad(stop_banned, (0, 1)).reshape(-1)
+    rows = chunk_rows or max(1, LOGPROB_CHUNK_ELEMENTS // vocab)
+    out = TokenLogprob.apply(logits.reshape(-1, vocab), targets.reshape(-1),
+                             scale.repeat_interleave(width), banned, is_stop, rows)
+    return out.view(batch, width)[:, :-1]
+
+
+LOGPROB_CHUNK_ELEMENTS = 2**26  # float32 logits per chunk: 256 MiB, e.g. 512 positions of a 131k vocabulary
+
+
+class TokenLogprob(torch.autograd.Function):
+    """log softmax(logits * scale)[target] per row, in float32 chunks of rows: neither pass holds the float32 logits
+    of the whole micro-batch (the backward recomputes each chunk's softmax from the logits the model returned),
+    which at a real vocabulary (Nemotron-3's 131k) would be gigabytes. ``banned`` [N] marks rows where the
+    ``is_stop`` [V] tokens are excluded (-inf)."""
+
+    @staticmethod
+    def _scaled(logits, scale, banned, is_stop, rows: slice) -> torch.Tensor:
+        x = logits[rows].float() * scale[rows, None]
+        if banned is not None:
+            x = x.masked_fill(banned[rows, None] & is_stop, float("-inf"))
+        return x
+
+    @staticmethod
+    def forward(ctx, logits, targets, scale, banned, is_stop, chunk_rows: int):
+        out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        for start in range(0, logits.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            x = TokenLogprob._scaled(logits, scale, banned, is_stop, rows)
+            lse[rows] = torch.logsumexp(x, dim=-1)
+            out[rows] = x.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
+        ctx.save_for_backward(logits, targets, scale, banned, is_stop, lse)
+        ctx.chunk_rows = chunk_rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets, scale, banned, is_stop, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            g = grad[rows].float()[:, None]
+            d = torch.exp(TokenLogprob._scaled(logits, scale, banned, is_stop, rows) - lse[rows, None]) * -g
+            d.scatter_add_(1, targets[rows, None], g)  # d/dx of x[target] - logsumexp(x)
+            grad_logits[rows] = d * scale[rows, None]
+        return grad_logits, None, None, None, None, None
 
 
 def greedy_hits(model, prompt: list[int], completion: list[int]) -> list[bool]:
