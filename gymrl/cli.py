@@ -211,7 +211,7 @@ def bench(
                                           "concurrency: req/s, p50/p99, errors, the knee)."),
     large_config: Path | None = typer.Option(Path("configs/bench_small.yaml"), help="vs-trl: the second, larger "
                                                 "model's config (CONFIG is the first); empty for CONFIG only."),
-    steps: int = typer.Option(10, help="vs-trl: training steps per run (step 1 is a warm-up, left out)."),
+    steps: int = typer.Option(10, help="vs-trl and scale: training steps per run (step 1 is a warm-up, left out)."),
 ) -> None:
     """Benchmarks: raw vLLM vs harness rollout tokens/s, weight push, trainer step; speculative decoding;
     reward, env-server and trace-store speed; env-server load."""

@@ -264,3 +264,29 @@ def describe_layout(cfg: RunConfig, layout: Layout) -> str:
     where = ("one node" if total <= NODE_GPUS else "two nodes" if total <= 2 * NODE_GPUS else
              f"{-(-total // NODE_GPUS)} nodes")
     return f"{engines} + {trainer} = {total} GPUs: {where} of {NODE_GPUS}"
+
+
+# Measured, not planned: what a trainer process holds (`gymrl bench --suite scale` compares them across ranks).
+def held_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes this process holds of ``module``'s parameters and of ``optimizer``'s state (AdamW: both moments and
+    the step): a sharded tensor's (FSDP2's DTensor) local shard only, a plain tensor whole."""
+    from torch.distributed.tensor import DTensor
+
+    def nbytes(t: torch.Tensor) -> int:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    return {"param_bytes": sum(nbytes(p) for p in module.parameters()),
+            "optim_bytes": sum(nbytes(v) for state in optimizer.state.values() for v in state.values()
+                               if isinstance(v, torch.Tensor))}
+
+
+def process_memory(reset_peak: bool = False) -> dict[str, int]:
+    """This process's resident bytes now (``rss``, VmRSS; ``rss_shared``, RssShmem: shared memory such as Ray's
+    object store mapped in) and at their peak (``peak_rss``, VmHWM), from /proc/self/status (Linux); ``reset_peak``
+    then restarts the peak from the current size (/proc/self/clear_refs)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    kib = {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM", "RssShmem")}
+    if reset_peak:
+        Path("/proc/self/clear_refs").write_text("5")
+    return {"rss": kib["VmRSS"], "rss_shared": kib["RssShmem"], "peak_rss": kib["VmHWM"]}

@@ -95,3 +95,37 @@ def test_a_missing_config_is_one_error_line(tmp_path, suite):
                            "--out", str(tmp_path / "out")], capture_output=True, text=True)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and errors == [f"error: config file not found: {missing}"], proc.stderr
+
+
+@pytest.mark.slow
+def test_scale_suite(demo_cfg, demo_model, tmp_path):
+    """train.workers 1 and 2 on a small fixed batch: per-rank state halves (the 0.6 target), the two trainers end
+    on the same weights, and the gather's buckets keep to train.push_bucket_mb (a larger tensor alone)."""
+    from gymrl.bench.scale import BYTES_TARGET, run_scale_bench
+
+    cfg = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update={"prompts_per_step": 2,
+                                                                                 "group_size": 2})})
+    run_scale_bench(cfg, tmp_path, steps=2, buckets_mb=(1,), one_process_threads=(1,))
+    results = json.loads((tmp_path / "scale.json").read_text())
+    runs = results["runs"]
+    assert {"1", "2"} <= set(runs) and len(runs["2"]["ranks"]) == 2 and results["machine"]["cpus"] >= 1
+    assert runs["1"]["ranks"][0]["param_bytes"] == 4 * results["parameters"]  # float32, the whole policy
+    assert runs["1"]["ranks"][0]["optim_bytes"] >= 2 * runs["1"]["ranks"][0]["param_bytes"]  # AdamW's two moments
+    for r in runs.values():
+        assert r["step_s"]["n"] == 1 and r["steps_per_s"] == pytest.approx(1 / r["step_s"]["median"])
+        assert all(m["peak_rss"] >= m["rss"] > 0 for m in r["ranks"])
+    assert results["state_bytes_ratio"] == pytest.approx(runs["2"]["max_rank_state_bytes"] /
+                                                         runs["1"]["max_rank_state_bytes"])
+    assert results["state_bytes_ratio"] <= BYTES_TARGET and results["state_bytes_target_met"]
+    assert results["max_weight_difference"] < 1e-4  # the same steps from the same weights
+    (gather,) = results["gather"]
+    largest_tensor = max(p.numel() * p.element_size() for p in cfg_policy_params(demo_model))
+    assert gather["buckets"] > 1 and gather["largest_bucket_bytes"] <= max(2**20, largest_tensor)
+    table = (tmp_path / "scale.md").read_text()
+    assert "push_bucket_mb" in table and "target <= 0.6: met" in table
+
+
+def cfg_policy_params(model_path):
+    from gymrl.models.checkpoint import load_policy
+
+    return list(load_policy(model_path)[0].state_dict().values())

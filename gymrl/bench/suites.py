@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gymrl.bench import async_grpo, core, env_load, envs, mtp, pool, rollout, spec, traces, vs_trl
+from gymrl.bench import async_grpo, core, env_load, envs, mtp, pool, rollout, scale, spec, traces, vs_trl
 from gymrl.bench.args import BenchArgs
 from gymrl.envs.client import EnvServerError
 from gymrl.errors import USER_ERRORS, console, fail
@@ -47,6 +47,9 @@ BENCH_SUITES: dict[str, Suite] = {
     "pool": Suite(pool.run_suite, "two engines: alone, as a pool, and weight updates in flight...",
                   ("pool.json", "pool.md")),
     "core": Suite(core.run_suite, None, ("results.json", "results.md"), USER_ERRORS + (EnvServerError,)),
+    "scale": Suite(scale.run_suite, lambda a: f"train.workers 1, then 2 (FSDP2 ranks on gloo), {a.steps} steps each "
+                                              "on one fixed batch, then the weight gather per push_bucket_mb...",
+                   ("scale.json", "scale.md"), in_all=False),
 }
 SUITES = (*BENCH_SUITES, "all")
 

@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor
 
 from gymrl.config import RunConfig
 from gymrl.envs.launcher import free_port
+from gymrl.memory import held_bytes, process_memory
 from gymrl.models.checkpoint import load_policy
 from gymrl.resources import ray_node
 from gymrl.rollout.runner import Rollout, RolloutBatch
@@ -152,6 +153,11 @@ class TrainerRank:
 
     def node(self) -> dict[str, str]:
         return ray_node()
+
+    def memory(self, reset_peak: bool = False) -> dict[str, int]:
+        """This rank's local bytes of parameters and AdamW state, and its process's resident and peak resident
+        bytes (``reset_peak``: the peak restarts from now), for ``gymrl bench --suite scale``."""
+        return held_bytes(self.policy, self.optimizer) | process_memory(reset_peak)
 
     def scheduler_state(self) -> dict:
         return self.scheduler.state_dict()
