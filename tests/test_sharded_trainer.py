@@ -82,9 +82,10 @@ def hand_made_batch(vocab: int, groups: int = 3, group_size: int = 4) -> Rollout
 @pytest.mark.slow
 @pytest.mark.parametrize("train, workers, groups", [
     ({"loss_type": "dapo", "is_correction": "tis", "beta": 0.0}, 2, 3),
-    ({"loss_type": "grpo", "is_correction": "none", "beta": 0.1}, 2, 3),
+    # the ranks recompute their activations (train.activation_checkpointing), the one process keeps them
+    ({"loss_type": "grpo", "is_correction": "none", "beta": 0.1, "activation_checkpointing": True}, 2, 3),
     ({"loss_type": "bnpo", "is_correction": "tis", "beta": 0.0}, 3, 1),  # 2 sequences: one rank has none
-], ids=["dapo-tis", "grpo-kl", "bnpo-idle-rank"])
+], ids=["dapo-tis", "grpo-kl-checkpointing", "bnpo-idle-rank"])
 def test_sharded_ranks_take_the_one_process_step(demo_cfg, demo_model, train, workers, groups):
     """The same hand-made batch through workers > 1 (FSDP2, gloo) and workers=1: the same loss, stats, gradient
     norm (clipping active) and updated weights, within 1e-5 in float32."""
@@ -96,7 +97,7 @@ def test_sharded_ranks_take_the_one_process_step(demo_cfg, demo_model, train, wo
 
     base = {"micro_batch_size": 3, "max_grad_norm": 0.002, "learning_rate": 1e-3, "dtype": "float32",
             "push_bucket_mb": 1} | train  # the weights come back in several buckets
-    one = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update=base)})
+    one = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update=base | {"activation_checkpointing": False})})
     many = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update=base | {"workers": workers})})
     init_ray(one)
 
@@ -306,3 +307,23 @@ def test_what_one_trainer_kind_cannot_resume_of_the_other_is_refused(demo_model,
     adapters = save_checkpoint(tmp_path / "lora", 1, lora, tokenizer, None, None, {})
     with pytest.raises(CheckpointError, match=r"LoRA adapters \(train.lora\).*resume it with train.workers=1"):
         load_checkpoint(adapters, lora, None, None, sharded=True)
+
+
+def test_activation_checkpointing_takes_the_same_step(demo_cfg, demo_model):
+    """train.activation_checkpointing recomputes the layers' activations in the backward pass: the one-process
+    trainer's step (loss, gradient norm, weights) is the one it takes without."""
+    from gymrl.train.trainer import GRPOTrainer
+
+    results = []
+    for checkpointing in (False, True):
+        cfg = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update={
+            "dtype": "float32", "micro_batch_size": 4, "activation_checkpointing": checkpointing})})
+        trainer = GRPOTrainer(engineless_session(cfg, demo_model))
+        assert trainer.policy.is_gradient_checkpointing == checkpointing
+        result = trainer.step(hand_made_batch(trainer.policy.config.vocab_size))
+        results.append((result, trainer.policy.state_dict()))
+    (plain, plain_weights), (recomputed, recomputed_weights) = results
+    assert recomputed.loss == pytest.approx(plain.loss, abs=1e-6) and plain.grad_norm > 0
+    assert recomputed.grad_norm == pytest.approx(plain.grad_norm, rel=1e-5)
+    for name, weight in plain_weights.items():
+        torch.testing.assert_close(recomputed_weights[name], weight, atol=1e-6, rtol=0, msg=name)

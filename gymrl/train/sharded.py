@@ -44,6 +44,7 @@ from gymrl.train.accumulate import (
     MicroBatch,
     StepResult,
     Totals,
+    backward_batch,
     backward_micro_batch,
     batch_advantages,
     loss_setup,
@@ -58,7 +59,7 @@ from gymrl.train.checkpoint import (
     read_shards,
     save_checkpoint,
 )
-from gymrl.train.trainer import TrainerBase, checkpoint_mtp_layer, lr_factor
+from gymrl.train.trainer import TrainerBase, checkpoint_activations, checkpoint_mtp_layer, lr_factor
 from gymrl.train.weight_push import WeightPusher
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,8 @@ class TrainerRank:
             self.reference, _ = load_policy(model_path, dtype)
             self.reference.eval().requires_grad_(False)
             shard_model(self.reference, mesh, mixed)
+        if cfg.train.activation_checkpointing:
+            checkpoint_activations(policy)
         shard_model(policy, mesh, mixed)
         self.policy = policy.train()
         self.optimizer = self.adamw(self.policy)
@@ -135,11 +138,9 @@ class TrainerRank:
         """This rank's micro-batches, then ``passes`` - their number uncounted ones on ``filler`` (every rank runs
         as many forward and backward passes as the busiest, or the collectives would wait forever); the global
         gradient norm before clipping."""
-        mb = self.cfg.train.micro_batch_size
         self.optimizer.zero_grad(set_to_none=True)
-        parts = [backward_micro_batch(self.policy, self.reference, None, rollouts[start : start + mb],
-                                      advantages[start : start + mb], self.setup, totals)
-                 for start in range(0, len(rollouts), mb)]
+        parts = backward_batch(self.policy, self.reference, None, rollouts, advantages, self.setup, totals,
+                               self.cfg.train.micro_batch_size)
         for _ in range(passes - len(parts)):
             backward_micro_batch(self.policy, self.reference, None, [filler], torch.zeros(1), self.setup, totals,
                                  counted=False)
@@ -324,14 +325,12 @@ class ShardedTrainer(TrainerBase):
         one of the one-process trainer."""
         saved = load_checkpoint(path, self.policy, None, None, self.mtp, sharded=True)
         shards = Path(path) / SHARDS
+        refs = ([r.load_shards.remote(str(shards), saved["rank_scheduler"]) for r in self.ranks] if shards.is_dir()
+                else [r.load_one_process.remote(str(path)) for r in self.ranks])
         try:
-            if shards.is_dir():
-                ray.get([r.load_shards.remote(str(shards), saved["rank_scheduler"]) for r in self.ranks])
-            else:
-                ray.get([r.load_one_process.remote(str(path)) for r in self.ranks])
-        except ray.exceptions.RayTaskError as err:
-            raise CheckpointError(f"cannot restore checkpoint '{path}' on the ranks: {getattr(err, 'cause', err)}") \
-                from err
+            self.wait(refs, f"the restore of checkpoint '{path}'")
+        except TrainerRankError as err:
+            raise CheckpointError(f"cannot restore checkpoint '{path}' on the ranks: {err}") from err
         self.version = saved["policy_version"]
         return saved
 

@@ -66,6 +66,8 @@ class GRPOTrainer(TrainerBase):
             self.reference = copy.deepcopy(session.policy).eval().requires_grad_(False)
         self.policy = session.policy if cfg.train.lora is None else apply_lora(session.policy, cfg.train.lora)
         self.policy.train()
+        if cfg.train.activation_checkpointing:
+            checkpoint_activations(self.policy)
         # A checkpoint's MTP layer rides along (saved with every checkpoint, so the engines can draft with it); it
         # trains, and goes out with every push, only with train.mtp_loss_weight > 0.
         self.mtp = checkpoint_mtp_layer(session)
@@ -122,6 +124,12 @@ class GRPOTrainer(TrainerBase):
         """Load the trainer's weights into every live engine (``train.weight_sync``: by bytes, CUDA IPC or broadcast)."""
         return self.pusher.push(self.policy, self.mtp if self.mtp_weight > 0 else None, self.version,
                                 self.cfg.engine.recompute_kv_on_update)
+
+
+def checkpoint_activations(policy) -> None:
+    """``train.activation_checkpointing``: each decoder layer's activations recomputed in the backward pass
+    (transformers' non-reentrant checkpointing, which FSDP2's units also take)."""
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def checkpoint_mtp_layer(session: Session):
