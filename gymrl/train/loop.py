@@ -249,6 +249,7 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
             log_failures(producer.take_failures(), step, failures_log)  # those of a step that never came, too
             log.close()
             traces.close()
+            trainer.close()
     save_policy(trainer.policy, session.tokenizer, run_dir / "checkpoint", trainer.mtp)
     summary = {
         "steps": step,

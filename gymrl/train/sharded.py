@@ -271,8 +271,7 @@ class ShardedTrainer(TrainerBase):
                 except ray.exceptions.RayActorError as dead:
                     rank, err = pings[ref], dead
                     break
-        for actor in self.ranks:
-            ray.kill(actor)
+        self.close()
         if isinstance(err, ray.exceptions.RayActorError):
             how = "died"
         else:
@@ -280,6 +279,11 @@ class ShardedTrainer(TrainerBase):
         detail = " ".join(f"{type(err).__name__}: {err}".split())
         return TrainerRankError(f"trainer rank {rank} of {len(self.ranks)} {how} during {what}; every rank was "
                                 f"stopped ({detail[:400]})")
+
+    def close(self) -> None:
+        """Stop the ranks (the driver's copy of the policy, loaded at every push, outlives them)."""
+        for actor in self.ranks:
+            ray.kill(actor)
 
     def learning_rate(self) -> float:
         return self.wait([self.ranks[0].learning_rate.remote()], "a learning-rate query")[0]

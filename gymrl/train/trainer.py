@@ -52,6 +52,9 @@ class TrainerBase:
         """The Ray node of each trainer rank: here the driver's, where the in-process trainer runs."""
         return [ray_node()]
 
+    def close(self) -> None:
+        """Release what the trainer holds outside this process (the in-process trainer: nothing)."""
+
 
 class GRPOTrainer(TrainerBase):
     def __init__(self, session: Session):
