@@ -17,10 +17,12 @@ What a trainer rank holds (N = train.workers; every line but the activations is 
 - gathered layers (N > 1): FSDP2 all-gathers the root unit (embeddings, final norm, head) and one decoder layer at
   a time, prefetching the next: root + 2 x the largest layer in the compute dtype, plus that layer's full
   gradient before its reduce-scatter.
-- activations, an estimate (the trainer recomputes nothing): a micro-batch is padded to its longest sequence, at
-  most engine.max_model_len tokens, so tokens = micro_batch_size x max_model_len and it keeps
-  tokens x hidden_size x sum over layers of ACTIVATION_FACTORS[layer kind] x width / 2 bytes for backward, plus
-  tokens x vocab_size x (width + 8) bytes of logits (the logits, and the float32 log-softmax input and output).
+- activations, an estimate: a micro-batch is padded to its longest sequence, at most engine.max_model_len tokens, so
+  tokens = micro_batch_size x max_model_len and it keeps tokens x hidden_size x sum over layers of
+  ACTIVATION_FACTORS[layer kind] x width / 2 bytes for backward; with train.activation_checkpointing, each layer's
+  input (tokens x hidden_size x width) and one layer's in full. Plus tokens x vocab_size x 2 x width bytes of
+  logits and their gradient, and two float32 chunks of LOGPROB_CHUNK_ELEMENTS (the logprobs are computed a chunk
+  at a time).
 
 An engine GPU holds weights / tensor_parallel_size (the MTP layer too when it drafts with it); vLLM takes
 gpu_memory_utilization of the GPU, and what the weights leave is its KV cache (and its own activations): it must
@@ -37,13 +39,15 @@ from gymrl.config import EngineConfig, LoraConfig, RunConfig
 from gymrl.models.checkpoint_files import CheckpointInfo
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# Bytes a decoder layer keeps for backward per token and hidden unit at 16 bits (the trainer recomputes nothing), by
+# Bytes a decoder layer keeps for backward per token and hidden unit at 16 bits (without activation checkpointing), by
 # the layer's kind. mamba and moe: measured with autograd's saved-tensor hooks (parameters left out) on transformers
 # 5.19's Nemotron-H layers in bfloat16 (two-layer models of one kind, the real dimensions, experts cut to top-k + 2,
 # 2048 tokens, on CPU), whose Mamba-2 mixer runs its PyTorch reference path without the mamba_ssm kernels (gymrl
 # installs none): 257 and 104 at Nemotron-3 Super's dimensions, 201 and 64 at Nano's; the larger are used. attention and mlp: 34, Korthikanti et al. 2022's whole transformer layer (flash attention: no seq^2 term).
 ACTIVATION_FACTORS = {"mamba": 257, "moe": 104, "attention": 34, "mlp": 34}
-LOGIT_EXTRA_BYTES = 8  # per logit beside the logits themselves: the float32 log-softmax input and output
+# The trainer's logprobs run in float32 this many logits at a time (gymrl.train.policy.TokenLogprob): 256 MiB, e.g.
+# 512 positions of a 131k vocabulary; the plan counts two such chunks (a chunk and its softmax).
+LOGPROB_CHUNK_ELEMENTS = 2**26
 ADAPTER_BYTES = 4  # peft keeps LoRA adapters of a bfloat16 or float16 model in float32
 NODE_GPUS = 8
 # Memory as sold, in decimal GB: the cards report a little more (about 79.6 GiB = 85.5 GB for an H100 SXM, 140 GiB =
@@ -183,13 +187,20 @@ def trainer_memory(cfg: RunConfig, shape: ModelShape, workers: int | None = None
     tokens = tr.micro_batch_size * cfg.engine.max_model_len
     per_hidden = sum(n * ACTIVATION_FACTORS[kind] for kind, n in shape.layer_kinds.items())
     layers = " + ".join(f"{n} {kind} x {ACTIVATION_FACTORS[kind]}" for kind, n in shape.layer_kinds.items())
-    parts.append(Part("activations", tokens * shape.hidden * per_hidden * width / 2,
-                      f"estimate: {tokens} tokens (micro_batch_size {tr.micro_batch_size} x max_model_len "
-                      f"{cfg.engine.max_model_len}) x hidden {shape.hidden} x ({layers} bytes at 16 bits)"
-                      + ("" if width == 2 else f" x {width // 2} ({tr.dtype})")))
-    parts.append(Part("logits", tokens * shape.vocab * (width + LOGIT_EXTRA_BYTES),
-                      f"{tokens} tokens x vocab {shape.vocab} x ({width} + {LOGIT_EXTRA_BYTES}) bytes: the logits "
-                      "and the float32 log-softmax input and output"))
+    scale = "" if width == 2 else f" x {width // 2} ({tr.dtype})"
+    micro = f"{tokens} tokens (micro_batch_size {tr.micro_batch_size} x max_model_len {cfg.engine.max_model_len})"
+    if tr.activation_checkpointing:  # each layer's input is kept, one layer at a time is recomputed in full
+        largest = max(ACTIVATION_FACTORS[kind] for kind in shape.layer_kinds)
+        layer_count = sum(shape.layer_kinds.values())
+        parts.append(Part("activations", tokens * shape.hidden * (layer_count * width + largest * width / 2),
+                          f"estimate, train.activation_checkpointing: {micro} x hidden {shape.hidden} x ({layer_count} "
+                          f"layer inputs x {width} + one layer recomputed, {largest} bytes at 16 bits{scale})"))
+    else:
+        parts.append(Part("activations", tokens * shape.hidden * per_hidden * width / 2,
+                          f"estimate: {micro} x hidden {shape.hidden} x ({layers} bytes at 16 bits){scale}"))
+    parts.append(Part("logits", tokens * shape.vocab * 2 * width + 2 * LOGPROB_CHUNK_ELEMENTS * 4,
+                      f"{tokens} tokens x vocab {shape.vocab} x 2 x {width} bytes (the logits and their gradient) + "
+                      f"2 float32 chunks of {LOGPROB_CHUNK_ELEMENTS:,} (the logprobs, a chunk at a time)"))
     return parts
 
 

@@ -324,8 +324,12 @@ def test_trainer_rank_arithmetic(nano):
     assert parts == {
         "weights": p * 2, "gradients": p * 2, "AdamW moments": 4 * p,  # bfloat16 and no master copy (one process)
         "activations": tokens * 2688 * (6 * 34 + 23 * 257 + 23 * 104),
-        "logits": tokens * 131072 * (2 + 8),
+        "logits": tokens * 131072 * 2 * 2 + 2 * 2**26 * 4,  # the logits and their gradient; two float32 chunks
     }
+    recomputed = {part.name: part.bytes for part in trainer_memory(nano_config(nano, activation_checkpointing=True),
+                                                                   shape)}
+    assert recomputed["activations"] == tokens * 2688 * (52 * 2 + 257)  # 52 layer inputs, one Mamba layer in full
+    assert recomputed["activations"] < parts["activations"] / 20
     with_reference = {part.name: part.bytes for part in trainer_memory(nano_config(nano, beta=0.01), shape)}
     assert with_reference["reference"] == p * 2
 
@@ -393,7 +397,7 @@ def test_full_fine_tuning_dry_runs_print_gpu_counts(nothing_heavy, nano, super_)
 def test_a_plan_that_does_not_fit_the_gpus_here_is_refused_naming_the_key(nothing_heavy, nano, monkeypatch):
     monkeypatch.setattr(gymrl.plan, "_gpus", lambda: (8, int(80e9)))  # one H100 node
     assert_one_line_error(dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT),
-                          "train.workers: a trainer rank needs about 277.4 GB, more than the 80.0 GB of a GPU here: 12 "
+                          "train.workers: a trainer rank needs about 277.1 GB, more than the 80.0 GB of a GPU here: 12 "
                           "ranks fit (train.workers 12)")
     result = dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT, "train.workers=12")  # a rank fits; 14 GPUs do not
     assert result.exit_code == 0 and "warning: this plan needs 14 GPUs and this machine shows 8" in flat(result.stdout)
@@ -403,7 +407,7 @@ def test_a_plan_that_does_not_fit_the_gpus_here_is_refused_naming_the_key(nothin
                           "lower train.micro_batch_size or engine.max_model_len")
     # Checked here for a remote cluster, it is a warning: these GPUs are not the run's.
     out = flat(dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT, "ray_address=10.0.0.1:6379").stdout)
-    assert "warning: train.workers: a trainer rank needs about 277.4 GB" in out
+    assert "warning: train.workers: a trainer rank needs about 277.1 GB" in out
     # LoRA fits one H200: no trainer warning.
     monkeypatch.setattr(gymrl.plan, "_gpus", lambda: (8, int(141e9)))
     result = dry_run(NANO, f"model.path={nano}", NANO_NO_MTP, *FULL_FT, "train.lora={r: 16}")

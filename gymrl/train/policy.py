@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from gymrl.memory import LOGPROB_CHUNK_ELEMENTS
+
 
 def stop_banned_mask(prompt_lengths: list[int], spans: list[list[tuple[int, int]]], width: int) -> torch.Tensor:
     """[B, width - 1] bool, aligned like :func:`pad_batch`'s completion mask: True where the target token was
@@ -72,9 +74,6 @@ def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor,
     out = TokenLogprob.apply(logits.reshape(-1, vocab), targets.reshape(-1),
                              scale.repeat_interleave(width), banned, is_stop, rows)
     return out.view(batch, width)[:, :-1]
-
-
-LOGPROB_CHUNK_ELEMENTS = 2**26  # float32 logits per chunk: 256 MiB, e.g. 512 positions of a 131k vocabulary
 
 
 class TokenLogprob(torch.autograd.Function):
