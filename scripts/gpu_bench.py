@@ -288,8 +288,7 @@ def part_fsdp(cfg, work: Path, steps: int) -> dict:
             sharded.gather()
             got = {k: v.detach().float() for k, v in sharded.policy.state_dict().items()}
         finally:
-            for rank in sharded.ranks:
-                ray.kill(rank)
+            sharded.close()
         out[dtype] = {"one_process": single, "fsdp2_one_rank": fsdp,
                       "max_loss_gap": max(abs(a - b) for a, b in zip(single["loss"], fsdp["loss"])),
                       "max_grad_norm_gap": max(abs(a - b) for a, b in zip(single["grad_norm"], fsdp["grad_norm"])),
@@ -301,30 +300,10 @@ def part_fsdp(cfg, work: Path, steps: int) -> dict:
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (the H200 has the same)
 
 
-def synthetic_batch(cfg, tokenizer, envs, seed: int):
-    """A step's batch with the config's shape and no engine: the environment's real prompts, completions of random
-    tokens, uniform in length from 40 (or fewer) to sampling.max_tokens, and rewards that differ within every group."""
-    import random
-
-    from gymrl.rollout.runner import Rollout, RolloutBatch, encode_prompt
-
-    rng = random.Random(seed)
-    tasks = [t for e in cfg.envs for t in envs[e.name].tasks("train")]
-    rollouts = []
-    for g in range(cfg.train.prompts_per_step):
-        prompt = encode_prompt(tokenizer, tasks[rng.randrange(len(tasks))])
-        for i in range(cfg.train.group_size):
-            n = rng.randint(min(40, cfg.sampling.max_tokens), cfg.sampling.max_tokens)
-            rollouts.append(Rollout(task_id=f"t{g}", env=cfg.envs[0].name, prompt_ids=prompt,
-                                    completion_ids=[rng.randrange(3, tokenizer.vocab_size) for _ in range(n)],
-                                    completion_mask=[1] * n, logprobs=[-6.0] * n, text="", finish_reason="length",
-                                    reward=float(i % 2), reason="", policy_version=0))
-    return RolloutBatch(rollouts, cfg.train.group_size, generate_seconds=0.0, verify_seconds=0.0)
-
-
 def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int]) -> dict:
     """The one-process trainer alone on the GPU (no engine): s/step, trained tokens/s and model FLOP utilisation on
-    synthetic batches of the config's shape, per train.micro_batch_size, and a profile of one step (the top CUDA
+    synthetic batches of the config's shape (:func:`gymrl.bench.scale.fixed_batch`, completions 40 to
+    sampling.max_tokens long), per train.micro_batch_size, and a profile of one step (the top CUDA
     kernels). FLOPs per trained token: 6 x the parameters of the matrix multiplies (forward 2N, backward 4N; the
     lm_head counted, the embedding lookup not) plus attention's 6 x 2 x layers x hidden x the mean sequence length
     (QK^T and AV, forward and backward, causal halved). The old logprobs are the same forward's (TIS) or the
@@ -332,6 +311,7 @@ def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int]) -> d
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from gymrl.bench.scale import fixed_batch
     from gymrl.envs.registry import load_environment
     from gymrl.models.checkpoint import load_policy
     from gymrl.session import Session, resolve_model_path
@@ -348,7 +328,8 @@ def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int]) -> d
         matmul = sum(p.numel() for n, p in policy.named_parameters() if "embed_tokens" not in n)
         if getattr(config, "tie_word_embeddings", False):
             matmul += policy.get_input_embeddings().weight.numel()  # the tied lm_head multiplies too
-        batches = [synthetic_batch(c, tokenizer, envs, seed) for seed in range(steps)]
+        batches = [fixed_batch(c, tokenizer, config.vocab_size, seed, min(40, c.sampling.max_tokens))
+                   for seed in range(steps)]
         times = []
         for batch in batches:
             if torch.cuda.is_available():

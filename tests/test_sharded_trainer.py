@@ -89,7 +89,6 @@ def hand_made_batch(vocab: int, groups: int = 3, group_size: int = 4) -> Rollout
 def test_sharded_ranks_take_the_one_process_step(demo_cfg, demo_model, train, workers, groups):
     """The same hand-made batch through workers > 1 (FSDP2, gloo) and workers=1: the same loss, stats, gradient
     norm (clipping active) and updated weights, within 1e-5 in float32."""
-    import ray
 
     from gymrl.session import init_ray
     from gymrl.train.sharded import ShardedTrainer
@@ -111,8 +110,7 @@ def test_sharded_ranks_take_the_one_process_step(demo_cfg, demo_model, train, wo
         sharded.gather()
         after = sharded.policy.state_dict()
     finally:
-        for rank in sharded.ranks:
-            ray.kill(rank)
+        sharded.close()
     assert expected.grad_norm > base["max_grad_norm"]  # the clipping is part of what is compared
     for key in ("loss", "clip_fraction", "kl_mean", "logprob_gap", "grad_norm"):
         assert getattr(got, key) == pytest.approx(getattr(expected, key), abs=1e-5, rel=1e-5), key
@@ -136,7 +134,6 @@ def test_sharded_ranks_take_the_one_process_step(demo_cfg, demo_model, train, wo
 def test_a_sharded_push_gives_the_engine_the_trainers_logprobs(fresh_session):
     """After a step on two ranks, a push gathers the shards into the driver's policy and the engine scores a
     completion as that policy does."""
-    import ray
 
     from gymrl.train.policy import pad_batch, token_logprobs
     from gymrl.train.sharded import ShardedTrainer
@@ -155,8 +152,7 @@ def test_a_sharded_push_gives_the_engine_the_trainers_logprobs(fresh_session):
         trainer.step(hand_made_batch(s.policy.config.vocab_size))
         assert trainer.push_weights() > 0
     finally:
-        for rank in trainer.ranks:
-            ray.kill(rank)
+        trainer.close()
     assert s.pool.stats()[0].policy_version == 1
     after = torch.tensor(s.pool.score([prompt + completion])[0])
     ids, attn, _ = pad_batch([prompt], [completion], s.tokenizer.pad_token_id)
@@ -188,13 +184,6 @@ def trainer_weights(trainer) -> dict[str, torch.Tensor]:
     return {name: weight.detach().clone() for name, weight in trainer.policy.state_dict().items()}
 
 
-def stop_trainer(trainer) -> None:
-    import ray
-
-    for rank in getattr(trainer, "ranks", []):
-        ray.kill(rank)
-
-
 @pytest.fixture(scope="module")
 def checkpointed(demo_cfg, demo_model, tmp_path_factory):
     """``run(workers)``: a trainer of that kind takes one step on the hand-made batch, checkpoints, and takes a second
@@ -217,7 +206,7 @@ def checkpointed(demo_cfg, demo_model, tmp_path_factory):
                 trainer.step(batch)
                 runs[workers] = (checkpoint_dir(run_dir, 1), trainer_weights(trainer), trainer.learning_rate(), batch)
             finally:
-                stop_trainer(trainer)
+                trainer.close()
         return runs[workers]
 
     return run
@@ -242,7 +231,7 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks(demo_cfg, demo_model, c
         trainer.step(batch)
         got, lr = trainer_weights(trainer), trainer.learning_rate()
     finally:
-        stop_trainer(trainer)
+        trainer.close()
     assert lr == pytest.approx(expected_lr, rel=1e-12)
     at_checkpoint = load_policy(folder / "policy")[0].state_dict()
     assert got.keys() == expected.keys()

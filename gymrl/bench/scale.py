@@ -26,11 +26,12 @@ BUCKETS_MB = (1, 16, 256)
 BYTES_TARGET = 0.6  # N=2's parameters + AdamW state per rank, at most this fraction of N=1's
 
 
-def fixed_batch(cfg, tokenizer, vocab: int, seed: int = 0) -> RolloutBatch:
+def fixed_batch(cfg, tokenizer, vocab: int, seed: int = 0, min_tokens: int | None = None) -> RolloutBatch:
     """One step's batch of the config's shape: ``prompts_per_step`` training prompts of the first environment,
-    ``group_size`` completions each of ``sampling.max_tokens`` random tokens below ``vocab`` (every completion that long, as
-    ``sampling.min_tokens`` makes them in configs/bench_small.yaml), behaviour logprobs and rewards drawn from
-    ``seed`` (rewards differ within each group, so every sequence has an advantage)."""
+    ``group_size`` completions each of random tokens below ``vocab``, ``sampling.max_tokens`` long (as
+    ``sampling.min_tokens`` makes them in configs/bench_small.yaml) or, with ``min_tokens``, of lengths drawn between
+    the two; behaviour logprobs and rewards drawn from ``seed`` (rewards differ within each group, so every sequence
+    has an advantage)."""
     from gymrl.envs.registry import load_environment
     from gymrl.rollout.runner import encode_prompt
 
@@ -40,7 +41,8 @@ def fixed_batch(cfg, tokenizer, vocab: int, seed: int = 0) -> RolloutBatch:
     for task in tasks:
         prompt = encode_prompt(tokenizer, task, cfg.rollout.chat_template_kwargs)
         for g in range(cfg.train.group_size):
-            completion = [rng.randrange(vocab) for _ in range(cfg.sampling.max_tokens)]
+            length = cfg.sampling.max_tokens if min_tokens is None else rng.randint(min_tokens, cfg.sampling.max_tokens)
+            completion = [rng.randrange(vocab) for _ in range(length)]
             rollouts.append(Rollout(
                 task_id=task.id, env=env_cfg.name, prompt_ids=prompt, completion_ids=completion,
                 completion_mask=[1] * len(completion), logprobs=[rng.uniform(-6.0, -0.5) for _ in completion],
@@ -155,8 +157,7 @@ def run_scale_bench(cfg, out, steps: int, buckets_mb: tuple[int, ...] = BUCKETS_
                 gathers = [_measure_gather(sharded, mb) for mb in sorted(buckets_mb)]
                 weights[n] = {k: v.clone() for k, v in sharded.policy.state_dict().items()}
             finally:
-                for rank in sharded.ranks:
-                    ray.kill(rank)
+                sharded.close()
         step_s = summarise(times[1:])
         runs[label] = {"workers": n, "torch_threads_per_rank": threads, "step_s": step_s,
                         "steps_per_s": 1 / step_s["median"], "ranks": memory,

@@ -54,7 +54,6 @@ def test_a_rank_killed_mid_call_stops_the_run_with_its_error(demo_cfg, demo_mode
             with pytest.raises(ray.exceptions.RayActorError):
                 ray.get(rank.__ray_ready__.remote(), timeout=60)
     finally:
-        for rank in trainer.ranks:
-            ray.kill(rank)
+        trainer.close()
     [(step, folder)] = list_checkpoints(tmp_path)  # the one written before the kill, whole
     assert step == 1 and (folder / SHARDS).is_dir() and (folder / "policy" / "config.json").is_file()
