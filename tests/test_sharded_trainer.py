@@ -132,15 +132,16 @@ def test_sharded_ranks_take_the_one_process_step(demo_cfg, demo_model, train, wo
 
 
 def test_a_sharded_push_gives_the_engine_the_trainers_logprobs(fresh_session):
-    """After a step on two ranks, a push gathers the shards into the driver's policy and the engine scores a
-    completion as that policy does."""
+    """After a step on two ranks, a push streams the shards into the engine bucket by bucket (and into the driver's
+    policy), and the engine scores a completion as that policy does."""
 
     from gymrl.train.policy import pad_batch, token_logprobs
     from gymrl.train.sharded import ShardedTrainer
 
     s = fresh_session
     cfg = s.cfg
-    s.cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"workers": 2, "learning_rate": 1e-2})})
+    s.cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"workers": 2, "learning_rate": 1e-2,
+                                                                      "push_bucket_mb": 1})})
     try:
         trainer = ShardedTrainer(s)
     finally:
@@ -151,8 +152,10 @@ def test_a_sharded_push_gives_the_engine_the_trainers_logprobs(fresh_session):
     try:
         trainer.step(hand_made_batch(s.policy.config.vocab_size))
         assert trainer.push_weights() > 0
+        pushed = trainer.pusher.last
     finally:
         trainer.close()
+    assert pushed["buckets"] >= 2, pushed  # the demo model's 2 MB of float32 weights, 1 MB a bucket
     assert s.pool.stats()[0].policy_version == 1
     after = torch.tensor(s.pool.score([prompt + completion])[0])
     ids, attn, _ = pad_batch([prompt], [completion], s.tokenizer.pad_token_id)

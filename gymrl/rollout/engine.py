@@ -217,6 +217,7 @@ class RolloutEngine:
         self.engine_id = engine_id
         self.max_model_len = cfg.max_model_len
         self.policy_version = 0
+        self._update: dict | None = None  # the weight update in progress (open_weight_update)
         self.spec_fallback: str | None = None  # why the configured speculative decoding is off, if it is
         self._ids = itertools.count()
         self._in_flight = self._peak = self._done = self._tokens = 0
@@ -348,20 +349,54 @@ class RolloutEngine:
         context with the new weights (otherwise they keep the KV computed before the update, and
         prefix-cache hits may too, until the cache turns over).
         """
-        started = time.perf_counter()
-        in_flight = self._in_flight
-        await self.llm.pause_generation(mode="keep", clear_cache=recompute_kv)
+        await self.open_weight_update(recompute_kv)
+        await self.load_weight_part(method, blob)
+        return await self.close_weight_update(version)
+
+    # A weight update in parts (a bucketed push, :meth:`gymrl.rollout.pool.EnginePool.update_weights_in_parts`):
+    # open (pause), any number of worker calls, close (relabel, resume). :meth:`load_weights` is the one-part case.
+
+    async def open_weight_update(self, recompute_kv: bool = False) -> None:
+        """Pause the scheduler with every request kept (``recompute_kv``: and drop all cached KV)."""
+        if self._update is not None:
+            raise RuntimeError(f"engine {self.engine_id}: a weight update is already open")
+        self._update = {"started": time.perf_counter(), "in_flight": self._in_flight, "load_s": 0.0,
+                        "recompute_kv": recompute_kv}
         try:
-            loading = time.perf_counter()
-            await self.llm.collective_rpc(method, args=(blob,))
-            load_seconds = time.perf_counter() - loading
+            await self.llm.pause_generation(mode="keep", clear_cache=recompute_kv)
+        except BaseException:
+            self._update = None
+            raise
+
+    async def load_weight_part(self, method: str, payload: bytes | None) -> bool:
+        """Run worker method ``method`` (with ``payload``) inside the open update; False when none is open (an
+        engine started during the update: it is loaded whole afterwards). A failure resumes the requests."""
+        if self._update is None:
+            return False
+        loading = time.perf_counter()
+        try:
+            await self.llm.collective_rpc(method, args=() if payload is None else (payload,))
+        except BaseException:
+            self._update = None
+            await self.llm.resume_generation()
+            raise
+        self._update["load_s"] += time.perf_counter() - loading
+        return True
+
+    async def close_weight_update(self, version: int) -> WeightUpdate | None:
+        """Label the engine ``version`` and resume the requests; None when no update is open."""
+        update, self._update = self._update, None
+        if update is None:
+            return None
+        try:
             # Nothing in flight: the whole prefix cache can go (with requests running this is a no-op).
             await self.llm.reset_prefix_cache()
             await self._label(version)
             self.policy_version = version
         finally:
             await self.llm.resume_generation()
-        return WeightUpdate(self.engine_id, version, time.perf_counter() - started, load_seconds, in_flight, recompute_kv)
+        return WeightUpdate(self.engine_id, version, time.perf_counter() - update["started"], update["load_s"],
+                            update["in_flight"], update["recompute_kv"])
 
     async def worker_call(self, method: str, payload: bytes | None = None) -> list:
         """Call a :class:`~gymrl.rollout.weight_sync.WeightSyncExtension` method in every worker of this engine

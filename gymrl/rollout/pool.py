@@ -5,10 +5,11 @@ model, warning about an engine Ray has no room for (Ray itself says nothing). :c
 groups over the actors, pushes weights into all of them at once, and replaces an engine that died.
 """
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import ray
@@ -82,6 +83,10 @@ def wait_ready(actors: list, cfg: EngineConfig, warn_after_s: float = PLACEMENT_
 
 class EngineError(RuntimeError):
     """A generation that failed for the engine's sake: it timed out, or its engine died past its restarts."""
+
+
+def _load_part(method: str, ref, actor):
+    return actor.load_weight_part.remote(method, ref)
 
 
 def _engine_died(err: Exception) -> bool:
@@ -231,6 +236,24 @@ class EnginePool:
         calls = {e: (lambda a: a.load_weights.remote(ref, version, recompute_kv, method)) for e in range(len(self.actors))}
         done = self._call(calls, None, "weight update", meanwhile=meanwhile)
         return [done[e] for e in range(len(self.actors))]
+
+    def update_weights_in_parts(self, parts: Iterable[tuple[str, bytes | None, Callable[[], None] | None]],
+                                version: int, recompute_kv: bool, replay: Callable[[], bytes]) -> list[WeightUpdate]:
+        """Load new weights into every engine in several worker calls inside one pause (a bucketed push): for each
+        ``(method, payload, meanwhile)`` of ``parts``, taken one at a time, every engine's workers run ``method``.
+        ``replay``: the whole new weights as a safetensors blob, read at the end, for an engine restarted meanwhile
+        (it missed the opening and is loaded whole instead) and for any restarted later."""
+        self._call({e: (lambda a: a.open_weight_update.remote(recompute_kv)) for e in range(len(self.actors))}, None,
+                   "weight update")
+        for method, payload, meanwhile in parts:
+            call = functools.partial(_load_part, method, ray.put(payload))
+            self._call(dict.fromkeys(range(len(self.actors)), call), None, "weight update", meanwhile=meanwhile)
+            del call  # the bucket leaves the object store
+        self._weights = lambda: (ray.put(replay()), version, recompute_kv)
+        done = self._call({e: (lambda a: a.close_weight_update.remote(version)) for e in range(len(self.actors))},
+                          None, "weight update")
+        missed = {e: (lambda a: a.load_weights.remote(*self._weights())) for e, u in done.items() if u is None}
+        return [update for _, update in sorted((done | self._call(missed, None, "weight update")).items())]
 
     def worker_call(self, method: str, payload: bytes | list[bytes] | None = None,
                     meanwhile: Callable[[], None] | None = None) -> list[list]:

@@ -37,7 +37,7 @@ def policy_tensors(model, mtp_layer=None) -> dict[str, torch.Tensor]:
     """The tensors :func:`pack_policy` sends, by checkpoint name, on the trainer's device (for :func:`pack_flat`)."""
     from gymrl.models.mtp import mtp_checkpoint_tensors
 
-    tensors = checkpoint_tensors(base_model(model), _untied(merged_state_dict(model)))
+    tensors = checkpoint_tensors(base_model(model), untied(merged_state_dict(model)))
     if mtp_layer is not None:
         tensors |= mtp_checkpoint_tensors(model, mtp_layer)
     return tensors
@@ -45,10 +45,10 @@ def policy_tensors(model, mtp_layer=None) -> dict[str, torch.Tensor]:
 
 def pack_state_dict(state_dict: dict[str, torch.Tensor]) -> bytes:
     """The trainer's weights as one contiguous blob (tied tensors are stored once)."""
-    return save_safetensors({name: t.detach().to("cpu").contiguous() for name, t in _untied(state_dict).items()})
+    return save_safetensors({name: t.detach().to("cpu").contiguous() for name, t in untied(state_dict).items()})
 
 
-def _untied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def untied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each tensor once, under its first name: tied weights (lm_head = embed_tokens, which state_dict lists
     first) go as the embedding, and vLLM ties the head itself."""
     seen: set[int] = set()
@@ -67,7 +67,7 @@ def pack_flat(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = N
     """The weights as one flat uint8 buffer on their own device (floating tensors cast to ``dtype`` when given),
     and where each lies in it: one allocation and one handle to share, not one per tensor."""
     tensors = {n: (t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach())
-               for n, t in _untied(state_dict).items()}
+               for n, t in untied(state_dict).items()}
     layout: Layout = []
     offset = 0
     for name, t in tensors.items():
@@ -138,7 +138,12 @@ def reload_order(weights: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tens
     ``dt_bias`` dropped: measured on an H200, a push of unchanged weights moved one layer's dt_bias by up to 7.8
     and prompt logprobs by up to 9 nats. Loaded last, ``A_log`` completes the count with every other tensor in.
     (vLLM 0.32 caps the count; the order is harmless there.)"""
-    return sorted(weights.items(), key=lambda item: item[0].endswith(".A_log"))  # stable: the rest keep their order
+    return sorted(weights.items(), key=lambda item: reloads_last(item[0]))  # stable: the rest keep their order
+
+
+def reloads_last(name: str) -> bool:
+    """Whether ``name`` goes after every other tensor of its layer (:func:`reload_order`)."""
+    return name.endswith(".A_log")
 
 
 class WeightSyncExtension:
@@ -173,6 +178,37 @@ class WeightSyncExtension:
                 self._load_draft(draft, {k: v for k, v in weights.items() if k.startswith(mtp_prefix)})
         self._repack_cpu_experts()
         return len(weights)
+
+    # A reload over several calls (a bucketed push, train.push_bucket_mb): vLLM's layerwise reload keeps a layer's
+    # tensors until the layer is whole, then processes it, so a bucket may end anywhere. The engine pauses its
+    # requests around the whole sequence. The target model only: an MTP layer goes in one-blob pushes.
+
+    def gymrl_begin_reload(self) -> int:
+        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model_runner.get_model())
+        return 0
+
+    def gymrl_load_part(self, blob: bytes) -> int:
+        """Load one bucket (a safetensors blob) of an open reload; returns its number of tensors."""
+        return self._load_part(load_safetensors(blob))
+
+    def gymrl_load_part_broadcast(self, payload: bytes) -> int:
+        """Receive one bucket by broadcast (:meth:`gymrl_load_weights_broadcast`) and load it into an open reload."""
+        return self._load_part(self._receive_broadcast(payload))
+
+    def _load_part(self, weights: dict[str, torch.Tensor]) -> int:
+        self.model_runner.get_model().load_weights(iter(reload_order(weights)))
+        return len(weights)
+
+    def gymrl_end_reload(self) -> int:
+        """Close the reload: layers not yet processed are, and what vLLM's reload leaves undone is done."""
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.model_config)
+        self._refresh_tied_lm_head()
+        self._repack_cpu_experts()
+        return 0
 
     def _load_draft(self, draft, weights: dict) -> None:
         """Reload the MTP drafter's own layer in place. vLLM's MTP model reads the checkpoint's names for it
@@ -214,10 +250,13 @@ class WeightSyncExtension:
     def gymrl_load_weights_broadcast(self, payload: bytes) -> int:
         """Receive the trainer's flat buffer by broadcast (its layout and size come in ``payload``) and reload from
         views of it."""
+        return self._reload(self._receive_broadcast(payload))
+
+    def _receive_broadcast(self, payload: bytes) -> dict[str, torch.Tensor]:
         layout, nbytes = pickle.loads(payload)
         flat = torch.empty(nbytes, dtype=torch.uint8, device=self._gymrl_device())
         broadcast(self._gymrl_group, flat)
-        return self._reload(unpack_flat(flat, layout))
+        return unpack_flat(flat, layout)
 
     def _refresh_tied_lm_head(self) -> None:
         """Re-tie and re-prepare an lm_head that shares the input embedding.

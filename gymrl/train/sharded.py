@@ -21,6 +21,7 @@ which would otherwise wait in a collective; ``train.collective_timeout_s`` bound
 import functools
 import logging
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,8 +38,10 @@ from gymrl.config import RunConfig
 from gymrl.envs.launcher import free_port
 from gymrl.memory import held_bytes, process_memory
 from gymrl.models.checkpoint import load_policy
+from gymrl.models.checkpoint_files import checkpoint_tensors
 from gymrl.resources import ray_node
 from gymrl.rollout.runner import Rollout, RolloutBatch
+from gymrl.rollout.weight_sync import pack_policy, reloads_last, untied
 from gymrl.session import Session
 from gymrl.train.accumulate import (
     MicroBatch,
@@ -191,21 +194,36 @@ class TrainerRank:
         set_state_dict(self.policy, self.optimizer, model_state_dict=model, optim_state_dict=optim, options=full)
         self.scheduler.load_state_dict(saved["scheduler"])
 
-    def full_state(self, bucket_bytes: int):
-        """The full weights on CPU, gathered one tensor at a time (every rank takes part), in buckets of at most
-        ``bucket_bytes`` (a tensor larger than that alone): rank 0 yields each bucket as it fills, the others nothing."""
-        bucket, size = {}, 0
-        for name, tensor in self.policy.state_dict().items():
-            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-            nbytes = full.numel() * full.element_size()
-            if bucket and size + nbytes > bucket_bytes:
-                yield bucket
-                bucket, size = {}, 0
+    def bucket_names(self, bucket_bytes: int) -> list[list[str]]:
+        """The names of the full weights, in the order a push sends them, grouped in buckets of at most
+        ``bucket_bytes`` (a larger tensor alone). A tied weight goes once, under its first name; Mamba-2's ``A_log``
+        goes after the rest (:func:`~gymrl.rollout.weight_sync.reload_order`)."""
+        first: dict[int, str] = {}
+        for name, parameter in self.policy.named_parameters(remove_duplicate=False):
+            first.setdefault(id(parameter), name)
+        ties = {name for name, p in self.policy.named_parameters(remove_duplicate=False) if first[id(p)] != name}
+        state = self.policy.state_dict()
+        names = sorted((n for n in state if n not in ties), key=reloads_last)
+        buckets, size = [[]], 0
+        for name in names:
+            nbytes = state[name].numel() * state[name].element_size()  # a DTensor's numel is the full tensor's
+            if buckets[-1] and size + nbytes > bucket_bytes:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(name)
+            size += nbytes
+        return buckets
+
+    def gather_bucket(self, names: list[str]) -> dict[str, torch.Tensor] | None:
+        """The full tensors of ``names`` on CPU, gathered one at a time (every rank takes part): rank 0's answer;
+        the others' is None."""
+        state, bucket = self.policy.state_dict(), {}
+        for name in names:
+            full = state[name].full_tensor() if isinstance(state[name], DTensor) else state[name]
             if self.rank == 0:
-                bucket[name], size = full.detach().to("cpu", copy=True), size + nbytes
+                bucket[name] = full.detach().to("cpu", copy=True)
             del full
-        if bucket:
-            yield bucket
+        return bucket if self.rank == 0 else None
 
 
 class TrainerRankError(RuntimeError):
@@ -292,36 +310,36 @@ class ShardedTrainer(TrainerBase):
         """The Ray node of each rank (train.ray_resources places them)."""
         return self.wait([r.node.remote() for r in self.ranks], "a placement query")
 
-    def gather(self) -> None:
-        """Load the ranks' shards into the driver's policy, one bucket (train.push_bucket_mb) at a time: rank 0 never
-        holds more than a bucket of full tensors (those it yielded wait in the object store until loaded here)."""
-        streams = [r.full_state.remote(self.cfg.train.push_bucket_mb * 2**20) for r in self.ranks]
-        rank_of, live, loaded = {stream: i for i, stream in enumerate(streams)}, list(streams), set()
-        what = f"the gathering of the weights after step {self.version}"
-        while live:  # whichever stream moves first, so that a rank's death is seen while rank 0 waits on it
-            (stream,), _ = ray.wait(live, num_returns=1)
-            try:
-                bucket = ray.get(next(stream))
-            except StopIteration:  # the others yield nothing; their end is the end of their collectives
-                live.remove(stream)
-                continue
-            except ray.exceptions.RayError as err:
-                raise self.failed(rank_of[stream], what, err) from err
-            unexpected = self.policy.load_state_dict(bucket, strict=False).unexpected_keys
-            if unexpected:
-                raise RuntimeError(f"the ranks' weights have {unexpected[:3]}, which the driver's policy has not")
-            loaded.update(bucket)
+    def buckets(self, what: str) -> Iterator[dict[str, torch.Tensor]]:
+        """The ranks' full weights, bucket by bucket (train.push_bucket_mb), each loaded into the driver's policy
+        before it is yielded. Rank 0 gathers the next bucket while the caller uses this one, so it and the object
+        store hold at most two buckets of full tensors."""
+        plan = self.wait([self.ranks[0].bucket_names.remote(self.cfg.train.push_bucket_mb * 2**20)], what)[0]
+        names = set(untied(self.policy.state_dict()))
+        if {n for bucket in plan for n in bucket} != names:
+            raise RuntimeError(f"the ranks' weights differ from the driver's policy: "
+                               f"{sorted(names.symmetric_difference(n for b in plan for n in b))[:3]}")
+        gathering = [r.gather_bucket.remote(plan[0]) for r in self.ranks]
+        for i in range(len(plan)):
+            refs = gathering
+            if i + 1 < len(plan):  # the ranks run their calls in order: this one starts as soon as the last ends
+                gathering = [r.gather_bucket.remote(plan[i + 1]) for r in self.ranks]
+            bucket = self.wait(refs, what)[0]
+            self.policy.load_state_dict(bucket, strict=False)
+            yield bucket
             del bucket
-        missing = set(self.policy.state_dict()) - loaded
-        if missing:
-            raise RuntimeError(f"the ranks' weights lack {sorted(missing)[:3]} of the driver's policy")
+
+    def gather(self) -> None:
+        """Load the ranks' full weights into the driver's policy (what a checkpoint and the run's end save)."""
+        for _ in self.buckets(f"the gathering of the weights after step {self.version}"):
+            pass
 
     def push_weights(self) -> float:
-        """Gather the weights into the driver's policy, and push that into every engine (bytes)."""
-        started = time.perf_counter()
-        self.gather()
-        self.pusher.push(self.policy, None, self.version, self.cfg.engine.recompute_kv_on_update)
-        return time.perf_counter() - started
+        """Stream the ranks' weights into every engine bucket by bucket, inside one pause of the engines (bytes),
+        loading each into the driver's policy too; returns the wall time."""
+        buckets = (checkpoint_tensors(self.policy, b) for b in self.buckets(f"the push after step {self.version}"))
+        return self.pusher.push_buckets(buckets, self.version, self.cfg.engine.recompute_kv_on_update,
+                                        replay=lambda: pack_policy(self.policy))
 
     def load_checkpoint(self, path: Path) -> dict:
         """Restore the driver's policy and RNG states, and every rank's weights, AdamW state and scheduler: from the

@@ -9,6 +9,7 @@ broadcast to every engine worker (NCCL from the trainer's own GPU, gloo on CPU).
 import logging
 import pickle
 import time
+from collections.abc import Callable, Iterable
 
 import ray
 import torch
@@ -98,6 +99,32 @@ class WeightPusher:
                                          "gymrl_load_weights_broadcast", meanwhile=send, replay=replay)
         total = time.perf_counter() - started
         self.last = {"bytes": float(size), "pack_s": packed - started, "total_s": total} | sent
+        return total
+
+    def push_buckets(self, buckets: Iterable[dict[str, torch.Tensor]], version: int, recompute_kv: bool,
+                     replay: Callable[[], bytes]) -> float:
+        """Load weights that come bucket by bucket (checkpoint-named tensors on CPU: the sharded trainer gathers each
+        while the engines load the one before) into every engine, inside one pause, by bytes; returns the wall time.
+        ``replay``: all the weights in one blob, for an engine restarted meanwhile or later."""
+        started = time.perf_counter()
+        sent = {"bytes": 0.0, "pack_s": 0.0, "buckets": 0.0}
+
+        def parts():
+            yield "gymrl_begin_reload", None, None
+            for bucket in buckets:
+                begin = time.perf_counter()
+                blob = pack_state_dict(bucket)
+                sent["pack_s"] += time.perf_counter() - begin
+                sent["bytes"] += len(blob)
+                sent["buckets"] += 1
+                yield "gymrl_load_part", blob, None
+                del blob
+            yield "gymrl_end_reload", None, None
+
+        self.method = "bytes"
+        self.pool.update_weights_in_parts(parts(), version, recompute_kv, replay)
+        total = time.perf_counter() - started
+        self.last = sent | {"total_s": total}
         return total
 
     def _join(self) -> None:
