@@ -100,7 +100,7 @@ def test_a_missing_config_is_one_error_line(tmp_path, suite):
 @pytest.mark.slow
 def test_scale_suite(demo_cfg, demo_model, tmp_path):
     """train.workers 1 and 2 on a small fixed batch: per-rank state halves (the 0.6 target), the two trainers end
-    on the same weights, and the gather's buckets keep to train.push_bucket_mb (a larger tensor alone)."""
+    on the same weights, and the push's buckets keep to train.push_bucket_mb (a larger tensor alone)."""
     from gymrl.bench.scale import BYTES_TARGET, run_scale_bench
 
     cfg = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update={"prompts_per_step": 2,
@@ -118,9 +118,10 @@ def test_scale_suite(demo_cfg, demo_model, tmp_path):
                                                          runs["1"]["max_rank_state_bytes"])
     assert results["state_bytes_ratio"] <= BYTES_TARGET and results["state_bytes_target_met"]
     assert results["max_weight_difference"] < 1e-4  # the same steps from the same weights
-    (gather,) = results["gather"]
+    (push,) = results["push"]
     largest_tensor = max(p.numel() * p.element_size() for p in cfg_policy_params(demo_model))
-    assert gather["buckets"] > 1 and gather["largest_bucket_bytes"] <= max(2**20, largest_tensor)
+    assert push["buckets"] > 1 and push["largest_bucket_bytes"] <= max(2**20, largest_tensor) + 2**16  # + header
+    assert push["engine_peak_growth_bytes"] >= 0 and push["seconds"] > 0
     table = (tmp_path / "scale.md").read_text()
     assert "push_bucket_mb" in table and "target <= 0.6: met" in table
 

@@ -1,9 +1,9 @@
 """``gymrl bench --suite scale``: the sharded trainer (train.workers = 2: FSDP2 ranks as Ray actors, gloo on CPU)
 against the one-process trainer (train.workers = 1) from the same weights on the same fixed batch: trainer step
 time, each rank's peak resident memory and its bytes of parameters and AdamW state, and the extra memory of the
-weight gather (a push's first half) per ``train.push_bucket_mb``; ``scale.json`` and ``scale.md``.
+weight push into one engine per ``train.push_bucket_mb``; ``scale.json`` and ``scale.md``.
 
-No engine and no environment server start: the batch is made here (the config's prompts, completions of
+No environment server starts, and the engine only for the pushes: the batch is made here (the config's prompts, completions of
 ``sampling.max_tokens`` random tokens), so every run trains on the same tokens and the figures are the trainers'
 alone. The one-process trainer runs in a Ray actor of its own, on the driver's torch threads (as ``gymrl train``
 runs it in the driver), so that its process's peak memory is its own and not the driver's."""
@@ -82,41 +82,34 @@ def _with_train(cfg, **update):
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
 
 
-def _measure_gather(sharded, mb: int) -> dict:
-    """One gather of the weights into the driver's policy with buckets of ``mb`` MB: the buckets' sizes (as the
-    driver loads them), rank 0's and the driver's peak resident growth over it, and its time."""
+def _measure_push(sharded, mb: int) -> dict:
+    """One push of the ranks' weights into the engine (and the driver's policy) in buckets of ``mb`` MB: the buckets,
+    the peak resident growth over it of rank 0, the driver and the engine's worker, and its time."""
     sharded.cfg = _with_train(sharded.cfg, push_bucket_mb=mb)
-    policy, buckets = sharded.policy, []
-    load = policy.load_state_dict
-
-    def recording_load(state, strict=True):
-        buckets.append(sum(t.numel() * t.element_size() for t in state.values()))
-        return load(state, strict=strict)
-
+    engine = sharded.pusher.pool
     before = ray.get(sharded.ranks[0].memory.remote(reset_peak=True))
     driver_before = process_memory(reset_peak=True)
-    policy.load_state_dict = recording_load
-    try:
-        started = time.perf_counter()
-        sharded.gather()
-        seconds = time.perf_counter() - started
-    finally:
-        del policy.load_state_dict
+    (engine_before,), = engine.worker_call("gymrl_process_memory", b"reset peak")
+    seconds = sharded.push_weights()
     after = ray.get(sharded.ranks[0].memory.remote())
-    return {"push_bucket_mb": mb, "buckets": len(buckets), "largest_bucket_bytes": max(buckets),
-            "rank0_peak_growth_bytes": after["peak_rss"] - before["rss"],
+    (engine_after,), = engine.worker_call("gymrl_process_memory")
+    pushed = sharded.pusher.last
+    return {"push_bucket_mb": mb, "buckets": int(pushed["buckets"]), "largest_bucket_bytes": int(pushed["largest_bytes"]),
+            "bytes": int(pushed["bytes"]), "rank0_peak_growth_bytes": after["peak_rss"] - before["rss"],
             "rank0_shared_growth_bytes": after["rss_shared"] - before["rss_shared"],
-            "driver_peak_growth_bytes": process_memory()["peak_rss"] - driver_before["rss"], "seconds": seconds}
+            "driver_peak_growth_bytes": process_memory()["peak_rss"] - driver_before["rss"],
+            "engine_peak_growth_bytes": engine_after["peak_rss"] - engine_before["rss"], "seconds": seconds}
 
 
 def run_scale_bench(cfg, out, steps: int, buckets_mb: tuple[int, ...] = BUCKETS_MB,
                     one_process_threads: tuple[int, ...] | None = None) -> Table:
     """``steps`` trainer steps (the first a warm-up, left out of the times) on one fixed batch with train.workers
     1 (on each of ``one_process_threads`` torch threads; by default the driver's, then 1 as each rank of N=2 has)
-    then 2, from the config's model; then the 2 ranks' weights gathered with each bucket size in ``buckets_mb``
+    then 2, from the config's model; then the 2 ranks' weights pushed into one engine with each bucket size in ``buckets_mb``
     (smallest first, so a larger bucket's growth is not hidden by memory a smaller one freed)."""
     from gymrl.envs.registry import load_environment
     from gymrl.models.checkpoint import load_policy
+    from gymrl.rollout.pool import EnginePool, start_engines
     from gymrl.session import Session, init_ray, resolve_model_path
     from gymrl.train.sharded import ShardedTrainer
 
@@ -128,7 +121,7 @@ def run_scale_bench(cfg, out, steps: int, buckets_mb: tuple[int, ...] = BUCKETS_
     policy, tokenizer = load_policy(model_path, cfg.train.dtype)
     batch = fixed_batch(cfg, tokenizer, policy.config.vocab_size)
     parameters = sum(p.numel() for p in policy.parameters())
-    runs, weights, gathers = {}, {}, []
+    runs, weights, pushes = {}, {}, []
     # N=1 on the driver's threads (as `gymrl train` runs it), and on one thread, as each rank of N=2 has: on a
     # loaded machine two OpenMP threads can wait on each other, which the second row shows.
     if one_process_threads is None:
@@ -145,7 +138,9 @@ def run_scale_bench(cfg, out, steps: int, buckets_mb: tuple[int, ...] = BUCKETS_
             ray.kill(actor)
         else:
             driver_policy, _ = load_policy(model_path, cfg.train.dtype)  # the driver's full copy, as in a run
-            sharded = ShardedTrainer(Session(ncfg, {}, model_path, driver_policy, tokenizer, pool=None, runner=None))
+            pool = EnginePool(start_engines(str(model_path.resolve()), cfg.engine.model_copy(update={"num_engines": 1}),
+                                            cfg.seed))
+            sharded = ShardedTrainer(Session(ncfg, {}, model_path, driver_policy, tokenizer, pool=pool, runner=None))
             try:
                 times = []
                 for _ in range(steps):
@@ -154,10 +149,12 @@ def run_scale_bench(cfg, out, steps: int, buckets_mb: tuple[int, ...] = BUCKETS_
                     times.append(time.perf_counter() - started)
                 memory = ray.get([r.memory.remote() for r in sharded.ranks])
                 threads = ray.get(sharded.ranks[0].__ray_call__.remote(lambda _: torch.get_num_threads()))
-                gathers = [_measure_gather(sharded, mb) for mb in sorted(buckets_mb)]
+                pushes = [_measure_push(sharded, mb) for mb in sorted(buckets_mb)]
                 weights[n] = {k: v.clone() for k, v in sharded.policy.state_dict().items()}
             finally:
                 sharded.close()
+                for engine in pool.actors:
+                    ray.kill(engine)
         step_s = summarise(times[1:])
         runs[label] = {"workers": n, "torch_threads_per_rank": threads, "step_s": step_s,
                         "steps_per_s": 1 / step_s["median"], "ranks": memory,
@@ -175,7 +172,7 @@ def run_scale_bench(cfg, out, steps: int, buckets_mb: tuple[int, ...] = BUCKETS_
                   "dtype": cfg.train.dtype, "loss_type": cfg.train.loss_type},
         "runs": runs, "state_bytes_ratio": ratio, "state_bytes_target": BYTES_TARGET,
         "state_bytes_target_met": ratio <= BYTES_TARGET, "steps_per_s_ratio": speed,
-        "max_weight_difference": difference, "gather": gathers,
+        "max_weight_difference": difference, "push": pushes,
     }
 
     def mb(n):
@@ -199,17 +196,19 @@ def run_scale_bench(cfg, out, steps: int, buckets_mb: tuple[int, ...] = BUCKETS_
         f"{', '.join(f'{k}: x{v:.2f}' for k, v in speed.items())}; "
         f"largest weight difference after {steps} steps: {difference:.2e}.",
         "Peak RSS is each rank's process's VmHWM over its life (a rank loads the full policy before it shards it). "
-        "Gathers run smallest bucket first, after the steps; rank 0 holds at most one bucket of full tensors plus the "
-        "tensor being gathered, and each bucket it yields is written into Ray's object store, whose shared pages "
-        "count in its RSS the first time they are touched (the third column from the right).",
+        "Pushes into one engine run smallest bucket first, after the steps; peak RSS growth is VmHWM after the push "
+        "less VmRSS before it (the peak reset just before). Rank 0 holds the bucket it gathers and the one before, "
+        "which it wrote into Ray's object store, whose shared pages count in its RSS the first time they are touched "
+        "(the 'object store pages' column); the engine's worker holds a bucket while it loads it, and a layer's "
+        "tensors until the layer is whole.",
         "",
         "| push_bucket_mb | buckets | largest bucket (MB) | rank 0 peak RSS growth (MB) | of it, object store pages "
-        "(MB) | driver peak RSS growth (MB) | gather (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "(MB) | driver peak RSS growth (MB) | engine worker peak RSS growth (MB) | push (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ] + [f"| {g['push_bucket_mb']} | {g['buckets']} | {mb(g['largest_bucket_bytes'])} | "
          f"{mb(g['rank0_peak_growth_bytes'])} | {mb(g['rank0_shared_growth_bytes'])} | "
-         f"{mb(g['driver_peak_growth_bytes'])} | {g['seconds']:.2f} |"
-         for g in gathers]
+         f"{mb(g['driver_peak_growth_bytes'])} | {mb(g['engine_peak_growth_bytes'])} | {g['seconds']:.2f} |"
+         for g in pushes]
     header = ["workers (N)", "torch threads per rank", "s/step median [min-max]", "steps/s",
               "params + AdamW per rank (MB)", "peak RSS per rank (MB)"]
     return write_results(out, "scale", results, rows, header,

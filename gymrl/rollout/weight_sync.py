@@ -232,6 +232,13 @@ class WeightSyncExtension:
         torch.cuda.synchronize()  # the copies out of the shared buffer are done before the trainer may free it
         return count
 
+    def gymrl_process_memory(self, reset_peak: bytes = b"") -> dict[str, int]:
+        """This worker process's resident and peak resident bytes (:func:`gymrl.memory.process_memory`); any
+        ``reset_peak`` restarts the peak from now (``gymrl bench --suite scale``)."""
+        from gymrl.memory import process_memory
+
+        return process_memory(reset_peak=bool(reset_peak))
+
     def _gymrl_device(self) -> torch.device:
         return next(self.model_runner.get_model().parameters()).device
 

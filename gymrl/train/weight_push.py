@@ -107,7 +107,7 @@ class WeightPusher:
         while the engines load the one before) into every engine, inside one pause, by bytes; returns the wall time.
         ``replay``: all the weights in one blob, for an engine restarted meanwhile or later."""
         started = time.perf_counter()
-        sent = {"bytes": 0.0, "pack_s": 0.0, "buckets": 0.0}
+        sent = {"bytes": 0.0, "pack_s": 0.0, "buckets": 0.0, "largest_bytes": 0.0}
 
         def parts():
             yield "gymrl_begin_reload", None, None
@@ -117,6 +117,7 @@ class WeightPusher:
                 sent["pack_s"] += time.perf_counter() - begin
                 sent["bytes"] += len(blob)
                 sent["buckets"] += 1
+                sent["largest_bytes"] = max(sent["largest_bytes"], float(len(blob)))
                 yield "gymrl_load_part", blob, None
                 del blob
             yield "gymrl_end_reload", None, None
