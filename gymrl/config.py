@@ -434,8 +434,7 @@ class TrainConfig(Section):
     def _sharded_supports(self) -> "TrainConfig":
         """What the sharded trainer (workers > 1) does not do, refused before anything starts."""
         if self.workers > 1:
-            for key, unsupported in (("lora", self.lora is not None), ("mtp_loss_weight", self.mtp_loss_weight > 0),
-                                     ("weight_sync", self.weight_sync in ("ipc", "broadcast"))):
+            for key, unsupported in (("lora", self.lora is not None), ("mtp_loss_weight", self.mtp_loss_weight > 0)):
                 if unsupported:
                     raise ValueError(f"train.{key} is not supported with train.workers > 1 (the sharded trainer); "
                                      f"{SHARDED_INSTEAD[key]}")
@@ -448,8 +447,7 @@ class TrainConfig(Section):
 
 # What to use instead, when train.workers > 1, of each key the sharded trainer refuses.
 SHARDED_INSTEAD = {"lora": "unset it (full fine-tuning) or use train.workers=1",
-                   "mtp_loss_weight": "set 0 or use train.workers=1",
-                   "weight_sync": "ipc and broadcast are not; use auto or bytes (the gathered weights go by bytes)"}
+                   "mtp_loss_weight": "set 0 or use train.workers=1"}
 
 
 class EvalConfig(Section):

@@ -64,3 +64,34 @@ def test_an_engine_ray_cannot_place_is_warned_about_with_what_it_needs(cluster, 
     assert "1 of 1 engine(s) not ready after 1 s" in warning
     assert "Each engine needs CPU 64, GPU 0" in warning and "it can never be placed" in warning
     assert "engine.cpus_per_engine" in warning and "ray_num_cpus" in warning
+
+
+@ray.remote(num_cpus=0)
+class BroadcastReceiver:
+    """An engine's side of a broadcast: it fails at once, or waits in the collective for a sender that never comes."""
+
+    def worker_call(self, method, payload):
+        if method == "fails":
+            raise RuntimeError("the receiving worker failed")
+        time.sleep(120)
+
+
+@pytest.mark.parametrize("failing", ["receiver", "sender"])
+def test_a_broadcast_whose_one_side_fails_is_raised_at_once(cluster, failing):
+    """A push by broadcast has the engines receive while the sender sends beside them (``meanwhile``): when either
+    side fails, the other would wait in the collective until its timeout (5 minutes); the failure comes at once."""
+    actor = BroadcastReceiver.remote()
+    pool = EnginePool([actor])
+
+    def send():
+        if failing == "sender":
+            raise ConnectionError("the sender's rank died")
+        time.sleep(120)
+
+    started = time.monotonic()
+    try:
+        with pytest.raises((ConnectionError, ray.exceptions.RayTaskError), match="sender's rank died|worker failed"):
+            pool.worker_call("fails" if failing == "receiver" else "waits", meanwhile=send)
+    finally:
+        ray.kill(actor)
+    assert time.monotonic() - started < 15

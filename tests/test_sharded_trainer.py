@@ -27,7 +27,7 @@ def test_split_by_tokens_is_balanced():
     assert split_by_tokens([3], 2) == [[0], []]
 
 
-@pytest.mark.parametrize("key, value", [("lora", {"r": 4}), ("mtp_loss_weight", 0.1), ("weight_sync", "ipc")])
+@pytest.mark.parametrize("key, value", [("lora", {"r": 4}), ("mtp_loss_weight", 0.1)])
 def test_what_sharding_does_not_support_is_refused(key, value, tmp_path):
     overrides = {"run_dir": str(tmp_path), "train.workers": 2, f"train.{key}": value}
     with pytest.raises(ConfigError, match=f"train.{key} is not supported with train.workers > 1"):
@@ -131,9 +131,11 @@ def test_sharded_ranks_take_the_one_process_step(demo_cfg, demo_model, train, wo
 
 
 
-def test_a_sharded_push_gives_the_engine_the_trainers_logprobs(fresh_session):
-    """After a step on two ranks, a push streams the shards into the engine bucket by bucket (and into the driver's
-    policy), and the engine scores a completion as that policy does."""
+@pytest.mark.parametrize("way", ["bytes", "broadcast"])
+def test_a_sharded_push_gives_the_engine_the_trainers_logprobs(fresh_session, way):
+    """After a step on two ranks, a push streams the shards into the engine bucket by bucket (through the driver's
+    policy by bytes; from rank 0 by broadcast, over gloo on CPU as over NCCL between GPUs), and the engine scores a
+    completion as the driver's policy does."""
 
     from gymrl.train.policy import pad_batch, token_logprobs
     from gymrl.train.sharded import ShardedTrainer
@@ -141,7 +143,7 @@ def test_a_sharded_push_gives_the_engine_the_trainers_logprobs(fresh_session):
     s = fresh_session
     cfg = s.cfg
     s.cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"workers": 2, "learning_rate": 1e-2,
-                                                                      "push_bucket_mb": 1})})
+                                                                      "push_bucket_mb": 1, "weight_sync": way})})
     try:
         trainer = ShardedTrainer(s)
     finally:
@@ -156,6 +158,7 @@ def test_a_sharded_push_gives_the_engine_the_trainers_logprobs(fresh_session):
     finally:
         trainer.close()
     assert pushed["buckets"] >= 2, pushed  # the demo model's 2 MB of float32 weights, 1 MB a bucket
+    assert trainer.pusher.method == way
     assert s.pool.stats()[0].policy_version == 1
     after = torch.tensor(s.pool.score([prompt + completion])[0])
     ids, attn, _ = pad_batch([prompt], [completion], s.tokenizer.pad_token_id)

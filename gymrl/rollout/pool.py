@@ -85,6 +85,39 @@ class EngineError(RuntimeError):
     """A generation that failed for the engine's sake: it timed out, or its engine died past its restarts."""
 
 
+class _Background:
+    """A call running in a daemon thread (one left blocked in a collective does not hold the process up)."""
+
+    def __init__(self, call: Callable[[], None]):
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(call,), daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except BaseException as err:  # noqa: BLE001 - raised in the caller's thread by result()
+            self.error = err
+
+    def result(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _get(ref, timeout: float | None, sender: _Background | None):
+    """``ray.get(ref, timeout)``; with a ``sender`` working beside the call, its error as soon as it has one."""
+    if sender is None:
+        return ray.get(ref, timeout=timeout)
+    end = None if timeout is None else time.monotonic() + timeout
+    while not ray.wait([ref], timeout=1.0 if end is None else max(0.0, min(1.0, end - time.monotonic())))[0]:
+        if sender.error is not None:
+            raise sender.error
+        if end is not None and time.monotonic() >= end:
+            raise ray.exceptions.GetTimeoutError(f"no result within {timeout:g} s")
+    return ray.get(ref)
+
+
 def _load_part(method: str, ref, actor):
     return actor.load_weight_part.remote(method, ref)
 
@@ -151,17 +184,17 @@ class EnginePool:
               hung_is_dead: bool = False, meanwhile: Callable[[], None] | None = None) -> dict[int, Any]:
         """Run ``calls[e](actor)`` on each engine ``e`` at once and wait for their results. A call whose engine died
         runs again on its replacement. Past ``timeout_s`` the calls left are cancelled: with ``hung_is_dead`` their
-        engines are replaced and asked again, else it is an :class:`EngineError`. ``meanwhile`` runs here once the
-        calls are sent, before waiting (the trainer's side of a broadcast)."""
+        engines are replaced and asked again, else it is an :class:`EngineError`. ``meanwhile`` runs in a thread of
+        its own once the calls are sent (the sender's side of a broadcast): whichever side fails first is raised at
+        once, not after the other waited out its collective's timeout."""
         pending = {e: (self.actors[e], call(self.actors[e])) for e, call in calls.items()}
-        if meanwhile is not None:
-            meanwhile()
+        sender = _Background(meanwhile) if meanwhile is not None else None
         results = {}
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while pending:
             e, (actor, ref) = next(iter(pending.items()))
             try:
-                results[e] = ray.get(ref, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                results[e] = _get(ref, None if deadline is None else max(0.0, deadline - time.monotonic()), sender)
                 del pending[e]
             except ray.exceptions.GetTimeoutError:
                 if not hung_is_dead:
@@ -177,6 +210,8 @@ class EnginePool:
                     raise
                 new = self._replace(e, actor, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
                 pending[e] = (new, calls[e](new))
+        if sender is not None:
+            sender.result()
         return results
 
     def _assign(self, n: int, engine_ids: list[int | None]) -> list[int]:

@@ -193,6 +193,13 @@ class WeightSyncExtension:
         """Load one bucket (a safetensors blob) of an open reload; returns its number of tensors."""
         return self._load_part(load_safetensors(blob))
 
+    def gymrl_load_part_ipc(self, payload: bytes) -> int:
+        """Load one bucket from a flat CUDA buffer of the trainer's (:meth:`gymrl_load_weights_ipc`) into an open
+        reload."""
+        count = self._load_part(self._map_ipc(payload))
+        torch.cuda.synchronize()  # the copies out of the shared buffer are done before the trainer may free it
+        return count
+
     def gymrl_load_part_broadcast(self, payload: bytes) -> int:
         """Receive one bucket by broadcast (:meth:`gymrl_load_weights_broadcast`) and load it into an open reload."""
         return self._load_part(self._receive_broadcast(payload))
@@ -227,8 +234,7 @@ class WeightSyncExtension:
 
     def gymrl_load_weights_ipc(self, payload: bytes) -> int:
         """Load from the trainer's flat CUDA buffer, mapped by its IPC handle (:func:`cuda_ipc_payload`)."""
-        (rebuild, args), layout = pickle.loads(payload)  # our own trainer's payload, sent over the engine's RPC
-        count = self._reload(unpack_flat(rebuild(*args), layout))
+        count = self._reload(self._map_ipc(payload))
         torch.cuda.synchronize()  # the copies out of the shared buffer are done before the trainer may free it
         return count
 
@@ -238,6 +244,11 @@ class WeightSyncExtension:
         from gymrl.memory import process_memory
 
         return process_memory(reset_peak=bool(reset_peak))
+
+    @staticmethod
+    def _map_ipc(payload: bytes) -> dict[str, torch.Tensor]:
+        (rebuild, args), layout = pickle.loads(payload)  # our own trainer's payload, sent over the engine's RPC
+        return unpack_flat(rebuild(*args), layout)
 
     def _gymrl_device(self) -> torch.device:
         return next(self.model_runner.get_model().parameters()).device
@@ -251,7 +262,8 @@ class WeightSyncExtension:
         in its engine; returns that rank. A later join replaces the group (after an engine restart)."""
         host, port, world_size, first_rank = pickle.loads(payload)
         rank = first_rank + getattr(self, "rank", 0)
-        self._gymrl_group = broadcast_group(host, port, rank, world_size, self._gymrl_device())
+        self._gymrl_group_device = self._gymrl_device()  # not asked later: in a reload over several calls, meta
+        self._gymrl_group = broadcast_group(host, port, rank, world_size, self._gymrl_group_device)
         return rank
 
     def gymrl_load_weights_broadcast(self, payload: bytes) -> int:
@@ -261,7 +273,7 @@ class WeightSyncExtension:
 
     def _receive_broadcast(self, payload: bytes) -> dict[str, torch.Tensor]:
         layout, nbytes = pickle.loads(payload)
-        flat = torch.empty(nbytes, dtype=torch.uint8, device=self._gymrl_device())
+        flat = torch.empty(nbytes, dtype=torch.uint8, device=self._gymrl_group_device)
         broadcast(self._gymrl_group, flat)
         return unpack_flat(flat, layout)
 

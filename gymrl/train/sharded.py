@@ -20,10 +20,12 @@ which would otherwise wait in a collective; ``train.collective_timeout_s`` bound
 
 import functools
 import logging
+import pickle
 import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
@@ -41,7 +43,17 @@ from gymrl.models.checkpoint import load_policy
 from gymrl.models.checkpoint_files import checkpoint_tensors
 from gymrl.resources import ray_node
 from gymrl.rollout.runner import Rollout, RolloutBatch
-from gymrl.rollout.weight_sync import pack_policy, reloads_last, untied
+from gymrl.rollout.weight_sync import (
+    broadcast,
+    broadcast_group,
+    cuda_ipc_payload,
+    device_uuid,
+    pack_flat,
+    pack_policy,
+    pack_state_dict,
+    reloads_last,
+    untied,
+)
 from gymrl.session import Session
 from gymrl.train.accumulate import (
     MicroBatch,
@@ -63,7 +75,7 @@ from gymrl.train.checkpoint import (
     save_checkpoint,
 )
 from gymrl.train.trainer import TrainerBase, checkpoint_activations, checkpoint_mtp_layer, lr_factor
-from gymrl.train.weight_push import WeightPusher
+from gymrl.train.weight_push import RemoteSender, WeightPusher
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +109,13 @@ class TrainerRank:
 
     def __init__(self, cfg: RunConfig, rank: int):
         self.cfg, self.rank = cfg, rank
+        self._flats: dict[int, torch.Tensor] = {}  # rank 0: the newest buckets of a push by ipc or broadcast
+        self._group = None  # rank 0: its broadcast group with the engines' workers
 
-    def address(self) -> str:
-        """Where the process group meets (rank 0 asks): this node's address and a port free on it."""
+    def address(self) -> tuple[str, int]:
+        """Where a process group can meet on this rank's node (rank 0 is asked): its address and a free port."""
         host = ray.util.get_node_ip_address()
-        return f"tcp://{host}:{free_port(host)}"
+        return host, free_port(host)
 
     def join(self, init_method: str, world: int, model_path: str) -> None:
         """Join the process group, then load the policy (and the reference, beta > 0) and shard it."""
@@ -214,16 +228,35 @@ class TrainerRank:
             size += nbytes
         return buckets
 
-    def gather_bucket(self, names: list[str]) -> dict[str, torch.Tensor] | None:
-        """The full tensors of ``names`` on CPU, gathered one at a time (every rank takes part): rank 0's answer;
-        the others' is None."""
+    def gather_bucket(self, index: int, names: list[str], way: str = "bytes", dtype: torch.dtype | None = None):
+        """Bucket ``index`` (``names``) of a push, its full tensors gathered one at a time (every rank takes part).
+        Rank 0 answers: for bytes, the tensors on CPU; for ipc or broadcast, the engines' payload (and its bytes) of
+        one flat buffer of them in ``dtype``, which it keeps on its device while it gathers the next bucket (the
+        engines read it meanwhile). The others answer None."""
         state, bucket = self.policy.state_dict(), {}
         for name in names:
             full = state[name].full_tensor() if isinstance(state[name], DTensor) else state[name]
             if self.rank == 0:
-                bucket[name] = full.detach().to("cpu", copy=True)
+                bucket[name] = full.detach().to("cpu", copy=True) if way == "bytes" else full.detach()
             del full
-        return bucket if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        if way == "bytes":
+            return bucket
+        self._flats = {i: flat for i, flat in self._flats.items() if i == index - 1}
+        flat, layout = pack_flat(checkpoint_tensors(self.policy, bucket), dtype)
+        self._flats[index] = flat
+        return (cuda_ipc_payload(flat, layout) if way == "ipc" else pickle.dumps((layout, flat.numel()))), flat.numel()
+
+    def device_uuid(self) -> str | None:
+        return device_uuid(self.device)
+
+    def join_broadcast(self, host: str, port: int, world: int) -> None:
+        """Join the engines' workers in a broadcast group as its sender (rank 0; they join at the same time)."""
+        self._group = broadcast_group(host, port, 0, world, self.device)
+
+    def send_bucket(self, index: int) -> None:
+        broadcast(self._group, self._flats[index])
 
 
 class TrainerRankError(RuntimeError):
@@ -246,9 +279,14 @@ class ShardedTrainer(TrainerBase):
             resources["resources"] = dict(train.ray_resources)
         actor = ray.remote(**resources)(TrainerRank)
         self.ranks = [actor.remote(self.cfg, rank) for rank in range(train.workers)]
-        init_method = self.wait([self.ranks[0].address.remote()], "startup")[0]
-        self.wait([r.join.remote(init_method, train.workers, str(session.model_path)) for r in self.ranks], "startup")
-        self.pusher = WeightPusher(session.pool, "bytes", torch.device("cpu"), self.cfg.engine.dtype)
+        host, port = self.wait([self.ranks[0].address.remote()], "startup")[0]
+        self.wait([r.join.remote(f"tcp://{host}:{port}", train.workers, str(session.model_path)) for r in self.ranks],
+                  "startup")
+        sender = RemoteSender(lambda: self.wait([self.ranks[0].address.remote()], "a broadcast's setup")[0],
+                              lambda *group: self.wait([self.ranks[0].join_broadcast.remote(*group)],
+                                                       "a broadcast's setup"))
+        self.pusher = WeightPusher(session.pool, train.weight_sync, torch.device(train.device), self.cfg.engine.dtype,
+                                   sender)
         log.info("sharded trainer: %d ranks (%s)", train.workers, "nccl" if train.device == "cuda" else "gloo")
 
     def step(self, batch: RolloutBatch) -> StepResult:
@@ -310,24 +348,31 @@ class ShardedTrainer(TrainerBase):
         """The Ray node of each rank (train.ray_resources places them)."""
         return self.wait([r.node.remote() for r in self.ranks], "a placement query")
 
-    def buckets(self, what: str) -> Iterator[dict[str, torch.Tensor]]:
-        """The ranks' full weights, bucket by bucket (train.push_bucket_mb), each loaded into the driver's policy
-        before it is yielded. Rank 0 gathers the next bucket while the caller uses this one, so it and the object
-        store hold at most two buckets of full tensors."""
+    def gathered(self, what: str, way: str = "bytes") -> Iterator[tuple[int, Any]]:
+        """Rank 0's answer to each bucket's gather (:meth:`TrainerRank.gather_bucket`, train.push_bucket_mb), with
+        the bucket's index. Rank 0 gathers the next bucket while the caller uses this one: it holds two at most."""
         plan = self.wait([self.ranks[0].bucket_names.remote(self.cfg.train.push_bucket_mb * 2**20)], what)[0]
         names = set(untied(self.policy.state_dict()))
         if {n for bucket in plan for n in bucket} != names:
             raise RuntimeError(f"the ranks' weights differ from the driver's policy: "
                                f"{sorted(names.symmetric_difference(n for b in plan for n in b))[:3]}")
-        gathering = [r.gather_bucket.remote(plan[0]) for r in self.ranks]
+
+        def gather(i: int) -> list:
+            return [r.gather_bucket.remote(i, plan[i], way, self.pusher.dtype) for r in self.ranks]
+
+        gathering = gather(0)
         for i in range(len(plan)):
             refs = gathering
             if i + 1 < len(plan):  # the ranks run their calls in order: this one starts as soon as the last ends
-                gathering = [r.gather_bucket.remote(plan[i + 1]) for r in self.ranks]
-            bucket = self.wait(refs, what)[0]
+                gathering = gather(i + 1)
+            yield i, self.wait(refs, what)[0]
+
+    def buckets(self, what: str) -> Iterator[dict[str, torch.Tensor]]:
+        """The ranks' full weights on CPU, bucket by bucket, each loaded into the driver's policy before it is
+        yielded."""
+        for _, bucket in self.gathered(what):
             self.policy.load_state_dict(bucket, strict=False)
             yield bucket
-            del bucket
 
     def gather(self) -> None:
         """Load the ranks' full weights into the driver's policy (what a checkpoint and the run's end save)."""
@@ -335,11 +380,29 @@ class ShardedTrainer(TrainerBase):
             pass
 
     def push_weights(self) -> float:
-        """Stream the ranks' weights into every engine bucket by bucket, inside one pause of the engines (bytes),
-        loading each into the driver's policy too; returns the wall time."""
-        buckets = (checkpoint_tensors(self.policy, b) for b in self.buckets(f"the push after step {self.version}"))
-        return self.pusher.push_buckets(buckets, self.version, self.cfg.engine.recompute_kv_on_update,
-                                        replay=lambda: pack_policy(self.policy))
+        """Push the ranks' weights into every engine bucket by bucket, inside one pause of the engines (train.
+        push_bucket_mb). By bytes each bucket goes through the driver, which loads it into its own policy as it
+        passes. By ipc or broadcast each goes from rank 0's device, once the driver's policy was brought up to date
+        (an engine restarted later, and the run's end, take that). Returns the wall time."""
+        started = time.perf_counter()
+        what = f"the push after step {self.version}"
+        way = self.pusher.choose(self.wait([self.ranks[0].device_uuid.remote()], what)[0])
+
+        def by_bytes():
+            for bucket in self.buckets(what):
+                blob = pack_state_dict(checkpoint_tensors(self.policy, bucket))
+                yield blob, len(blob), None
+
+        def from_rank0():
+            for i, (payload, size) in self.gathered(what, way):
+                send = (lambda i=i: self.wait([self.ranks[0].send_bucket.remote(i)], what)) if way == "broadcast" else None
+                yield payload, size, send
+
+        if way != "bytes":
+            self.gather()
+        self.pusher.push_parts(by_bytes() if way == "bytes" else from_rank0(), self.version,
+                               self.cfg.engine.recompute_kv_on_update, replay=lambda: pack_policy(self.policy))
+        return time.perf_counter() - started
 
     def load_checkpoint(self, path: Path) -> dict:
         """Restore the driver's policy and RNG states, and every rank's weights, AdamW state and scheduler: from the

@@ -10,6 +10,7 @@ import logging
 import pickle
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import ray
 import torch
@@ -35,12 +36,12 @@ class WeightSyncError(RuntimeError):
     """``train.weight_sync`` asks for a way that this placement of trainer and engines cannot use."""
 
 
-def choose_method(wanted: str, device: torch.device, engine_gpus: list[str | None]) -> str:
-    """The way a push goes, given the trainer's device and the GPU (UUID; None on CPU) of every engine worker."""
-    if wanted == "bytes" or (wanted == "auto" and device.type == "cpu"):
+def choose_method(wanted: str, trainer_gpu: str | None, engine_gpus: list[str | None]) -> str:
+    """The way a push goes, given the GPU (UUID; None on CPU) of the trainer (the sharded trainer's rank 0) and of
+    every engine worker."""
+    if wanted == "bytes" or (wanted == "auto" and trainer_gpu is None):
         return "bytes"
-    mine = device_uuid(device)
-    shared = [g == mine for g in engine_gpus] if mine is not None else [False] * len(engine_gpus)
+    shared = [g == trainer_gpu for g in engine_gpus] if trainer_gpu is not None else [False] * len(engine_gpus)
     if wanted == "auto":
         return "ipc" if all(shared) else "broadcast" if not any(shared) else "bytes"
     if wanted == "ipc" and not all(shared):
@@ -53,12 +54,28 @@ def choose_method(wanted: str, device: torch.device, engine_gpus: list[str | Non
     return wanted
 
 
+# The engine workers' method that loads one bucket of a push in parts, by way.
+PART_METHODS = {"bytes": "gymrl_load_part", "ipc": "gymrl_load_part_ipc", "broadcast": "gymrl_load_part_broadcast"}
+Part = tuple[bytes, int, Callable[[], None] | None]  # a bucket's payload for the engines, its bytes, its sending
+
+
+@dataclass(frozen=True)
+class RemoteSender:
+    """The sender of a broadcast when it is not this process (rank 0 of the sharded trainer): where the group can
+    meet, on its node (host, port), and joining the group as its rank 0 (host, port, world size)."""
+
+    address: Callable[[], tuple[str, int]]
+    join: Callable[[str, int, int], None]
+
+
 class WeightPusher:
     """Pushes the trainer's policy into every engine of ``pool`` the configured way (chosen at the first push,
-    when the engines' devices are known)."""
+    when the engines' devices are known). ``sender``: who sends a broadcast, if not this process."""
 
-    def __init__(self, pool: EnginePool, wanted: str, device: torch.device, engine_dtype: str):
+    def __init__(self, pool: EnginePool, wanted: str, device: torch.device, engine_dtype: str,
+                 sender: RemoteSender | None = None):
         self.pool, self.wanted, self.device = pool, wanted, device
+        self.sender = sender
         self.dtype = None if engine_dtype == "auto" else getattr(torch, engine_dtype)  # what the engines hold
         self.method: str | None = None
         self._group = None
@@ -69,10 +86,7 @@ class WeightPusher:
     def push(self, policy, mtp, version: int, recompute_kv: bool) -> float:
         """Load the policy (and the MTP layer, if given) into every engine; returns the wall time."""
         started = time.perf_counter()
-        if self.method is None:
-            gpus = [g for per_engine in self.pool.worker_call("gymrl_device_uuid") for g in per_engine]
-            self.method = choose_method(self.wanted, self.device, gpus)
-            log.info("weight sync: %s (train.weight_sync=%s)", self.method, self.wanted)
+        self.choose(device_uuid(self.device))
         sent = {"send_s": 0.0}
         if self.method == "bytes":
             blob = pack_policy(policy, mtp)
@@ -101,29 +115,35 @@ class WeightPusher:
         self.last = {"bytes": float(size), "pack_s": packed - started, "total_s": total} | sent
         return total
 
-    def push_buckets(self, buckets: Iterable[dict[str, torch.Tensor]], version: int, recompute_kv: bool,
-                     replay: Callable[[], bytes]) -> float:
-        """Load weights that come bucket by bucket (checkpoint-named tensors on CPU: the sharded trainer gathers each
-        while the engines load the one before) into every engine, inside one pause, by bytes; returns the wall time.
-        ``replay``: all the weights in one blob, for an engine restarted meanwhile or later."""
-        started = time.perf_counter()
-        sent = {"bytes": 0.0, "pack_s": 0.0, "buckets": 0.0, "largest_bytes": 0.0}
+    def choose(self, trainer_gpu: str | None) -> str:
+        """The way every push goes, chosen once (:func:`choose_method`)."""
+        if self.method is None:
+            gpus = [g for per_engine in self.pool.worker_call("gymrl_device_uuid") for g in per_engine]
+            self.method = choose_method(self.wanted, trainer_gpu, gpus)
+            log.info("weight sync: %s (train.weight_sync=%s)", self.method, self.wanted)
+        return self.method
 
-        def parts():
+    def push_parts(self, parts: Iterable[Part], version: int, recompute_kv: bool, replay: Callable[[], bytes]) -> float:
+        """Load weights that come bucket by bucket (the sharded trainer gathers each while the engines load the one
+        before) into every engine, inside one pause, the chosen way: each part is a bucket's payload for the engines'
+        :data:`PART_METHODS` worker method, its size, and the sending that a broadcast needs. ``replay``: all the
+        weights in one blob, for an engine restarted meanwhile or later. Returns the wall time."""
+        started = time.perf_counter()
+        if self.method == "broadcast":
+            self._join()
+        sent = {"bytes": 0.0, "buckets": 0.0, "largest_bytes": 0.0}
+        method = PART_METHODS[self.method]
+
+        def calls():
             yield "gymrl_begin_reload", None, None
-            for bucket in buckets:
-                begin = time.perf_counter()
-                blob = pack_state_dict(bucket)
-                sent["pack_s"] += time.perf_counter() - begin
-                sent["bytes"] += len(blob)
+            for payload, size, send in parts:
+                sent["bytes"] += size
                 sent["buckets"] += 1
-                sent["largest_bytes"] = max(sent["largest_bytes"], float(len(blob)))
-                yield "gymrl_load_part", blob, None
-                del blob
+                sent["largest_bytes"] = max(sent["largest_bytes"], float(size))
+                yield method, payload, send
             yield "gymrl_end_reload", None, None
 
-        self.method = "bytes"
-        self.pool.update_weights_in_parts(parts(), version, recompute_kv, replay)
+        self.pool.update_weights_in_parts(calls(), version, recompute_kv, replay)
         total = time.perf_counter() - started
         self.last = sent | {"total_s": total}
         return total
@@ -131,12 +151,16 @@ class WeightPusher:
     def _join(self) -> None:
         """Form the broadcast group (the trainer is rank 0; engine e's workers follow in order), again after an
         engine restart, since a new engine was not in the old group."""
-        if self._group is not None and self._group_restarts == self.pool.restarts:
+        if self._group_restarts == self.pool.restarts:
             return
         restarts = self.pool.restarts
         sizes = [len(w) for w in self.pool.worker_call("gymrl_device_uuid")]
-        host = ray.util.get_node_ip_address()
-        port, world = free_port(host), 1 + sum(sizes)
+        world = 1 + sum(sizes)
+        if self.sender is None:
+            host = ray.util.get_node_ip_address()
+            port = free_port(host)
+        else:
+            host, port = self.sender.address()
         joins = [pickle.dumps((host, port, world, 1 + sum(sizes[:e]))) for e in range(len(sizes))]
         group = None
 
@@ -144,6 +168,7 @@ class WeightPusher:
             nonlocal group
             group = broadcast_group(host, port, 0, world, self.device)
 
-        self.pool.worker_call("gymrl_join_broadcast", joins, meanwhile=join_as_sender)
+        send = join_as_sender if self.sender is None else lambda: self.sender.join(host, port, world)
+        self.pool.worker_call("gymrl_join_broadcast", joins, meanwhile=send)
         self._group, self._group_restarts = group, restarts
-        log.info("weight broadcast group: %d members (%s)", world, "nccl" if self.device.type == "cuda" else "gloo")
+        log.info("weight broadcast group: %d members", world)
