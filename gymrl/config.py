@@ -407,9 +407,9 @@ class TrainConfig(Section):
     )
     push_bucket_mb: int = Field(
         default=512, ge=1,
-        description="With workers > 1, a push (and a checkpoint) gathers the sharded weights into the driver's policy "
-        "bucket by bucket: rank 0 holds at most this many MB of full tensors at a time (one larger tensor alone). "
-        "The driver then sends the whole policy to the engines in one blob, as with workers = 1.",
+        description="With workers > 1, a push (and a checkpoint) gathers the sharded weights bucket by bucket: rank 0 "
+        "holds at most two buckets of this many MB of full tensors at a time (one larger tensor alone), and the engines "
+        "load each bucket as it comes, inside one pause.",
     )
     collective_timeout_s: float = Field(
         default=600.0, gt=0,

@@ -297,6 +297,61 @@ def part_fsdp(cfg, work: Path, steps: int) -> dict:
     return out
 
 
+def part_push(cfg, work: Path, buckets_mb: list[int]) -> dict:
+    """The sharded trainer's push (one NCCL rank, ``ShardedTrainer``) into the engine beside it on the one GPU, bucket
+    by bucket from rank 0's device (ipc: Ray is told of two GPUs and sets no CUDA_VISIBLE_DEVICES, so the rank and
+    the engine share GPU 0), per train.push_bucket_mb: its time, rank 0's peak GPU memory over it, and the engine's
+    logprobs after it against those of the same weights pushed whole by bytes (the engine is first given other
+    weights, so a push that did not land shows)."""
+    import ray
+    import torch
+
+    from gymrl.models.checkpoint_files import checkpoint_tensors
+    from gymrl.rollout.weight_sync import pack_policy, pack_state_dict
+    from gymrl.session import start_session
+    from gymrl.train.sharded import ShardedTrainer
+
+    os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"  # before Ray starts: its workers inherit it
+    ray.init(num_gpus=2, include_dashboard=False, logging_level="WARNING")
+    session = start_session(cfg.model_copy(update={"train": cfg.train.model_copy(update={"workers": 1})}))
+    out: dict = {"buckets": []}
+    try:
+        pool, policy = session.pool, session.policy
+        seqs = [p + p[:8] for p in _prompts(cfg, session.tokenizer, 4)]
+        pool.update_weights(pack_policy(policy), 1)
+        base = pool.score(seqs)
+        state = checkpoint_tensors(policy, policy.state_dict())
+        embedding = next(k for k in state if k.endswith(("embed_tokens.weight", "embeddings.weight")))
+        other = pack_state_dict({**state, embedding: state[embedding] * 0.5})
+
+        def gap() -> float:
+            return max(abs(a - b) for s, t in zip(pool.score(seqs), base) for a, b in zip(s, t))
+
+        sharded = ShardedTrainer(session)
+        rank0 = sharded.ranks[0]
+        try:
+            for mb in buckets_mb:
+                pool.update_weights(other, 2)
+                moved = gap()
+                sharded.cfg = sharded.cfg.model_copy(update={"train": sharded.cfg.train.model_copy(
+                    update={"push_bucket_mb": mb})})
+                before = ray.get(rank0.__ray_call__.remote(
+                    lambda r: (torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats(),
+                               torch.cuda.memory_allocated())[2]))
+                seconds = sharded.push_weights()
+                peak = ray.get(rank0.__ray_call__.remote(lambda r: torch.cuda.max_memory_allocated()))
+                row = {"push_bucket_mb": mb, "method": sharded.pusher.method, "push_s": seconds,
+                       "rank0_peak_growth_GB": (peak - before) / 1e9, "logprob_gap_before": moved,
+                       "logprob_gap_after": gap()} | sharded.pusher.last
+                out["buckets"].append(row)
+                print(json.dumps(row), flush=True)
+        finally:
+            sharded.close()
+    finally:
+        session.close()
+    return out
+
+
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (the H200 has the same)
 
 
@@ -538,7 +593,7 @@ def main() -> None:
     from gymrl.config import load_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", choices=("build", "engines", "train", "fsdp", "trainer", "report"))
+    p.add_argument("part", choices=("build", "engines", "train", "fsdp", "trainer", "push", "report"))
     p.add_argument("--config", default=str(ROOT / "configs" / "gpu_bench.yaml"))
     p.add_argument("--work", default="/tmp/gpubench")
     p.add_argument("--spec", default="0,1,2,3", help="num_speculative_tokens values (0 = off), one engine each")
@@ -547,6 +602,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="train: GRPO steps of each runner (step 1 warms up)")
     p.add_argument("--trl", default="", help="train: TRL generations to compare with, e.g. transformers,vllm")
     p.add_argument("--micro", default="64", help="trainer: train.micro_batch_size values, e.g. 16,64,128")
+    p.add_argument("--buckets", default="64,256,1024", help="push: train.push_bucket_mb values")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (YAML value)")
     args = p.parse_args()
     import yaml
@@ -582,6 +638,8 @@ def main() -> None:
         res["trainer"] = part_trainer(cfg, work, args.steps, [int(m) for m in args.micro.split(",")])
     elif args.part == "fsdp":
         res["fsdp"] = part_fsdp(cfg, work, args.steps)
+    elif args.part == "push":
+        res["sharded_push"] = part_push(cfg, work, [int(m) for m in args.buckets.split(",")])
     print(save())
 
 

@@ -8,10 +8,12 @@ weighted by its share of the *whole* batch. FSDP's gradient reduction is set to 
 summed gradient on every shard is the one-process gradient of the full batch. Clipping uses the global norm
 (``clip_grad_norm_`` on the DTensor gradients).
 
-A push gathers the full weights, parameter by parameter, onto rank 0, which hands them to the driver in buckets of
-at most ``train.push_bucket_mb``; the driver loads them into its own copy of the policy (``session.policy``, also
-what the run saves at its end) and pushes that the usual way (bytes). A checkpoint is the one-process trainer's
-folder plus each rank's shards of the weights and the AdamW state (``torch.distributed.checkpoint``).
+A push gathers the full weights onto rank 0 tensor by tensor in buckets of at most ``train.push_bucket_mb``, and the
+engines load each bucket as it comes, inside one pause (vLLM's layerwise reload over several calls): by bytes each
+bucket goes through the driver, which loads it into its own copy of the policy (``session.policy``: what the run
+saves at its end and what a restarted engine gets); by ipc or broadcast (``train.weight_sync``) it goes from rank 0's
+device, once the driver's copy was refreshed by bytes. A checkpoint is the one-process trainer's folder plus each
+rank's shards of the weights and the AdamW state (``torch.distributed.checkpoint``).
 
 A rank that dies or fails (a SIGKILL, an OOM kill, an error) stops the run at once: the driver waits on the ranks'
 calls together (:meth:`ShardedTrainer.wait`), raises :class:`TrainerRankError` naming the rank, and kills the others,
