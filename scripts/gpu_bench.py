@@ -297,6 +297,19 @@ def part_fsdp(cfg, work: Path, steps: int) -> dict:
     return out
 
 
+def _gpu_bytes(reset_peak: bool = False, peak: bool = False) -> int:
+    """This process's allocated GPU bytes now (``reset_peak``: and the peak restarts here) or at their peak; 0 on CPU
+    (a rehearsal)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    torch.cuda.synchronize()
+    if reset_peak:
+        torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
+
+
 def part_push(cfg, work: Path, buckets_mb: list[int]) -> dict:
     """The sharded trainer's push (one NCCL rank, ``ShardedTrainer``) into the engine beside it on the one GPU, bucket
     by bucket from rank 0's device (ipc: Ray is told of two GPUs and sets no CUDA_VISIBLE_DEVICES, so the rank and
@@ -311,8 +324,9 @@ def part_push(cfg, work: Path, buckets_mb: list[int]) -> dict:
     from gymrl.session import start_session
     from gymrl.train.sharded import ShardedTrainer
 
-    os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"  # before Ray starts: its workers inherit it
-    ray.init(num_gpus=2, include_dashboard=False, logging_level="WARNING")
+    if torch.cuda.is_available():  # else a CPU rehearsal, by bytes
+        os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"  # before Ray starts: its workers inherit it
+        ray.init(num_gpus=2, include_dashboard=False, logging_level="WARNING")
     session = start_session(cfg.model_copy(update={"train": cfg.train.model_copy(update={"workers": 1})}))
     out: dict = {"buckets": []}
     try:
@@ -335,11 +349,9 @@ def part_push(cfg, work: Path, buckets_mb: list[int]) -> dict:
                 moved = gap()
                 sharded.cfg = sharded.cfg.model_copy(update={"train": sharded.cfg.train.model_copy(
                     update={"push_bucket_mb": mb})})
-                before = ray.get(rank0.__ray_call__.remote(
-                    lambda r: (torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats(),
-                               torch.cuda.memory_allocated())[2]))
+                before = ray.get(rank0.__ray_call__.remote(lambda r: _gpu_bytes(reset_peak=True)))
                 seconds = sharded.push_weights()
-                peak = ray.get(rank0.__ray_call__.remote(lambda r: torch.cuda.max_memory_allocated()))
+                peak = ray.get(rank0.__ray_call__.remote(lambda r: _gpu_bytes(peak=True)))
                 row = {"push_bucket_mb": mb, "method": sharded.pusher.method, "push_s": seconds,
                        "rank0_peak_growth_GB": (peak - before) / 1e9, "logprob_gap_before": moved,
                        "logprob_gap_after": gap()} | sharded.pusher.last
