@@ -57,3 +57,24 @@ def test_a_rank_killed_mid_call_stops_the_run_with_its_error(demo_cfg, demo_mode
         trainer.close()
     [(step, folder)] = list_checkpoints(tmp_path)  # the one written before the kill, whole
     assert step == 1 and (folder / SHARDS).is_dir() and (folder / "policy" / "config.json").is_file()
+
+
+def test_a_rank_that_hangs_alive_fails_the_step_after_the_collective_timeout(demo_cfg, demo_model):
+    """Rank 1 alive but stuck (here: busy with a long call before the step reaches it): rank 0 waits in the step's
+    first collective only train.collective_timeout_s, then the step fails naming it, and every rank is stopped."""
+    from gymrl.session import init_ray
+    from gymrl.train.sharded import ShardedTrainer, TrainerRankError
+
+    cfg = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update={
+        "workers": 2, "dtype": "float32", "collective_timeout_s": 5.0})})
+    init_ray(cfg)
+    trainer = ShardedTrainer(engineless_session(cfg, demo_model))
+    try:
+        batch = hand_made_batch(trainer.policy.config.vocab_size)
+        trainer.ranks[1].__ray_call__.remote(lambda self: time.sleep(120))  # runs before rank 1's step
+        started = time.monotonic()
+        with pytest.raises(TrainerRankError, match=r"trainer rank 0 of 2 failed during step 1; every rank was stopped"):
+            trainer.step(batch)
+        assert time.monotonic() - started < 60  # the 5 s timeout, not rank 1's 120 s
+    finally:
+        trainer.close()
