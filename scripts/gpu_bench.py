@@ -319,8 +319,7 @@ def part_push(cfg, work: Path, buckets_mb: list[int]) -> dict:
     import ray
     import torch
 
-    from gymrl.models.checkpoint_files import checkpoint_tensors
-    from gymrl.rollout.weight_sync import pack_policy, pack_state_dict
+    from gymrl.rollout.weight_sync import pack_policy, pack_state_dict, policy_tensors
     from gymrl.session import start_session
     from gymrl.train.sharded import ShardedTrainer
 
@@ -334,7 +333,7 @@ def part_push(cfg, work: Path, buckets_mb: list[int]) -> dict:
         seqs = [p + p[:8] for p in _prompts(cfg, session.tokenizer, 4)]
         pool.update_weights(pack_policy(policy), 1)
         base = pool.score(seqs)
-        state = checkpoint_tensors(policy, policy.state_dict())
+        state = policy_tensors(policy)  # a tied head once, as the embedding: a second, old copy would fight it
         embedding = next(k for k in state if k.endswith(("embed_tokens.weight", "embeddings.weight")))
         other = pack_state_dict({**state, embedding: state[embedding] * 0.5})
 
