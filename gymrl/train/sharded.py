@@ -214,10 +214,8 @@ class TrainerRank:
         """The names of the full weights, in the order a push sends them, grouped in buckets of at most
         ``bucket_bytes`` (a larger tensor alone). A tied weight goes once, under its first name; Mamba-2's ``A_log``
         goes after the rest (:func:`~gymrl.rollout.weight_sync.reload_order`)."""
-        first: dict[int, str] = {}
-        for name, parameter in self.policy.named_parameters(remove_duplicate=False):
-            first.setdefault(id(parameter), name)
-        ties = {name for name, p in self.policy.named_parameters(remove_duplicate=False) if first[id(p)] != name}
+        ties = ({n for n, _ in self.policy.named_parameters(remove_duplicate=False)}
+                - {n for n, _ in self.policy.named_parameters()})  # the second and later names of a shared parameter
         state = self.policy.state_dict()
         names = sorted((n for n in state if n not in ties), key=reloads_last)
         buckets, size = [[]], 0
@@ -388,7 +386,7 @@ class ShardedTrainer(TrainerBase):
         (an engine restarted later, and the run's end, take that). Returns the wall time."""
         started = time.perf_counter()
         what = f"the push after step {self.version}"
-        way = self.pusher.choose(self.wait([self.ranks[0].device_uuid.remote()], what)[0])
+        way = self.pusher.method or self.pusher.choose(self.wait([self.ranks[0].device_uuid.remote()], what)[0])
 
         def by_bytes():
             for bucket in self.buckets(what):
