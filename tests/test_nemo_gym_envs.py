@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from gymrl.envs.conform import conform, played_row, task_row, write_table
+from gymrl.envs.conform import conform, opened_row, played_row, task_row, write_table
+from gymrl.envs.gymnasium import model_turns
 from gymrl.envs.nemo_gym import NemoGymConfigError, gym_root, load_server, shipped
 
 
@@ -132,6 +133,32 @@ def test_a_servers_own_requirements_are_installed_pinned_and_used(tmp_path):
     again = []
     assert conform("structeval", install_deps=True, say=again.append, lock=lock).conforms and again == []
     assert len(said) == 1 and said[0].startswith("installing the requirements of NeMo Gym server 'structeval'")
+
+
+def test_a_gymnasium_recording_is_split_into_its_model_turns_and_its_row():
+    """gymnasium_agent's recording: the model's items between the user messages and tool outputs it added; its input
+    is the example row's with /reset's observation after it, and ``_ng_task_index`` picks the row (same prompts)."""
+    said = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "hit"}]}
+    thought, call = {"type": "reasoning", "summary": []}, {"type": "function_call", "name": "f", "call_id": "c"}
+    observed = {"type": "message", "role": "user", "content": "board"}
+    output = [thought, said, observed, call, {"type": "function_call_output", "call_id": "c", "output": "1"}, said]
+    assert model_turns(output) == [[thought, said], [call], [said]]
+    rows = [{"responses_create_params": {"input": [{"role": "user", "content": "play"}]}, "seed": s} for s in (1, 2)]
+    recording = {"responses_create_params": {"input": [{"role": "user", "content": "play"}, observed]},
+                 "_ng_task_index": 1}
+    assert opened_row(recording, rows) is rows[1]
+
+
+def test_gymnasium_servers_replay_step_by_step(tmp_path):
+    """/reset, then /step with each recorded turn, the rewards summed. The scripted follow-ups replay exactly;
+    blackjack deals from an unseeded random.Random() on /reset, so a recording replays only where the deal agrees,
+    and a differing reward says so."""
+    lock = tmp_path / "servers.lock"
+    scripted = conform("example_multi_turn_gymnasium", install_deps=True, lock=lock)
+    assert scripted.conforms and scripted.equal == 5 and scripted.reason == "", scripted
+    dealt = conform("blackjack", install_deps=True, lock=lock)
+    assert dealt.started and dealt.replayed == 5, dealt
+    assert all(m.endswith("(/reset dealt another start than the recording's)") for m in dealt.mismatches), dealt
 
 
 def test_the_cli_conforms_and_fails_on_a_server_that_does_not(tmp_path):

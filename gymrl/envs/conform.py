@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gymrl.envs import gymnasium
 from gymrl.envs.client import EnvClient, EnvServerError
 from gymrl.envs.launcher import DEFAULT_GYM_PYTHON, EnvServer
 from gymrl.envs.nemo_gym import NemoGymConfigError, NemoGymServer, load_server
@@ -92,6 +93,19 @@ def example_rows(server: NemoGymServer) -> list[dict[str, Any]]:
     return [r for r in rows if isinstance(r, dict)]
 
 
+def opened_row(rollout: dict[str, Any], examples: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The example row a gymnasium_agent recording was played from. Its recorded input is the row's with /reset's
+    observation after it, and it keeps no task field but ``_ng_task_index`` (the row's place in the dataset),
+    which picks among rows of one prompt (the GRL games' rows differ only in their seed)."""
+    messages = json.loads(prompt_key(rollout))
+    prompts = (json.dumps(messages), json.dumps(messages[:-1]))
+    candidates = [k for k, e in enumerate(examples) if prompt_key(e) in prompts]
+    index = rollout.get("_ng_task_index")
+    if index in candidates:
+        return examples[index]
+    return examples[candidates[0]] if candidates else None
+
+
 def missing_fields(error: str) -> list[str]:
     """The request fields a server's 422 names as missing (a recording that dropped part of its task row)."""
     return re.findall(r'"type":"missing","loc":\["body","(\w+)"', error)
@@ -112,6 +126,23 @@ def replay(client: EnvClient, row: dict[str, Any], response: dict[str, Any]) -> 
     if "reward" not in verdict:
         raise EnvServerError(f"/verify answered without a reward: {str(verdict)[:200]}")
     return float(verdict["reward"])
+
+
+def replay_gymnasium(client: EnvClient, row: dict[str, Any], rollout: dict[str, Any]) -> tuple[float, bool]:
+    """One recorded episode as gymnasium_agent played it: /reset, then /step with each model turn of the recording
+    (the recorded response, its output cut to that turn) until the episode ends. Its summed reward, and whether
+    /reset gave the observation the recording starts from (its input's last message)."""
+    observation, cookies = gymnasium.reset(client, row)
+    recorded = json.loads(prompt_key(rollout))
+    same_start = observation is None or (bool(recorded) and recorded[-1] == ["user", observation])
+    response = rollout["response"]
+    total = 0.0
+    for turn in gymnasium.model_turns(response.get("output") or []):
+        result, cookies = gymnasium.step(client, row, response | {"output": turn}, cookies)
+        total += result.reward
+        if result.done:
+            break
+    return total, same_start
 
 
 def missing_dependency(log: str) -> str | None:
@@ -152,7 +183,7 @@ def explain(errors: list[str], mismatches: list[str], log: str, server: NemoGymS
     dependency = missing_dependency(log)
     if dependency:
         return f"dependency not installed in .venv-gym: {dependency} (imported by a route); {first}"
-    if server.agents and "simple_agent" not in server.agents:
+    if server.agents and not {"simple_agent", gymnasium.AGENT} & set(server.agents):
         return f"played by NeMo Gym's {', '.join(server.agents)}, whose routes are not simple_agent's: {first}"
     lacking = sorted({f for e in errors for f in missing_fields(e)} - set(RECORDED))
     if lacking:
@@ -208,13 +239,19 @@ def conform(name: str, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | No
         return result
     examples = example_rows(server)
     task_keys = {k for r in examples for k in r} or None
-    played = [played_row(r, examples) for r in rollouts]
+    plays_gymnasium = gymnasium.AGENT in server.agents and "simple_agent" not in server.agents
+    played = [(opened_row if plays_gymnasium else played_row)(r, examples) for r in rollouts]
     client = EnvClient(server.name, env_server.url, timeout_s=request_timeout_s, retries=0)
     errors = []
     try:
         for k, rollout in enumerate(rollouts):
+            row = played[k] or task_row(rollout, task_keys)
+            same_start = True
             try:
-                reward = replay(client, played[k] or task_row(rollout, task_keys), rollout["response"])
+                if plays_gymnasium:
+                    reward, same_start = replay_gymnasium(client, row, rollout)
+                else:
+                    reward = replay(client, row, rollout["response"])
             except EnvServerError as err:
                 errors.append(f"row {k}: {str(err)[:200]}")
                 if "Timeout" in str(err):
@@ -224,7 +261,8 @@ def conform(name: str, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | No
             if abs(reward - float(rollout["reward"])) < 1e-6:
                 result.equal += 1
             else:
-                result.mismatches.append(f"row {k}: reward {reward:g}, recorded {float(rollout['reward']):g}")
+                result.mismatches.append(f"row {k}: reward {reward:g}, recorded {float(rollout['reward']):g}" + (
+                    "" if same_start else " (/reset dealt another start than the recording's)"))
     finally:
         client.close()
         env_server.stop()
@@ -265,7 +303,8 @@ def write_table(results: list[Conformance], path: Path, command: str = "gymrl en
         counts[category(r)] = counts.get(category(r), 0) + 1
     head = ["# NeMo Gym's environments under gymrl: conformance", "",
             f"Written by `{command}` on {time.strftime('%Y-%m-%d')}: each server started unchanged, its recorded "
-            "rollouts (`data/example_rollouts.jsonl`) replayed as NeMo Gym's simple_agent played them, gymrl's "
+            "rollouts (`data/example_rollouts.jsonl`) replayed as NeMo Gym's agent played them (simple_agent, or "
+            "gymnasium_agent's /reset and /step), gymrl's "
             "reward compared with the recorded one (README: NeMo Gym's own environments).", "",
             f"{sum(r.conforms for r in results)} of {len(results)} servers replay every recorded reward exactly; "
             f"{sum(r.started for r in results)} start.", "", "| outcome | servers |", "| --- | --- |"]
