@@ -136,10 +136,14 @@ def server_spec(server: NemoGymServer, options: dict[str, Any] | None = None) ->
     return ServerSpec(server.module, server.options | (options or {}), server.folder, server.folder.name)
 
 
-def gym_python_of(cfg: RunConfig) -> Path:
-    """``env_servers.gym_python``, a relative path taken from the repository root."""
-    path = cfg.env_servers.gym_python
+def resolve_gym_python(path: Path | str) -> Path:
+    """A configured ``env_servers.gym_python``: a relative path is taken from the repository root."""
+    path = Path(path)
     return path if path.is_absolute() else REPO_ROOT / path
+
+
+def gym_python_of(cfg: RunConfig) -> Path:
+    return resolve_gym_python(cfg.env_servers.gym_python)
 
 
 def open_environments(cfg: RunConfig) -> dict[str, Environment]:

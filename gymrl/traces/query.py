@@ -253,14 +253,13 @@ def rescore(reader: TraceReader, env: str, f: TraceFilter | None = None, limit: 
     from gymrl.config import EnvConfig
     from gymrl.envs.base import Task, row_messages
     from gymrl.envs.client import EnvClient
-    from gymrl.envs.launcher import DEFAULT_GYM_PYTHON, REPO_ROOT
-    from gymrl.envs.sources import open_environment, server_process
+    from gymrl.envs.launcher import DEFAULT_GYM_PYTHON
+    from gymrl.envs.sources import open_environment, resolve_gym_python, server_process
     from gymrl.rollout.runner import play_episode
 
     meta = reader.metadata()
     config = meta.get("config") or {}
-    gym_python = Path((config.get("env_servers") or {}).get("gym_python") or DEFAULT_GYM_PYTHON)
-    gym_python = gym_python if gym_python.is_absolute() else REPO_ROOT / gym_python
+    gym_python = resolve_gym_python((config.get("env_servers") or {}).get("gym_python") or DEFAULT_GYM_PYTHON)
     environment = open_environment(EnvConfig(**_env_config(meta, env)), gym_python, int(config.get("seed") or 0))
     f = dataclasses.replace(f or TraceFilter(), env=env)
     total = reader.count(f) if limit is None else min(limit, reader.count(f))
