@@ -170,3 +170,35 @@ def test_the_cli_conforms_and_fails_on_a_server_that_does_not(tmp_path):
     assert bad.returncode == 1 and "no_such_server" in bad.stderr and "Traceback" not in bad.stderr
     none = subprocess.run(run, capture_output=True, text=True)
     assert none.returncode == 2 and "--all" in none.stderr
+
+
+def test_an_episodes_response_carries_its_token_usage_as_simple_agent_sums_it():
+    """simple_agent sends /verify the Responses-API usage of the episode: each model call's prompt (input) and
+    generated tokens (output), summed over the calls; gymrl's episodes send the same counts."""
+    from gymrl.envs.base import Task
+    from gymrl.rollout.engine import Completion
+    from gymrl.rollout.runner import EpisodeState
+
+    state = EpisodeState(Task("t", "e", [{"role": "user", "content": "q"}]), [1, 2, 3], episode=None)
+    state.add_model_turn(Completion([4, 5], [0.0, 0.0], "a", "stop"), None)
+    state.add_model_turn(Completion([6], [0.0], "b", "stop"), None)
+    assert state.response()["usage"] == {  # the shape of .venv-gym's openai ResponseUsage
+        "input_tokens": 3 + 5, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 2 + 1,
+        "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 11}
+    assert len(state.response()["output"]) == 2
+
+
+def test_a_servers_needs_outside_gymrl_are_its_reason(tmp_path):
+    """A server whose config points at a model server, or leaves a key to NeMo Gym's env.yaml, says which; a
+    recording whose usage has chat-completions names (mrcr's) replays with the same counts under the Responses
+    names; a server served from another file than app.py (aviary's gsm8k_app.py) is started from it."""
+    lock = tmp_path / "servers.lock"
+    xstest = conform("xstest")
+    assert not xstest.started and xstest.reason.startswith(
+        "needs an external service (model or resources servers responses_api_models/allenai_wildguard_model_server)")
+    critpt = conform("critpt")
+    assert critpt.reason.startswith("needs an external service (settings NeMo Gym's env.yaml gives, unset here: "
+                                    "api_key=${oc.select:artificial_analysis_api_key,null}): does not start")
+    mrcr = conform("mrcr", install_deps=True, lock=lock)
+    assert mrcr.conforms and mrcr.equal == 5, mrcr
+    assert load_server("aviary").options["entrypoint"] == "gsm8k_app.py"

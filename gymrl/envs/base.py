@@ -121,17 +121,20 @@ class Environment:
         """A new episode of ``task`` on the server: its session is seeded when the task has tools."""
         return Episode(self, task, self.client.seed_session(task.row) if task.tools or self.nemo_gym else {})
 
-    def verify(self, task: Task, output: str | list[dict[str, Any]], cookies: Cookies | None = None) -> RewardResult:
-        """Score a response text, or an episode's Responses-API output items (with its session cookies)."""
+    def verify(self, task: Task, output: str | list[dict[str, Any]] | dict[str, Any],
+               cookies: Cookies | None = None) -> RewardResult:
+        """Score a response text, an episode's Responses-API output items, or its whole response (with its usage),
+        with its session cookies."""
         # lone surrogates cannot go out as UTF-8
         return self._verdict(self.client.verify(task.row, clean(output), cookies))
 
-    def verify_batch(self, pairs: list[tuple[Task, str | list[dict[str, Any]]]]) -> list[RewardResult] | None:
+    def verify_batch(self, pairs: list[tuple[Task, str | list[dict[str, Any]] | dict[str, Any]]]) -> list[RewardResult] | None:
         """Score many responses (of tasks without session state) in one POST /verify_batch; None when the server
         has no such route (an external NeMo Gym server, or one whose verify reads its session)."""
         if not pairs or self._batch_verify is False:
             return None if self._batch_verify is False else []
-        payload = {"requests": [t.row | {"response": responses_api_response(clean(o))} for t, o in pairs]}
+        payload = {"requests": [t.row | {"response": clean(o) if isinstance(o, dict) else responses_api_response(clean(o))}
+                                for t, o in pairs]}
         try:
             reply = self.client.post("/verify_batch", payload)
         except EnvServerError as err:
@@ -206,7 +209,7 @@ class Episode:
             output = output[:MAX_TOOL_OUTPUT_CHARS] + f"\n[tool output truncated: {cut} more characters]"
         return output
 
-    def verify(self, output: list[dict[str, Any]]) -> RewardResult:
+    def verify(self, output: list[dict[str, Any]] | dict[str, Any]) -> RewardResult:
         self._check_session()
         verdict = self.env.verify(self.task, output, self.cookies)
         self._check_session()

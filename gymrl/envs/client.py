@@ -7,6 +7,7 @@ pooled client here, so the client itself keeps no cookies: each episode carries 
 
 import time
 import uuid
+from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from http.cookies import SimpleCookie
 from typing import Any
@@ -51,11 +52,29 @@ def function_call_output_item(call_id: str, output: str) -> dict[str, Any]:
     return {"type": "function_call_output", "call_id": call_id, "output": output}
 
 
-def responses_api_response(output: str | list[dict[str, Any]]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Usage:
+    """An episode's tokens as NeMo Gym's simple_agent sums them over its model calls: each call's prompt (input)
+    and the tokens it generated (output). A server may read them (mrcr's metrics)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def add_call(self, prompt_tokens: int, generated_tokens: int) -> "Usage":
+        return Usage(self.input_tokens + prompt_tokens, self.output_tokens + generated_tokens)
+
+    def as_response_usage(self) -> dict[str, Any]:
+        """The Responses-API ``usage`` object; simple_agent sets the details it does not count to 0."""
+        return {"input_tokens": self.input_tokens, "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": self.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": self.input_tokens + self.output_tokens}
+
+
+def responses_api_response(output: str | list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
     """The model's turns as an OpenAI Responses-API response object, the shape /verify expects: one
     text becomes one message item; a multi-turn episode passes its items (messages, function calls
-    and their outputs) in order."""
-    return {
+    and their outputs) in order. ``usage``: the episode's token counts, where the caller knows them."""
+    return ({"usage": usage.as_response_usage()} if usage is not None else {}) | {
         "id": f"resp_{uuid.uuid4().hex[:12]}",
         "created_at": int(time.time()),
         "model": "gymrl-policy",

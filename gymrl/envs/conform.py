@@ -4,11 +4,13 @@ task row, the recorded response's function calls through the server's routes in 
 cookies, then ``/verify`` with the row and the recorded response); gymrl's reward must equal the recorded one.
 
 A server that cannot take part says why in one line: a dependency the NeMo Gym venv lacks, a route that needs
-another server (an LLM judge's model server, which gymrl does not start), or no recorded response.
+another server (an LLM judge's model server, which gymrl does not start), a setting NeMo Gym's env.yaml gives (an
+API key, a judge's URL), a service or program that is not here, or no recorded response.
 """
 
 import json
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gymrl.envs import gymnasium
-from gymrl.envs.client import EnvClient, EnvServerError
+from gymrl.envs.client import EnvClient, EnvServerError, Usage
 from gymrl.envs.launcher import DEFAULT_GYM_PYTHON, EnvServer
 from gymrl.envs.nemo_gym import NemoGymConfigError, NemoGymServer, load_server
 from gymrl.envs.server_deps import SERVERS_LOCK, DependencyError, ensure_installed, installed
@@ -111,8 +113,17 @@ def missing_fields(error: str) -> list[str]:
     return re.findall(r'"type":"missing","loc":\["body","(\w+)"', error)
 
 
-def replay(client: EnvClient, row: dict[str, Any], response: dict[str, Any]) -> float:
-    """One recorded episode through the server's routes; the reward /verify gives it."""
+def responses_usage(response: dict[str, Any]) -> dict[str, Any]:
+    """A recorded response whose ``usage`` has chat-completions names (``prompt_tokens``, ``completion_tokens``:
+    mrcr's recordings) with the same counts under the Responses-API names /verify validates."""
+    usage = response.get("usage")
+    if not isinstance(usage, dict) or "prompt_tokens" not in usage or "input_tokens" in usage:
+        return response
+    return response | {"usage": Usage(usage["prompt_tokens"], usage.get("completion_tokens") or 0).as_response_usage()}
+
+
+def replay(client: EnvClient, row: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
+    """One recorded episode through the server's routes; the verdict /verify gives it."""
     cookies = client.seed_session(row)
     for item in response.get("output") or []:
         if not isinstance(item, dict) or item.get("type") != "function_call":
@@ -122,10 +133,17 @@ def replay(client: EnvClient, row: dict[str, Any], response: dict[str, Any]) -> 
         except json.JSONDecodeError:
             continue  # simple_agent answers bad arguments itself, without calling the server
         _, cookies = client.call_tool(item["name"], arguments, cookies)
-    verdict = client.verify(row, response, cookies)
+    verdict = client.verify(row, responses_usage(response), cookies)
     if "reward" not in verdict:
         raise EnvServerError(f"/verify answered without a reward: {str(verdict)[:200]}")
-    return float(verdict["reward"])
+    return verdict
+
+
+def verdict_differences(verdict: dict[str, Any], rollout: dict[str, Any], row: dict[str, Any]) -> str:
+    """Where the verdict's own fields (those the recording has beyond its task row) differ from the recorded ones:
+    what the installed verifier read otherwise than the one that made the recording."""
+    differ = [k for k in rollout if k not in row and k not in RECORDED and k in verdict and verdict[k] != rollout[k]]
+    return "".join(f"; {k} {json.dumps(verdict[k])[:80]}, recorded {json.dumps(rollout[k])[:80]}" for k in differ[:2])
 
 
 def replay_gymnasium(client: EnvClient, row: dict[str, Any], rollout: dict[str, Any]) -> tuple[float, bool]:
@@ -148,6 +166,36 @@ def replay_gymnasium(client: EnvClient, row: dict[str, Any], rollout: dict[str, 
 def missing_dependency(log: str) -> str | None:
     found = re.findall(r"No module named '([\w.]+)'", log)
     return found[-1] if found else None
+
+
+# Container runtimes a server's options may name as what runs its episodes (swerl_gen's ``env: singularity``).
+RUNTIMES = ("singularity", "apptainer", "docker", "podman")
+
+
+def missing_program(log: str, server: NemoGymServer) -> str | None:
+    """A program a route runs that is not installed here: one the log says it could not find, or a container runtime
+    its options name that is not on PATH (a Ray worker's log may not reach the server's before it stops)."""
+    found = re.findall(r"No such file or directory: '([\w.+-]+)'", log)
+    found += [v for v in server.options.values() if v in RUNTIMES and shutil.which(v) is None]
+    return found[-1] if found else None
+
+
+def unreachable_service(log: str, server: NemoGymServer) -> str | None:
+    """A service the server connects to that does not answer here, named by its options' host, port or URL keys."""
+    if not re.search(r"All connection attempts failed|Connection refused|Cannot connect to host", log):
+        return None
+    keys = [k for k in server.options if re.search(r"(_host|_port|_url|^url|^host|^port)$", k)]
+    return f"a server at its {', '.join(keys) or 'configured address'}, which does not answer here"
+
+
+def external_needs(server: NemoGymServer, log: str) -> str:
+    """What outside gymrl the server needs and does not have here, in words ("" when nothing)."""
+    needs = server.needs_servers()
+    settings = server.global_settings()
+    service = unreachable_service(log, server)
+    return "; ".join(([f"model or resources servers {', '.join(needs)}"] if needs else [])
+                     + ([f"settings NeMo Gym's env.yaml gives, unset here: {', '.join(settings)}"] if settings else [])
+                     + ([service] if service else []))
 
 
 def last_error(log: str) -> str:
@@ -175,8 +223,9 @@ def dropped_fields(rows: list[dict[str, Any]], rollouts: list[dict[str, Any]]) -
 
 
 def explain(errors: list[str], mismatches: list[str], log: str, server: NemoGymServer, dropped: list[str],
-            unmatched: int = 0) -> str:
-    """Why a server's replay fell short, in one line ("" when every recorded reward came back)."""
+            unmatched: int = 0, verdicts_differ: bool = False) -> str:
+    """Why a server's replay fell short, in one line ("" when every recorded reward came back). ``verdicts_differ``:
+    a verdict's own fields (an extracted answer) differ from the recording's for the same recorded response."""
     if not errors and not mismatches:
         return ""
     first = (errors or mismatches)[0]
@@ -189,9 +238,15 @@ def explain(errors: list[str], mismatches: list[str], log: str, server: NemoGymS
     if lacking:
         other = f" and {unmatched} are of prompts no example row has" if unmatched else ""
         return f"the recordings lack task fields the server requires ({', '.join(lacking)}){other}: {first}"
-    needs = server.needs_servers()
+    needs = external_needs(server, log)
+    program = missing_program(log, server)
     cause = last_error(log) if errors else ""
-    return ((f"needs an external service ({', '.join(needs)}): " if needs else "") + first
+    return ((f"needs an external service ({needs}): " if needs else "")
+            + (f"needs a program not installed here ({program}, run by a route): " if program and not needs else "")
+            + ("the recordings were scored otherwise than the installed verifier scores the same response (another "
+               "version of it, or a nondeterministic one): " if verdicts_differ and not (needs or program or errors)
+               else "")
+            + first
             + (f" (the recordings lack the example rows' {', '.join(dropped)})" if dropped else "")
             + (f"; server log: {cause}" if cause else ""))
 
@@ -227,9 +282,11 @@ def conform(name: str, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | No
         log = env_server.log_path.read_text(errors="replace") if env_server.log_path.is_file() else str(err)
         dependency = missing_dependency(log)
         last = last_error(log) or (log.strip().splitlines() or [str(err)])[-1][:200]
+        needs = external_needs(server, log)
         result.reason = (f"dependency not installed in .venv-gym: {dependency}" if dependency
-                         else (f"did not answer within {start_timeout_s:.0f} s: " if "did not answer" in str(err)
-                               else "does not start: ") + last)
+                         else (f"needs an external service ({needs}): " if needs else "")
+                         + (f"did not answer within {start_timeout_s:.0f} s: " if "did not answer" in str(err)
+                            else "does not start: ") + last)
         return result
     result.started = True
     if not rollouts:
@@ -242,16 +299,17 @@ def conform(name: str, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | No
     plays_gymnasium = gymnasium.AGENT in server.agents and "simple_agent" not in server.agents
     played = [(opened_row if plays_gymnasium else played_row)(r, examples) for r in rollouts]
     client = EnvClient(server.name, env_server.url, timeout_s=request_timeout_s, retries=0)
-    errors = []
+    errors, verdicts_differ = [], False
     try:
         for k, rollout in enumerate(rollouts):
             row = played[k] or task_row(rollout, task_keys)
-            same_start = True
+            same_start, verdict = True, {}
             try:
                 if plays_gymnasium:
                     reward, same_start = replay_gymnasium(client, row, rollout)
                 else:
-                    reward = replay(client, row, rollout["response"])
+                    verdict = replay(client, row, rollout["response"])
+                    reward = float(verdict["reward"])
             except EnvServerError as err:
                 errors.append(f"row {k}: {str(err)[:200]}")
                 if "Timeout" in str(err):
@@ -262,13 +320,16 @@ def conform(name: str, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | No
                 result.equal += 1
             else:
                 result.mismatches.append(f"row {k}: reward {reward:g}, recorded {float(rollout['reward']):g}" + (
-                    "" if same_start else " (/reset dealt another start than the recording's)"))
+                    "" if same_start else " (/reset dealt another start than the recording's)")
+                    + verdict_differences(verdict, rollout, row))
+                verdicts_differ = verdicts_differ or bool(verdict_differences(verdict, rollout, row))
     finally:
         client.close()
         env_server.stop()
     log = env_server.log_path.read_text(errors="replace") if env_server.log_path.is_file() else ""
     unmatched = [r for r, row in zip(rollouts, played) if row is None]
-    result.reason = explain(errors, result.mismatches, log, server, dropped_fields(examples, unmatched), len(unmatched))
+    result.reason = explain(errors, result.mismatches, log, server, dropped_fields(examples, unmatched), len(unmatched),
+                            verdicts_differ)
     return result
 
 
@@ -276,7 +337,10 @@ def conform(name: str, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | No
 CATEGORIES = (
     ("dependency not installed", "a dependency .venv-gym lacks"),
     ("dependency not installable", "a dependency that cannot be installed here"),
-    ("needs an external service", "needs an external service (an LLM judge's model server)"),
+    ("needs an external service", "needs an external service (an LLM judge's model server, a web API and its key, "
+                                  "a sandbox) or a setting NeMo Gym's env.yaml gives"),
+    ("needs a program", "needs a program not installed here (a container runtime)"),
+    ("the recordings were scored otherwise", "its recordings were scored by another verifier than the installed one"),
     ("played by NeMo Gym's", "played by another NeMo Gym agent"),
     ("the recordings lack", "its recordings lack task fields the server requires"),
     ("no recorded response", "no recorded rollouts"),

@@ -7,6 +7,7 @@ This module reads those files from the harness side (it does not import nemo_gym
 venv): the server's package and options for :class:`~gymrl.envs.launcher.EnvServer`, and the datasets.
 """
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,13 @@ class NemoGymServer:
         walk(self.options)
         return found
 
+    def global_settings(self) -> list[str]:
+        """Its options that NeMo Gym's global config (env.yaml, ng_run's command line) must give: a ``${name}`` or
+        ``${oc.select:name,...}`` of a key outside the server's entry (a judge's URL, an API key, a file). gymrl
+        reads no such config, so they stay unset (an ``${oc.env:NAME,default}`` resolves: it is not one of them)."""
+        return [f"{key}={value}" for key, value in self.options.items()
+                if isinstance(value, str) and re.search(r"\$\{(?!oc\.env:)", value)]
+
 
 def _config_file(name_or_path: str | Path, root: Path) -> Path:
     path = Path(name_or_path)
@@ -133,5 +141,6 @@ def load_server(name_or_path: str | Path, gym_python: Path = DEFAULT_GYM_PYTHON)
                     p = Path(d["jsonl_fpath"])
                     datasets.append(Dataset(str(d.get("name", p.stem)), str(d.get("type", "train")),
                                             p if p.is_absolute() else root / p))
-    options = {k: v for k, v in (entry or {}).items() if k != "entrypoint"}  # serve.py names the entrypoint
+    # serve.py imports the package's app.py; an entry served from another file of it (aviary's gsm8k_app.py) names it
+    options = {k: v for k, v in (entry or {}).items() if k != "entrypoint" or v != "app.py"}
     return NemoGymServer(instance, f"resources_servers.{folder}", options, path, root, datasets, agents, max_steps)

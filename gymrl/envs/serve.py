@@ -18,16 +18,18 @@ import typing
 
 import uvicorn
 from nemo_gym.base_resources_server import SimpleResourcesServer
+from nemo_gym.global_config import NEMO_GYM_CONFIG_DICT_ENV_VAR_NAME
 from nemo_gym.server_utils import BaseServerConfig, ServerClient
 from omegaconf import OmegaConf
 
 
-def server_class(package: str) -> type[SimpleResourcesServer]:
-    module = importlib.import_module(f"{package}.app")
+def server_class(package: str, entrypoint: str = "app.py") -> type[SimpleResourcesServer]:
+    module = importlib.import_module(f"{package}.{entrypoint.removesuffix('.py')}")
     found = [
         obj for obj in vars(module).values()
         if inspect.isclass(obj) and issubclass(obj, SimpleResourcesServer)
         and obj.__module__ == module.__name__ and not inspect.isabstract(obj)
+        and "[" not in obj.__name__  # a generic base's parametrisation (aviary's AviaryResourcesServer[Env, Data])
     ]
     if len(found) != 1:
         raise SystemExit(f"{module.__name__} must define exactly one resources server class, found {len(found)}")
@@ -47,10 +49,17 @@ def resolve_options(options: dict) -> dict:
 
 
 def build_app(env: str, host: str, port: int, package: str | None = None, options: dict | None = None):
-    cls = server_class(package or f"environments.{env}")
+    """``options``: the server config's keys; ``entrypoint`` among them names the file of ``package`` that holds the
+    server (app.py when absent)."""
+    options = dict(options or {})
+    entrypoint = options.pop("entrypoint", "app.py")
+    cls = server_class(package or f"environments.{env}", entrypoint)
     config_cls = cls.model_fields["config"].annotation
-    config = config_cls(**{"domain": "other", **resolve_options(options or {}), "host": host, "port": port, "entrypoint": "app.py",
-                           "name": env})
+    config = config_cls(**{"domain": "other", **resolve_options(options), "host": host, "port": port,
+                           "entrypoint": entrypoint, "name": env})
+    # NeMo Gym's aiohttp client (a judge's or a web API's requests) reads the global config; unset, it parses this
+    # process's argv with Hydra, which exits on serve.py's flags. ng_run hands its servers the config this way.
+    os.environ.setdefault(NEMO_GYM_CONFIG_DICT_ENV_VAR_NAME, OmegaConf.to_yaml(OmegaConf.create({})))
     client = ServerClient(head_server_config=BaseServerConfig(host=host, port=port), global_config_dict=OmegaConf.create({}))
     server = cls(config=config, server_client=client)
     app = server.setup_webserver()

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,11 +35,30 @@ class DependencyError(ValueError):
     """A server requirement that cannot be installed here; the message names the server and the requirement."""
 
 
+def pyproject_requirements(server: str, path: Path) -> list[str]:
+    """The ``[project] dependencies`` of a server that ships a pyproject.toml instead of a requirements.txt
+    (code_fim); one that ``[tool.uv.sources]`` takes from a git repository is not on the package registry."""
+    doc = tomllib.loads(path.read_text())
+    sources = doc.get("tool", {}).get("uv", {}).get("sources", {})
+    found = []
+    for requirement in doc.get("project", {}).get("dependencies", []):
+        source = sources.get(requirement) or sources.get(package_name(requirement)) or {}
+        if "git" in source:
+            raise DependencyError(f"server '{server}': requirement '{requirement}' comes from the git repository "
+                                  f"{source['git']}, not the package registry ({path}, [tool.uv.sources])")
+        found.append(requirement)
+    return found
+
+
 def server_requirements(server: str, folder: Path) -> list[str]:
-    """The registry requirements of a server's requirements.txt: no comments, no nemo-gym itself."""
+    """The registry requirements of a server's requirements.txt (or its pyproject.toml's): no comments, no nemo-gym
+    itself."""
     path = folder / "requirements.txt"
     found = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    lines = path.read_text().splitlines() if path.is_file() else []
+    if not path.is_file() and (folder / "pyproject.toml").is_file():
+        path, lines = folder / "pyproject.toml", pyproject_requirements(server, folder / "pyproject.toml")
+    for line in lines:
         line = line.split(" #")[0].strip()
         if not line or line.startswith("#"):
             continue

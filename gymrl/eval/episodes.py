@@ -70,7 +70,8 @@ class EndpointRunner:
             if state.episode.env.max_steps and turn >= state.episode.env.max_steps:  # a NeMo Gym agent's limit
                 state.finish_reason = "max_turns"
                 break
-        verdict = state.episode.verify(state.items)
+        # token counts only where the local tokenizer counted the turns
+        verdict = state.episode.verify(state.response() if self.tokenizer is not None else state.items)
         return Rollout(task.id, task.env, state.prompt_ids, state.completion_ids, state.mask, state.logprobs,
                        state.text, state.finish_reason, verdict.reward, verdict.reason, 0, 0, verdict.breakdown,
                        state.turns, sampling.temperature)

@@ -14,7 +14,14 @@ from typing import Any
 
 from gymrl.config import RolloutConfig, SamplingConfig
 from gymrl.envs.base import Environment, Episode, Task
-from gymrl.envs.client import function_call_item, function_call_output_item, message_item, reasoning_item
+from gymrl.envs.client import (
+    Usage,
+    function_call_item,
+    function_call_output_item,
+    message_item,
+    reasoning_item,
+    responses_api_response,
+)
 from gymrl.models.chat import environment_turn_ids, render_prompt
 from gymrl.rollout.engine import Completion, PromptTooLongError, SpecStats
 from gymrl.rollout.pool import EnginePool
@@ -109,6 +116,7 @@ class EpisodeState:
         self.spec: list[SpecStats | None] = []
         self.turns: list[dict[str, Any]] = []  # assistant and tool messages, as chat messages
         self.items: list[dict[str, Any]] = []  # the same turns as Responses-API output items
+        self.usage = Usage()  # the model calls' prompt and generated tokens, summed
         self.pending_calls: list = []
         self.text = ""
         self.finish_reason = "stop"
@@ -134,6 +142,7 @@ class EpisodeState:
                 banned = min(banned, max_model_len - len(self.ids))
             if banned > 0:
                 self.stop_banned.append((len(self.completion_ids), len(self.completion_ids) + banned))
+        self.usage = self.usage.add_call(len(self.ids), len(c.token_ids))
         self.completion_ids += c.token_ids
         self.mask += [1] * len(c.token_ids)
         self.logprobs += c.logprobs
@@ -156,6 +165,10 @@ class EpisodeState:
             self.items.append(message_item(parsed.content))
         self.items += [function_call_item(call.name, call.raw_arguments, call.call_id) for call in self.pending_calls]
         self.turns[-1]["tool_calls"] = [{"name": c.name, "arguments": c.raw_arguments} for c in self.pending_calls]
+
+    def response(self) -> dict[str, Any]:
+        """The episode as /verify gets it: its output items and its token usage, as simple_agent sends them."""
+        return responses_api_response(self.items, self.usage)
 
     def call_tools(self) -> list[dict[str, Any]]:
         """Call the pending tools in order on the server; returns their results as tool messages."""
@@ -204,13 +217,13 @@ def verify_states(envs: dict[str, Environment], states: list[EpisodeState]) -> l
         if not s.task.tools and not s.episode.cookies:
             by_env.setdefault(s.task.env, []).append(k)
     for env, ks in by_env.items():
-        batch = envs[env].verify_batch([(states[k].task, states[k].items) for k in ks])
+        batch = envs[env].verify_batch([(states[k].task, states[k].response()) for k in ks])
         for k, v in zip(ks, batch or []):
             verdicts[k] = v
     rest = [k for k, v in enumerate(verdicts) if v is None]
     if rest:
         with ThreadPoolExecutor(8) as threads:
-            for k, v in zip(rest, threads.map(lambda k: states[k].episode.verify(states[k].items), rest)):
+            for k, v in zip(rest, threads.map(lambda k: states[k].episode.verify(states[k].response()), rest)):
                 verdicts[k] = v
     return verdicts
 
