@@ -158,7 +158,7 @@ def test_episodes_are_played_as_simple_agent_plays_them(tmp_path):
     from gymrl.rollout.tool_calls import ParsedTurn, ToolCall
 
     assert (load_server("workplace_assistant").max_steps, load_server("asr_with_pc").max_steps) == (6, 1)
-    assert load_server("blackjack").max_steps is None  # its 5 is gymnasium_agent's, another agent
+    assert load_server("blackjack").max_steps == 5  # gymnasium_agent's
     env = open_environment(EnvConfig(nemo_gym="example_single_tool_call"))
     env.max_steps = 2
 
@@ -205,3 +205,64 @@ def test_a_row_whose_tools_the_server_does_not_serve_is_named(tmp_path):
         finally:
             good.close()
             bad.close()
+
+
+def test_gymnasium_episodes_are_played_as_gymnasium_agent_plays_them(tmp_path):
+    """blackjack, unchanged, through the rollout runner: /reset's deal ends each episode's own prompt, every model
+    turn goes to /step, whose observation is the environment's (loss mask 0), until the hand ends or the agent's
+    max_steps; the reward is the sum of the /step rewards (no /verify). The engine pool is scripted (always hit)."""
+    from gymrl.config import RolloutConfig, SamplingConfig
+    from gymrl.envs.client import EnvClient
+    from gymrl.models.tokenizer import build_tokenizer
+    from gymrl.rollout.engine import Completion, Generation
+    from gymrl.rollout.runner import RolloutRunner, play_episode
+    from gymrl.rollout.tool_calls import ToolCallParser
+
+    env = open_environment(EnvConfig(nemo_gym="blackjack"))
+    assert env.gymnasium and env.max_steps == 5 and len(env.tasks("eval")) == 5
+    tokenizer = build_tokenizer([])
+    hit = "<action>hit</action>"
+
+    class AlwaysHits:
+        calls: list = []
+
+        def generate(self, prompts, n, sampling, engine_ids=None, seeds=None):
+            self.calls.append((len(prompts), n))
+            ids = tokenizer(hit + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+            return Generation([[Completion(ids, [0.0] * len(ids), hit, "stop") for _ in range(n)] for _ in prompts])
+
+    class StepsSeen(EnvClient):
+        steps: list = []
+
+        def post_for_reply(self, route, payload, cookies=None):
+            reply = super().post_for_reply(route, payload, cookies)
+            if route == "/step":
+                self.steps.append(reply[0])
+            return reply
+
+    pool = AlwaysHits()
+    with server_process(env, DEFAULT_GYM_PYTHON, tmp_path) as server:
+        client = StepsSeen(env.name, server.url)
+        env.attach(client)
+        try:
+            tasks = env.tasks("train")[:2]
+            batch = RolloutRunner(pool, {env.name: env}, tokenizer, RolloutConfig(max_turns=8)).run(
+                tasks, 3, SamplingConfig(), 0, seed=1)
+            verdict, turns = play_episode(env, tasks[0], ["<action>stand</action>"], ToolCallParser("hermes", tokenizer))
+        finally:
+            env.close()
+    rollouts = batch.rollouts
+    assert len(rollouts) == 6 and pool.calls[0] == (6, 1)  # a prompt of its own per episode
+    for r in rollouts:
+        prompt = tokenizer.decode(r.prompt_ids)
+        assert "Deal me in." in prompt and "Your hand: [" in prompt.split("Deal me in.")[1]
+        model = tokenizer.decode([t for t, m in zip(r.completion_ids, r.completion_mask) if m])
+        shown = tokenizer.decode([t for t, m in zip(r.completion_ids, r.completion_mask) if not m])
+        hits = model.count(hit)
+        assert hits == len([t for t in r.turns if t["role"] == "assistant"]) and 1 <= hits <= 5
+        assert shown.count("Your hand: [") == hits - 1  # every step's observation but the last's, masked out
+        assert (r.reward == -1.0 and r.finish_reason == "stop") or (hits == 5 and r.finish_reason == "max_turns")
+    step_rewards = [s["reward"] for s in client.steps]
+    assert len(step_rewards) == sum(len([t for t in r.turns if t["role"] == "assistant"]) for r in rollouts) + 1
+    assert sum(r.reward for r in rollouts) + verdict.reward == pytest.approx(sum(step_rewards))
+    assert verdict.reward in (-1.0, 0.0, 1.0) and [t["role"] for t in turns] == ["assistant"]

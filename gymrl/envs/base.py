@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from gymrl.envs import gymnasium
 from gymrl.envs.client import Cookies, EnvClient, EnvServerError, EpisodeLost, responses_api_response
 from gymrl.utf8 import clean
 from rewards.types import RewardResult
@@ -87,11 +88,13 @@ class Environment:
     connected one. ``server``: how to start a server other than the plugin's own (None for a plugin)."""
 
     def __init__(self, name: str, tasks: Any, server: ServerSpec | None = None, nemo_gym: bool = False,
-                 max_steps: int | None = None):
+                 max_steps: int | None = None, gymnasium: bool = False):
         """``nemo_gym``: play every episode as NeMo Gym's simple_agent does (a session seeded on the server even
         without tools, /verify with its cookies); ``max_steps``: that agent's limit of model calls, the tool
-        calls of the last one still run."""
+        calls of the last one still run. ``gymnasium``: play them as its gymnasium_agent does instead
+        (:class:`GymnasiumEpisode`)."""
         self.name, self.server, self.nemo_gym, self.max_steps = name, server, nemo_gym, max_steps
+        self.gymnasium = gymnasium
         self.config = dataclasses.asdict(tasks)  # identifies the task set (tiny-model cache key)
         self._tasks = tasks
         self._client: EnvClient | None = None
@@ -118,7 +121,11 @@ class Environment:
         return self._client
 
     def open_episode(self, task: Task) -> "Episode":
-        """A new episode of ``task`` on the server: its session is seeded when the task has tools."""
+        """A new episode of ``task`` on the server: its session is seeded when the task has tools (reset, for a
+        gymnasium server)."""
+        if self.gymnasium:
+            observation, cookies = gymnasium.reset(self.client, task.row)
+            return GymnasiumEpisode(self, task, cookies, observation)
         return Episode(self, task, self.client.seed_session(task.row) if task.tools or self.nemo_gym else {})
 
     def verify(self, task: Task, output: str | list[dict[str, Any]] | dict[str, Any],
@@ -181,6 +188,8 @@ class Environment:
 class Episode:
     """One rollout's conversation with the server: its session cookies, its tool calls, its verdict."""
 
+    own_prompt = False  # whether its task's messages are its own (a /reset observation), not shared by its group
+
     def __init__(self, env: Environment, task: Task, cookies: Cookies):
         self.env, self.task, self.cookies = env, task, cookies
         self.generation = env.client.generation if cookies else 0  # the server run its session lives on
@@ -220,3 +229,30 @@ class Episode:
         if self.cookies and self.env.client.generation != self.generation:
             raise EpisodeLost(f"env server '{self.env.name}' restarted during the episode of task '{self.task.id}'; "
                               "its session state is gone")
+
+
+class GymnasiumEpisode(Episode):
+    """An episode as NeMo Gym's gymnasium_agent plays it: opened by /reset, whose observation is a user message
+    after the task's prompt (so the episode's prompt is its own), each model turn sent to /step, its reward the sum
+    of the steps' rewards (a GymnasiumServer has no /verify)."""
+
+    def __init__(self, env: Environment, task: Task, cookies: Cookies, observation: str | None):
+        if observation is not None:
+            task = dataclasses.replace(task, messages=task.messages + [{"role": "user", "content": observation}])
+        super().__init__(env, task, cookies)
+        self.own_prompt = observation is not None
+        self.reward, self.steps, self.done = 0.0, 0, False
+        self.info: dict[str, Any] = {}
+
+    def step(self, turn: list[dict[str, Any]]) -> gymnasium.Step:
+        """/step with one model turn's output items; the reply's reward is added to the episode's."""
+        self._check_session()
+        result, self.cookies = gymnasium.step(self.env.client, self.task.row, clean(turn), self.cookies)
+        self._check_session()
+        self.reward += result.reward
+        self.steps, self.done, self.info = self.steps + 1, result.done, result.info
+        return result
+
+    def verdict(self) -> RewardResult:
+        ended = "ended" if self.done else "not ended"
+        return RewardResult(self.reward, f"{self.steps} steps, {ended}; last info: {json.dumps(self.info, default=str)[:300]}")

@@ -296,8 +296,7 @@ def conform(name: str, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | No
         return result
     examples = example_rows(server)
     task_keys = {k for r in examples for k in r} or None
-    plays_gymnasium = gymnasium.AGENT in server.agents and "simple_agent" not in server.agents
-    played = [(opened_row if plays_gymnasium else played_row)(r, examples) for r in rollouts]
+    played = [(opened_row if server.gymnasium else played_row)(r, examples) for r in rollouts]
     client = EnvClient(server.name, env_server.url, timeout_s=request_timeout_s, retries=0)
     errors, verdicts_differ = [], False
     try:
@@ -305,7 +304,7 @@ def conform(name: str, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | No
             row = played[k] or task_row(rollout, task_keys)
             same_start, verdict = True, {}
             try:
-                if plays_gymnasium:
+                if server.gymnasium:
                     reward, same_start = replay_gymnasium(client, row, rollout)
                 else:
                     verdict = replay(client, row, rollout["response"])

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from gymrl.envs.gymnasium import AGENT as GYMNASIUM_AGENT
 from gymrl.envs.launcher import DEFAULT_GYM_PYTHON
 
 
@@ -55,7 +56,13 @@ class NemoGymServer:
     root: Path  # NeMo Gym's root: the servers run there, and dataset paths are relative to it
     datasets: list[Dataset] = field(default_factory=list)
     agents: list[str] = field(default_factory=list)  # the NeMo Gym agents its config plays it with (simple_agent, ...)
-    max_steps: int | None = None  # its simple_agent's limit of model calls per episode, when the config sets one
+    max_steps: int | None = None  # its agent's limit of model calls per episode (simple_agent's where the config
+    # sets one; gymnasium_agent's, 10 unless set)
+
+    @property
+    def gymnasium(self) -> bool:
+        """Played by NeMo Gym's gymnasium_agent (/reset and /step), not simple_agent (tools, then /verify)."""
+        return GYMNASIUM_AGENT in self.agents and "simple_agent" not in self.agents
 
     @property
     def folder(self) -> Path:
@@ -136,6 +143,8 @@ def load_server(name_or_path: str | Path, gym_python: Path = DEFAULT_GYM_PYTHON)
             agents.append(kind)
             if kind == "simple_agent" and isinstance(agent.get("max_steps"), int) and max_steps is None:
                 max_steps = agent["max_steps"]
+            if kind == GYMNASIUM_AGENT and max_steps is None:
+                max_steps = agent["max_steps"] if isinstance(agent.get("max_steps"), int) else 10
             for d in agent.get("datasets") or []:
                 if isinstance(d, dict) and d.get("jsonl_fpath"):
                     p = Path(d["jsonl_fpath"])

@@ -115,19 +115,21 @@ def open_environment(cfg: EnvConfig, gym_python: Path = DEFAULT_GYM_PYTHON, seed
     """The environment an ``envs:`` entry names, its server described but not started."""
     if not cfg.is_nemo_gym:
         return load_environment(cfg.name, cfg.args)
-    max_steps = None
+    max_steps, gymnasium = None, False
     if cfg.nemo_gym:
         server = load_server(cfg.nemo_gym, gym_python)
-        max_steps = server.max_steps
+        max_steps, gymnasium = server.max_steps, server.gymnasium
         train = _resolve(cfg.data) if cfg.data else _dataset(server, "train", cfg.nemo_gym)
         held_out = _resolve(cfg.eval_data) if cfg.eval_data else (
             None if cfg.data else getattr(server.dataset("validation"), "path", None))
+        if held_out is None and gymnasium:  # its rows differ by a seed at most (all alike for blackjack, which deals
+            held_out = train  # on /reset): no prompt to hold out, so eval plays the training rows, dealt anew
         spec = server_spec(server, cfg.options)
     else:
         train, held_out = _resolve(cfg.data), _resolve(cfg.eval_data) if cfg.eval_data else None
         spec = _module_spec(cfg.module, cfg.options, gym_python) if cfg.module else None
     tasks = JsonlTasks(str(train), str(held_out) if held_out else None, cfg.eval_fraction, seed)
-    return Environment(cfg.name, tasks, server=spec, nemo_gym=True, max_steps=max_steps)
+    return Environment(cfg.name, tasks, server=spec, nemo_gym=True, max_steps=max_steps, gymnasium=gymnasium)
 
 
 def server_spec(server: NemoGymServer, options: dict[str, Any] | None = None) -> ServerSpec:

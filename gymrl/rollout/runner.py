@@ -5,6 +5,10 @@ the environment's server: after each assistant turn the tool calls in it (read b
 parser) go to the server, their results are appended through the chat template, and the model goes
 on, until a turn without tool calls, a turn cut off by length, ``max_turns``, or a full context.
 The environment's tokens stay in the sequence but are masked out of the loss.
+
+A task of a server NeMo Gym plays with its gymnasium_agent is an episode opened by /reset (its observation ends
+the episode's own prompt); every model turn goes to /step, whose tool outputs and observation are the
+environment's turn, until the server ends the episode; its reward is the sum of the steps' rewards.
 """
 
 import time
@@ -13,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gymrl.config import RolloutConfig, SamplingConfig
-from gymrl.envs.base import Environment, Episode, Task
+from gymrl.envs.base import Environment, Episode, GymnasiumEpisode, Task
 from gymrl.envs.client import (
     Usage,
     function_call_item,
@@ -118,6 +122,8 @@ class EpisodeState:
         self.items: list[dict[str, Any]] = []  # the same turns as Responses-API output items
         self.usage = Usage()  # the model calls' prompt and generated tokens, summed
         self.pending_calls: list = []
+        self.pending_messages: list[dict[str, Any]] = []  # a gymnasium server's reply to the last turn, as messages
+        self.turn_start = 0  # where the last model turn's items begin
         self.text = ""
         self.finish_reason = "stop"
         self.engine_id: int | None = None
@@ -152,6 +158,7 @@ class EpisodeState:
         if self.engine_id is None:
             self.engine_id = c.engine_id
         self.turns.append({"role": "assistant", "content": c.text})
+        self.turn_start = len(self.items)
         if parsed is None and parser is not None and (self.task.tools or parser.reasoning_parser is not None):
             parsed = parser.parse(c.text, self.task.tools, self.ids[:len(self.ids) - len(c.token_ids)], c.token_ids)
         self.pending_calls = parsed.tool_calls if parsed is not None and c.finish_reason == "stop" else []
@@ -169,6 +176,32 @@ class EpisodeState:
     def response(self) -> dict[str, Any]:
         """The episode as /verify gets it: its output items and its token usage, as simple_agent sends them."""
         return responses_api_response(self.items, self.usage)
+
+    @property
+    def continues(self) -> bool:
+        """Whether the environment answers the last turn: its tool calls, or a gymnasium episode not yet ended."""
+        return not self.episode.done if isinstance(self.episode, GymnasiumEpisode) else bool(self.pending_calls)
+
+    def step(self) -> None:
+        """The last model turn through a gymnasium server's /step. Its tool outputs (there, not here, the server
+        runs the turn's calls) and observation wait in ``pending_messages`` unless the episode ended."""
+        result = self.episode.step(self.items[self.turn_start:])
+        self.pending_calls = []
+        if result.done:
+            return
+        self.items += result.items()
+        names = {i.get("call_id"): i.get("name") for i in self.items if i.get("type") == "function_call"}
+        self.pending_messages = [{"role": "tool", "content": o["output"], "tool_call_id": o["call_id"],
+                                  "name": names.get(o["call_id"], "")} for o in result.tool_outputs]
+        if result.observation:
+            self.pending_messages.append({"role": "user", "content": result.observation})
+
+    def environment_turn(self) -> list[dict[str, Any]]:
+        """The environment's answer to the last turn, as chat messages: the tools' results, or /step's reply."""
+        if not isinstance(self.episode, GymnasiumEpisode):
+            return self.call_tools()
+        messages, self.pending_messages = self.pending_messages, []
+        return messages
 
     def call_tools(self) -> list[dict[str, Any]]:
         """Call the pending tools in order on the server; returns their results as tool messages."""
@@ -204,17 +237,24 @@ def play_episode(env: Environment, task: Task, assistant_turns: list[str], parse
     state = EpisodeState(task, [], env.open_episode(task))
     for text in assistant_turns:
         state.add_model_turn(Completion([], [], text, "stop"), parser)
-        state.turns += state.call_tools()
+        if isinstance(state.episode, GymnasiumEpisode):
+            state.step()
+            if not state.continues:
+                break
+        state.turns += state.environment_turn()
+    if isinstance(state.episode, GymnasiumEpisode):
+        return state.episode.verdict(), state.turns
     return state.episode.verify(state.items), state.turns
 
 
 def verify_states(envs: dict[str, Environment], states: list[EpisodeState]) -> list[RewardResult]:
     """Every episode's verdict. Episodes without session state (no tools) of one environment go to its server in one
     /verify_batch round trip; the rest (and servers without that route) one /verify each, 8 at a time."""
-    verdicts: list[RewardResult | None] = [None] * len(states)
+    verdicts: list[RewardResult | None] = [s.episode.verdict() if isinstance(s.episode, GymnasiumEpisode) else None
+                                           for s in states]  # summed as the episode was played
     by_env: dict[str, list[int]] = {}
     for k, s in enumerate(states):
-        if not s.task.tools and not s.episode.cookies:
+        if verdicts[k] is None and not s.task.tools and not s.episode.cookies:
             by_env.setdefault(s.task.env, []).append(k)
     for env, ks in by_env.items():
         batch = envs[env].verify_batch([(states[k].task, states[k].response()) for k in ks])
@@ -267,20 +307,32 @@ class RolloutRunner:
 
         with ThreadPoolExecutor(8) as threads:
             episodes = list(threads.map(lambda t: self.envs[t.env].open_episode(t), [t for t in tasks for _ in range(group_size)]))
-        states = [EpisodeState(e.task, self.prompt_ids(e.task), e, sampling_of(e.task)) for e in episodes]
+        states = [EpisodeState(e.task, encode_prompt(self.tokenizer, e.task, self.cfg.chat_template_kwargs)
+                               if e.own_prompt else self.prompt_ids(e.task), e, sampling_of(e.task)) for e in episodes]
         position = {id(s): k for k, s in enumerate(states)}  # an episode's index: its seed is seed + index
         generate_seconds = tool_seconds = 0.0
 
         started = time.perf_counter()
-        first = self.pool.generate([self.prompt_ids(t) for t in tasks], group_size, [sampling_of(t) for t in tasks],
-                                   seeds=None if seed is None else [seed + j * group_size for j in range(len(tasks))])
+        if any(e.own_prompt for e in episodes):  # each episode its own prompt, its own seed: the same seeds
+            first = self.pool.generate([s.prompt_ids for s in states], 1, [s.sampling for s in states],
+                                       seeds=None if seed is None else [seed + k for k in range(len(states))])
+        else:
+            first = self.pool.generate([self.prompt_ids(t) for t in tasks], group_size,
+                                       [sampling_of(t) for t in tasks],
+                                       seeds=None if seed is None else [seed + j * group_size for j in range(len(tasks))])
         generate_seconds += time.perf_counter() - started
         spec = [first.spec]
         active, completions = states, [c for group in first.groups for c in group]
         for turn in range(1, self.cfg.max_turns + 1):
             for state, c in zip(active, completions):
                 state.add_model_turn(c, parser, max_model_len=self.max_model_len)
-            active = [s for s in active if s.pending_calls]
+            stepped = [s for s in active if isinstance(s.episode, GymnasiumEpisode)]
+            if stepped:  # gymnasium_agent steps after every model call, the last one too
+                started = time.perf_counter()
+                with ThreadPoolExecutor(8) as threads:
+                    list(threads.map(EpisodeState.step, stepped))
+                tool_seconds += time.perf_counter() - started
+            active = [s for s in active if s.continues]
             if not active:
                 break
             if turn == self.cfg.max_turns:
@@ -289,7 +341,7 @@ class RolloutRunner:
                 break
             started = time.perf_counter()
             with ThreadPoolExecutor(8) as threads:
-                results = list(threads.map(EpisodeState.call_tools, active))
+                results = list(threads.map(EpisodeState.environment_turn, active))
             for state, tool_messages in zip(active, results):
                 state.add_environment_turn(self.tokenizer, tool_messages, self.cfg.chat_template_kwargs)
             tool_seconds += time.perf_counter() - started
