@@ -213,6 +213,8 @@ def test_gymnasium_episodes_are_played_as_gymnasium_agent_plays_them(tmp_path):
     max_steps; the reward is the sum of the /step rewards (no /verify). The engine pool is scripted (always hit)."""
     from gymrl.config import RolloutConfig, SamplingConfig
     from gymrl.envs.client import EnvClient
+    from gymrl.eval.endpoint import ChatReply
+    from gymrl.eval.episodes import EndpointRunner
     from gymrl.models.tokenizer import build_tokenizer
     from gymrl.rollout.engine import Completion, Generation
     from gymrl.rollout.runner import RolloutRunner, play_episode
@@ -240,6 +242,13 @@ def test_gymnasium_episodes_are_played_as_gymnasium_agent_plays_them(tmp_path):
                 self.steps.append(reply[0])
             return reply
 
+    class HitsByChat:
+        seen: list = []
+
+        def chat(self, messages, tools, sampling, kwargs):
+            self.seen.append([m["role"] for m in messages])
+            return ChatReply(hit, "stop", None)
+
     pool = AlwaysHits()
     with server_process(env, DEFAULT_GYM_PYTHON, tmp_path) as server:
         client = StepsSeen(env.name, server.url)
@@ -249,6 +258,9 @@ def test_gymnasium_episodes_are_played_as_gymnasium_agent_plays_them(tmp_path):
             batch = RolloutRunner(pool, {env.name: env}, tokenizer, RolloutConfig(max_turns=8)).run(
                 tasks, 3, SamplingConfig(), 0, seed=1)
             verdict, turns = play_episode(env, tasks[0], ["<action>stand</action>"], ToolCallParser("hermes", tokenizer))
+            endpoint = HitsByChat()  # eval --endpoint's path: chat messages, the observations as user messages
+            served = EndpointRunner(endpoint, {env.name: env}, RolloutConfig(max_turns=8)).episode(tasks[0],
+                                                                                                   SamplingConfig())
         finally:
             env.close()
     rollouts = batch.rollouts
@@ -260,9 +272,14 @@ def test_gymnasium_episodes_are_played_as_gymnasium_agent_plays_them(tmp_path):
         shown = tokenizer.decode([t for t, m in zip(r.completion_ids, r.completion_mask) if not m])
         hits = model.count(hit)
         assert hits == len([t for t in r.turns if t["role"] == "assistant"]) and 1 <= hits <= 5
-        assert shown.count("Your hand: [") == hits - 1  # every step's observation but the last's, masked out
+        # every step's observation, masked out; the last step's only where max_steps, not the server, ended the hand
+        assert shown.count("Your hand: [") == hits - (r.finish_reason != "max_turns")
         assert (r.reward == -1.0 and r.finish_reason == "stop") or (hits == 5 and r.finish_reason == "max_turns")
+    assert endpoint.seen[0] == ["system", "user", "user"] \
+        and len(endpoint.seen) == sum(t["role"] == "assistant" for t in served.turns)
+    assert served.reward == -1.0 or served.finish_reason == "max_turns"
     step_rewards = [s["reward"] for s in client.steps]
-    assert len(step_rewards) == sum(len([t for t in r.turns if t["role"] == "assistant"]) for r in rollouts) + 1
-    assert sum(r.reward for r in rollouts) + verdict.reward == pytest.approx(sum(step_rewards))
+    assert len(step_rewards) == sum(len([t for t in r.turns if t["role"] == "assistant"])
+                                    for r in rollouts + [served]) + 1
+    assert sum(r.reward for r in rollouts + [served]) + verdict.reward == pytest.approx(sum(step_rewards))
     assert verdict.reward in (-1.0, 0.0, 1.0) and [t["role"] for t in turns] == ["assistant"]

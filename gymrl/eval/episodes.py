@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from gymrl.config import RolloutConfig, SamplingConfig
-from gymrl.envs.base import Environment, Task
+from gymrl.envs.base import Environment, GymnasiumEpisode, Task
 from gymrl.eval.endpoint import ChatEndpoint
 from gymrl.models.chat import chat_tools
 from gymrl.rollout.engine import Completion
@@ -47,21 +47,25 @@ class EndpointRunner:
 
     def episode(self, task: Task, sampling: SamplingConfig) -> Rollout:
         kwargs = self.cfg.chat_template_kwargs
-        prompt_ids = encode_prompt(self.tokenizer, task, kwargs) if self.tokenizer is not None else []
-        state = EpisodeState(task, prompt_ids, self.envs[task.env].open_episode(task), sampling)
-        messages = list(task.messages)
+        episode = self.envs[task.env].open_episode(task)  # its task's messages end with /reset's observation, if any
+        prompt_ids = encode_prompt(self.tokenizer, episode.task, kwargs) if self.tokenizer is not None else []
+        state = EpisodeState(episode.task, prompt_ids, episode, sampling)
+        messages = list(episode.task.messages)
         for turn in range(1, self.cfg.max_turns + 1):
             reply = self.endpoint.chat(messages, chat_tools(task.tools), sampling, kwargs)
             ids = self._ids(reply.text, reply.finish_reason)
             state.add_model_turn(Completion(ids, [0.0] * len(ids), reply.text, reply.finish_reason), self.parser,
                                  reply.parsed)
-            if not state.pending_calls:
+            calls = state.pending_calls
+            if isinstance(episode, GymnasiumEpisode):  # gymnasium_agent steps after every model call, the last too
+                state.step()
+            if not state.continues:
                 break
             if turn == self.cfg.max_turns:
                 state.finish_reason = "max_turns"
                 break
-            messages.append(_assistant_message(reply.text, state.pending_calls, reply.parsed is not None))
-            tool_messages = state.call_tools()
+            messages.append(_assistant_message(reply.text, calls, reply.parsed is not None))
+            tool_messages = state.environment_turn()
             messages += tool_messages
             if self.tokenizer is not None:
                 state.add_environment_turn(self.tokenizer, tool_messages, kwargs)
@@ -71,7 +75,8 @@ class EndpointRunner:
                 state.finish_reason = "max_turns"
                 break
         # token counts only where the local tokenizer counted the turns
-        verdict = state.episode.verify(state.response() if self.tokenizer is not None else state.items)
+        verdict = episode.verdict() if isinstance(episode, GymnasiumEpisode) else \
+            episode.verify(state.response() if self.tokenizer is not None else state.items)
         return Rollout(task.id, task.env, state.prompt_ids, state.completion_ids, state.mask, state.logprobs,
                        state.text, state.finish_reason, verdict.reward, verdict.reason, 0, 0, verdict.breakdown,
                        state.turns, sampling.temperature)
