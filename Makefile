@@ -29,6 +29,9 @@ $(STAMP): pyproject.toml requirements.lock
 $(GYM_STAMP): requirements-gym.txt requirements-gym.lock
 	@test -n "$(PY312)" || { echo "error: Python 3.12 not found (NeMo Gym needs it); set PY312=/path/to/python3.12"; exit 1; }
 	@test -x $(GYM_VENV)/bin/python || $(PY312) -m venv $(GYM_VENV)
+	# Python 3.12.1's own pip 23.2.1 predates PEP 685: it drops an extra spelt otherwise than its package spells it
+	# (justext's lxml[html_clean] for lxml's html-clean), so google_search's server lacked lxml_html_clean
+	$(GYM_VENV)/bin/pip install -q pip==26.3
 	$(GYM_VENV)/bin/pip install -q -c requirements-gym.lock -r requirements-gym.txt
 	touch $(GYM_STAMP)
 

@@ -193,8 +193,10 @@ def external_needs(server: NemoGymServer, log: str) -> str:
     needs = server.needs_servers()
     settings = server.global_settings()
     service = unreachable_service(log, server)
+    required = sorted(set(re.findall(r"^(\w+)\n\s+Field required", log, re.M)))  # pydantic's error for its config
     return "; ".join(([f"model or resources servers {', '.join(needs)}"] if needs else [])
                      + ([f"settings NeMo Gym's env.yaml gives, unset here: {', '.join(settings)}"] if settings else [])
+                     + ([f"config keys it requires and its YAML leaves out: {', '.join(required)}"] if required else [])
                      + ([service] if service else []))
 
 
