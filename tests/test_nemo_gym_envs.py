@@ -135,6 +135,42 @@ def test_a_servers_own_requirements_are_installed_pinned_and_used(tmp_path):
     assert len(said) == 1 and said[0].startswith("installing the requirements of NeMo Gym server 'structeval'")
 
 
+def test_pips_conflict_explanation_names_what_clashes():
+    """The causes pip prints under "The conflict is caused by:", once each, else its last error line."""
+    from gymrl.envs.server_deps import conflict
+
+    said = ("Collecting math-verify==0.8.0\nINFO: pip is looking at multiple versions of math-verify\n\n"
+            "The conflict is caused by:\n    math-verify 0.8.0 depends on latex2sympy2_extended==1.10.2\n"
+            "    The user requested (constraint) latex2sympy2-extended==1.11.0\n"
+            "    math-verify 0.8.0 depends on latex2sympy2_extended==1.10.2\n\nTo fix this you could try to:\n"
+            "ERROR: Cannot install math-verify==0.8.0 because these package versions have conflicting dependencies.\n")
+    assert conflict(said) == ("math-verify 0.8.0 depends on latex2sympy2_extended==1.10.2; "
+                              "The user requested (constraint) latex2sympy2-extended==1.11.0")
+    assert conflict("WARNING: x\nERROR: No matching distribution found for nope==9\n") == (
+        "ERROR: No matching distribution found for nope==9")
+
+
+def test_a_server_pinning_other_versions_than_gym_venv_gets_those_nemo_gym_would(tmp_path):
+    """polymath pins math-verify==0.8.0, which needs latex2sympy2_extended 1.10.2 where .venv-gym has 1.11.0:
+    nemo-gym does not need either, so the server gets 1.10.2 in its own folder, as in NeMo Gym's venv for it, and
+    a line says so. A pin nemo-gym itself rules out (openai<=2.7.2) is one line naming both sides."""
+    import shutil
+
+    from gymrl.envs.launcher import DEFAULT_GYM_PYTHON
+    from gymrl.envs.server_deps import DependencyError, deps_dir, ensure_installed, read_lock
+
+    shutil.rmtree(deps_dir(DEFAULT_GYM_PYTHON, "polymath"), ignore_errors=True)  # a cache: install it afresh
+    lock, said = tmp_path / "servers.lock", []
+    ensure_installed("polymath", gym_root() / "resources_servers" / "polymath", DEFAULT_GYM_PYTHON, said.append, lock)
+    assert "latex2sympy2_extended==1.10.2" in read_lock(lock)["polymath"]
+    assert len(said) == 2 and "latex2sympy2_extended==1.10.2 (.venv-gym: 1.11.0)" in said[1], said
+    (tmp_path / "requirements.txt").write_text("openai==2.8.0\n")
+    with pytest.raises(DependencyError, match=r"^server 'pins_openai': openai==2.8.0 cannot be installed with "
+                                              r"nemo-gym==0.4.0: The user requested openai==2.8.0; nemo-gym 0.4.0 "
+                                              r"depends on openai<=2.7.2$"):
+        ensure_installed("pins_openai", tmp_path, DEFAULT_GYM_PYTHON, said.append, lock)
+
+
 def test_a_gymnasium_recording_is_split_into_its_model_turns_and_its_row():
     """gymnasium_agent's recording: the model's items between the user messages and tool outputs it added; its input
     is the example row's with /reset's observation after it, and ``_ng_task_index`` picks the row (same prompts)."""

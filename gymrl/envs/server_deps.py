@@ -4,12 +4,17 @@ from the package registry into a folder of its own, ``.venv-gym/server-deps/<ser
 same reason: servers pin versions that clash with each other (numpy 2.2.6 in one, 2.4.4 in another), so they
 cannot share one.
 
-Versions are pinned: ``requirements-gym.lock`` (what .venv-gym has) constrains every install except for the
-packages the server names itself (its pins win, as in the server's own NeMo Gym venv), and the versions a
-server's install resolved are kept in ``requirements-gym-servers.lock`` under a ``# [server]`` line, so the next
-install (another machine, CI) takes the same ones. An install prints one line saying what it installs; a
-requirement that cannot come from the registry (a git URL, a local path) is a one-line error naming the server
-and the requirement.
+Versions are pinned as NeMo Gym's venv for the server would have them, keeping .venv-gym's wherever they fit:
+NeMo Gym installs nemo-gym (mostly unpinned requirements) and the server's requirements together, so
+math-verify==0.8.0 gets the latex2sympy2_extended==1.10.2 it pins (.venv-gym: 1.11.0) and datasets==4.0.0 an older
+dill. That resolution is made against .venv-gym first (``pip install --dry-run``, which keeps what is installed
+where it fits); the versions it moves, and ``requirements-gym.lock`` (what .venv-gym has) for the rest, constrain
+the install. Pinning every package at .venv-gym's version instead refused those servers for conflicts NeMo Gym
+does not have. The versions a server's install resolved are kept in ``requirements-gym-servers.lock`` under a
+``# [server]`` line, so the next install (another machine, CI) takes the same ones. An install prints one line
+saying what it installs, and one more naming the versions that differ from .venv-gym's; a conflict with nemo-gym
+itself, or a requirement that cannot come from the registry (a git URL, a local path), is a one-line error naming
+the server and the requirements that clash.
 """
 
 import hashlib
@@ -123,24 +128,26 @@ def ensure_installed(server: str, folder: Path, gym_python: Path, say: Callable[
         return target
     pins = read_lock(lock)
     say(f"installing the requirements of NeMo Gym server '{server}' into {target}: {', '.join(requirements)}")
+    venv_pins = [line for line in GYM_LOCK.read_text().splitlines() if line.strip() and not line.startswith("#")]
     with tempfile.TemporaryDirectory(dir=target.parent.parent) as tmp:
-        constraints = Path(tmp) / "constraints.txt"
-        named = {package_name(r) for r in requirements}
-        venv_pins = [line for line in GYM_LOCK.read_text().splitlines()
-                     if line.strip() and not line.startswith("#") and package_name(line) not in named]
-        constraints.write_text("\n".join(venv_pins + pins.get(server, [])) + "\n")
-        report = Path(tmp) / "report.json"
-        staged = Path(tmp) / "packages"
+        nemo_gym = next(pin for pin in venv_pins if package_name(pin) == "nemo-gym")
+        moved = nemo_gym_resolution(server, nemo_gym, requirements, gym_python, pins.get(server, []), Path(tmp))
+        venv = {package_name(pin): pin.split("==")[-1] for pin in venv_pins}
+        other = [f"{pin} (.venv-gym: {venv[package_name(pin)]})" for pin in moved
+                 if venv.get(package_name(pin), pin.split("==")[-1]) != pin.split("==")[-1]]
+        if other:
+            say(f"server '{server}' needs other versions than .venv-gym's, as in NeMo Gym's own venv for it: "
+                f"{', '.join(other)}")
+        constraints, report, staged = Path(tmp) / "constraints.txt", Path(tmp) / "report.json", Path(tmp) / "packages"
+        own = {package_name(pin) for pin in requirements + moved}
+        constraints.write_text("\n".join([pin for pin in venv_pins if package_name(pin) not in own] + moved) + "\n")
         proc = subprocess.run(
-            [str(gym_python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target", str(staged),
+            [str(gym_python), "-m", "pip", "install", "--disable-pip-version-check", "--target", str(staged),
              "-c", str(constraints), "--report", str(report), *requirements],
             capture_output=True, text=True)
         if proc.returncode != 0:
-            lines = proc.stderr.splitlines()
-            errors = ([line for line in lines if "Cannot install" in line or "conflict is caused" in line]
-                      or [line for line in lines if line.startswith("ERROR")] or lines)
             raise DependencyError(f"server '{server}': installing {', '.join(requirements)} failed: "
-                                  f"{(errors or ['pip failed'])[-1][:300]}")
+                                  f"{conflict(proc.stdout + proc.stderr)}")
         installed = json.loads(report.read_text()).get("install", [])
         pins[server] = [f"{i['metadata']['name']}=={i['metadata']['version']}" for i in installed]
         (staged / ".gymrl-requirements").write_text(stamp)
@@ -149,3 +156,36 @@ def ensure_installed(server: str, folder: Path, gym_python: Path, say: Callable[
         staged.rename(target)
     write_lock(pins, lock)
     return target
+
+
+def nemo_gym_resolution(server: str, nemo_gym: str, requirements: list[str], gym_python: Path, pins: list[str],
+                        tmp: Path) -> list[str]:
+    """The packages NeMo Gym's own venv for the server has that .venv-gym lacks or has at other versions: the
+    installed nemo-gym (``nemo_gym``, its pin) and the server's requirements, under its lock section's pins,
+    resolved together against .venv-gym (``--dry-run``: nothing installed). nemo-gym without its dev extra: the
+    server runs without pytest or ruff. A conflict here is real, NeMo Gym's own install would hit it too."""
+    (tmp / "pins.txt").write_text("\n".join(pins) + "\n")
+    proc = subprocess.run(
+        [str(gym_python), "-m", "pip", "install", "--disable-pip-version-check", "--dry-run", "-c",
+         str(tmp / "pins.txt"), "--report", str(tmp / "moved.json"), nemo_gym, *requirements],
+        capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DependencyError(f"server '{server}': {', '.join(requirements)} cannot be installed with {nemo_gym}: "
+                              f"{conflict(proc.stdout + proc.stderr)}")
+    moved = json.loads((tmp / "moved.json").read_text()).get("install", [])
+    return [f"{i['metadata']['name']}=={i['metadata']['version']}" for i in moved]
+
+
+def conflict(pip_output: str) -> str:
+    """What clashes, from pip's "The conflict is caused by:" lines (``math-verify 0.8.0 depends on
+    latex2sympy2_extended==1.10.2; The user requested (constraint) ...``; pip prints them only without ``-q``),
+    else pip's last error line."""
+    lines = pip_output.splitlines()
+    causes = []
+    for line in lines[lines.index("The conflict is caused by:") + 1:] if "The conflict is caused by:" in lines else []:
+        if not line.strip():
+            break
+        causes.append(line.strip())
+    if causes:
+        return "; ".join(dict.fromkeys(causes))[:500]
+    return ([line for line in lines if line.startswith("ERROR")] or lines or ["pip failed"])[-1][:300]
