@@ -194,7 +194,10 @@ def test_gymnasium_servers_replay_step_by_step(tmp_path):
     assert scripted.conforms and scripted.equal == 5 and scripted.reason == "", scripted
     dealt = conform("blackjack", install_deps=True, lock=lock)
     assert dealt.started and dealt.replayed == 5, dealt
-    assert all(m.endswith("(/reset dealt another start than the recording's)") for m in dealt.mismatches), dealt
+    # A deal that happens to agree at the start (a few in a thousand) can still end otherwise (the dealer's hidden
+    # cards are drawn later), so one untagged mismatch is allowed; a different deal can also end with the same reward.
+    tagged = [m for m in dealt.mismatches if m.endswith("(/reset dealt another start than the recording's)")]
+    assert len(tagged) >= len(dealt.mismatches) - 1, dealt
 
 
 def test_the_cli_conforms_and_fails_on_a_server_that_does_not(tmp_path):
