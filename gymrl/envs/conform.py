@@ -146,21 +146,38 @@ def verdict_differences(verdict: dict[str, Any], rollout: dict[str, Any], row: d
     return "".join(f"; {k} {json.dumps(verdict[k])[:80]}, recorded {json.dumps(rollout[k])[:80]}" for k in differ[:2])
 
 
-def replay_gymnasium(client: EnvClient, row: dict[str, Any], rollout: dict[str, Any]) -> tuple[float, bool]:
+# How a mismatch says the server observed otherwise than the recording at some point of a gymnasium episode.
+DIVERGED = "observed otherwise than the recording"
+
+
+def replay_gymnasium(client: EnvClient, row: dict[str, Any], rollout: dict[str, Any]) -> tuple[float, str]:
     """One recorded episode as gymnasium_agent played it: /reset, then /step with each model turn of the recording
-    (the recorded response, its output cut to that turn) until the episode ends. Its summed reward, and whether
-    /reset gave the observation the recording starts from (its input's last message)."""
+    (the recorded response, its output cut to that turn) until the episode ends. Its summed reward, and where the
+    server first observed otherwise than the recording ("" nowhere; "/reset": the start the recording's input ends
+    with; "/step N": the observation the recording has after its N-th turn), which a server drawing its states
+    unseeded does."""
     observation, cookies = gymnasium.reset(client, row)
     recorded = json.loads(prompt_key(rollout))
-    same_start = observation is None or (bool(recorded) and recorded[-1] == ["user", observation])
+    diverged = "" if observation is None or (recorded and recorded[-1] == ["user", observation]) else "/reset"
     response = rollout["response"]
+    output = response.get("output") or []
+    observed = [text_of(i) for i in output if isinstance(i, dict) and i.get("role") == "user"]
     total = 0.0
-    for turn in gymnasium.model_turns(response.get("output") or []):
+    for n, turn in enumerate(gymnasium.model_turns(output)):
         result, cookies = gymnasium.step(client, row, response | {"output": turn}, cookies)
         total += result.reward
         if result.done:
             break
-    return total, same_start
+        if not diverged and n < len(observed) and result.observation is not None and result.observation != observed[n]:
+            diverged = f"/step {n + 1}"
+    return total, diverged
+
+
+def text_of(message: dict[str, Any]) -> str:
+    """A message's text: its content, or the text of its content parts."""
+    content = message.get("content")
+    return content if isinstance(content, str) else "".join(
+        p.get("text", "") for p in content or [] if isinstance(p, dict))
 
 
 def missing_dependency(log: str) -> str | None:
@@ -240,6 +257,9 @@ def explain(errors: list[str], mismatches: list[str], log: str, server: NemoGymS
     if lacking:
         other = f" and {unmatched} are of prompts no example row has" if unmatched else ""
         return f"the recordings lack task fields the server requires ({', '.join(lacking)}){other}: {first}"
+    if not errors and any(DIVERGED in m for m in mismatches):
+        return ("the server's episodes went otherwise than the recorded ones (it draws their states anew, unseeded, "
+                f"so that an observation differs): {first}")
     needs = external_needs(server, log)
     program = missing_program(log, server)
     cause = last_error(log) if errors else ""
@@ -304,10 +324,10 @@ def conform(name: str, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | No
     try:
         for k, rollout in enumerate(rollouts):
             row = played[k] or task_row(rollout, task_keys)
-            same_start, verdict = True, {}
+            diverged, verdict = "", {}
             try:
                 if server.gymnasium:
-                    reward, same_start = replay_gymnasium(client, row, rollout)
+                    reward, diverged = replay_gymnasium(client, row, rollout)
                 else:
                     verdict = replay(client, row, rollout["response"])
                     reward = float(verdict["reward"])
@@ -321,7 +341,7 @@ def conform(name: str, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | No
                 result.equal += 1
             else:
                 result.mismatches.append(f"row {k}: reward {reward:g}, recorded {float(rollout['reward']):g}" + (
-                    "" if same_start else " (/reset dealt another start than the recording's)")
+                    "" if not diverged else f" ({diverged} {DIVERGED})")
                     + verdict_differences(verdict, rollout, row))
                 verdicts_differ = verdicts_differ or bool(verdict_differences(verdict, rollout, row))
     finally:
@@ -343,6 +363,7 @@ CATEGORIES = (
     ("needs a program", "needs a program not installed here (a container runtime)"),
     ("the recordings were scored otherwise", "its recordings were scored by another verifier than the installed one"),
     ("played by NeMo Gym's", "played by another NeMo Gym agent"),
+    ("the server's episodes went otherwise", "its episodes go otherwise than the recorded ones (states drawn unseeded)"),
     ("the recordings lack", "its recordings lack task fields the server requires"),
     ("no recorded response", "no recorded rollouts"),
     ("does not start", "does not start here (network at start-up, a missing tool or service)"),
