@@ -324,7 +324,7 @@ def conform(name: str, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | No
     try:
         for k, rollout in enumerate(rollouts):
             row = played[k] or task_row(rollout, task_keys)
-            diverged, verdict = "", {}
+            diverged, verdict, started = "", {}, time.perf_counter()
             try:
                 if server.gymnasium:
                     reward, diverged = replay_gymnasium(client, row, rollout)
@@ -340,7 +340,9 @@ def conform(name: str, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | No
             if abs(reward - float(rollout["reward"])) < 1e-6:
                 result.equal += 1
             else:
-                result.mismatches.append(f"row {k}: reward {reward:g}, recorded {float(rollout['reward']):g}" + (
+                # the replay's time: a verifier that gives up after a time limit (math-verify's 5 s) scores by CPU speed
+                result.mismatches.append(f"row {k}: reward {reward:g}, recorded {float(rollout['reward']):g} "
+                                         f"(replayed in {time.perf_counter() - started:.1f} s)" + (
                     "" if not diverged else f" ({diverged} {DIVERGED})")
                     + verdict_differences(verdict, rollout, row))
                 verdicts_differ = verdicts_differ or bool(verdict_differences(verdict, rollout, row))
