@@ -478,6 +478,7 @@ class FakePool:
 
 class FakeEpisode:
     cookies = None  # no server session
+    own_prompt = False  # its task's prompt, shared by its group (no /reset observation)
 
     def __init__(self, task):
         self.task = task
