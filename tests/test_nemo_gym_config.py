@@ -66,6 +66,12 @@ def test_held_out_prompts_are_never_trained_on_and_rows_keep_every_field(tmp_pat
     assert JsonlTasks(str(data), eval_fraction=0.25, seed=3).rows("eval") == held_out  # seeded
     own = _rows(tmp_path / "eval.jsonl", 4)
     assert len(JsonlTasks(str(data), eval_data=str(own)).rows("eval")) == 4
+    seeded = tmp_path / "seeded.jsonl"  # one prompt, tasks a seed apart (grl_sokoban's puzzles): held out by seed
+    seeded.write_text("".join(json.dumps({"responses_create_params": {"input": "play"}, "seed": i}) + "\n"
+                              for i in range(20)))
+    by_seed = JsonlTasks(str(seeded), eval_fraction=0.25, seed=3)
+    seeds = {r["seed"] for r in by_seed.rows("eval")}
+    assert len(seeds) == 5 and not seeds & {r["seed"] for r in by_seed.rows("train")}
 
 
 def test_the_warm_up_answers_from_the_rows(tmp_path):

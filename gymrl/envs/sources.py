@@ -49,12 +49,18 @@ def _prompt(row: dict[str, Any]) -> str:
     return json.dumps(row["responses_create_params"]["input"], sort_keys=True)
 
 
+def _row_key(row: dict[str, Any]) -> str:
+    """A row apart from its id: rows of one prompt may still be other tasks (grl_sokoban's seed is its puzzle)."""
+    return json.dumps({k: v for k, v in row.items() if k != "id"}, sort_keys=True)
+
+
 @dataclass
 class JsonlTasks:
     """Task rows of NeMo Gym JSONL files, played as they are: every field of a row goes to ``/verify``.
 
     Held-out rows are ``eval_data``'s, or else the rows of a seeded ``eval_fraction`` of ``data``'s distinct
-    prompts (one row each), whose prompts ``train`` never returns. A tiny model's warm-up answers from a row's
+    prompts (one row each), whose prompts ``train`` never returns; where every row has one prompt, of its distinct
+    rows (a seed apart). A tiny model's warm-up answers from a row's
     ``answer`` field (the field NeMo Gym's reasoning_gym, math and QA datasets carry): 30% right, the rest wrong
     (one more for a number, another row's answer otherwise), so that the starting policy has something to learn."""
 
@@ -73,15 +79,16 @@ class JsonlTasks:
             self._rows |= {"train": self._rows["all"], "eval": read_rows(Path(self.eval_data))}
             return
         rows = self._rows["all"]
-        prompts = list(dict.fromkeys(_prompt(r) for r in rows))  # distinct, in order
+        key = _prompt if len({_prompt(r) for r in rows}) > 1 else _row_key  # one prompt: the rows' other fields
+        prompts = list(dict.fromkeys(key(r) for r in rows))  # distinct, in order
         if len(prompts) < 2:
             raise NemoGymConfigError(f"task file '{self.data}' has {len(prompts)} distinct prompt: a held-out split "
                                      "needs at least two (or give eval_data)")
         random.Random(self.seed).shuffle(prompts)
         held_out = set(prompts[:max(1, round(self.eval_fraction * len(prompts)))])
-        first = {p: r for r in reversed(rows) if (p := _prompt(r)) in held_out}
-        self._rows |= {"train": [r for r in rows if _prompt(r) not in held_out],
-                       "eval": [r for r in rows if first.get(_prompt(r)) is r]}
+        first = {p: r for r in reversed(rows) if (p := key(r)) in held_out}
+        self._rows |= {"train": [r for r in rows if key(r) not in held_out],
+                       "eval": [r for r in rows if first.get(key(r)) is r]}
 
     def rows(self, split: Split) -> list[dict[str, Any]]:
         return self._rows[split]
@@ -122,8 +129,8 @@ def open_environment(cfg: EnvConfig, gym_python: Path = DEFAULT_GYM_PYTHON, seed
         train = _resolve(cfg.data) if cfg.data else _dataset(server, "train", cfg.nemo_gym)
         held_out = _resolve(cfg.eval_data) if cfg.eval_data else (
             None if cfg.data else getattr(server.dataset("validation"), "path", None))
-        if held_out is None and gymnasium:  # its rows differ by a seed at most (all alike for blackjack, which deals
-            held_out = train  # on /reset): no prompt to hold out, so eval plays the training rows, dealt anew
+        if held_out is None and gymnasium and len({_row_key(r) for r in read_rows(train)}) < 2:
+            held_out = train  # rows all alike (blackjack deals on /reset): eval plays them, dealt anew
         spec = server_spec(server, cfg.options)
     else:
         train, held_out = _resolve(cfg.data), _resolve(cfg.eval_data) if cfg.eval_data else None
