@@ -58,19 +58,19 @@ class WarmupExample:
     tools: list[dict[str, Any]] = field(default_factory=list)
 
 
+def message_text(message: dict[str, Any]) -> str:
+    """A Responses-API message's text: its content, or the text of its content parts."""
+    content = message.get("content")
+    return content if isinstance(content, str) else "".join(
+        p.get("text", "") for p in content or [] if isinstance(p, dict))
+
+
 def row_messages(row: dict[str, Any]) -> list[dict[str, str]]:
     """Chat messages from a row's Responses-API ``input`` (a string or a list of messages)."""
     given = row["responses_create_params"]["input"]
     if isinstance(given, str):
         return [{"role": "user", "content": given}]
-    messages = []
-    for m in given:
-        content = m["content"]
-        if not isinstance(content, str):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content)
-        role = "system" if m["role"] == "developer" else m["role"]
-        messages.append({"role": role, "content": content})
-    return messages
+    return [{"role": "system" if m["role"] == "developer" else m["role"], "content": message_text(m)} for m in given]
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gymrl.envs import gymnasium
+from gymrl.envs.base import message_text
 from gymrl.envs.client import EnvClient, EnvServerError, Usage
 from gymrl.envs.launcher import DEFAULT_GYM_PYTHON, EnvServer
 from gymrl.envs.nemo_gym import NemoGymConfigError, NemoGymServer, load_server
@@ -161,7 +162,7 @@ def replay_gymnasium(client: EnvClient, row: dict[str, Any], rollout: dict[str, 
     diverged = "" if observation is None or (recorded and recorded[-1] == ["user", observation]) else "/reset"
     response = rollout["response"]
     output = response.get("output") or []
-    observed = [text_of(i) for i in output if isinstance(i, dict) and i.get("role") == "user"]
+    observed = [message_text(i) for i in output if isinstance(i, dict) and i.get("role") == "user"]
     total = 0.0
     for n, turn in enumerate(gymnasium.model_turns(output)):
         result, cookies = gymnasium.step(client, row, response | {"output": turn}, cookies)
@@ -171,13 +172,6 @@ def replay_gymnasium(client: EnvClient, row: dict[str, Any], rollout: dict[str, 
         if not diverged and n < len(observed) and result.observation is not None and result.observation != observed[n]:
             diverged = f"/step {n + 1}"
     return total, diverged
-
-
-def text_of(message: dict[str, Any]) -> str:
-    """A message's text: its content, or the text of its content parts."""
-    content = message.get("content")
-    return content if isinstance(content, str) else "".join(
-        p.get("text", "") for p in content or [] if isinstance(p, dict))
 
 
 def missing_dependency(log: str) -> str | None:
@@ -340,12 +334,12 @@ def conform(name: str, gym_python: Path = DEFAULT_GYM_PYTHON, log_dir: Path | No
             if abs(reward - float(rollout["reward"])) < 1e-6:
                 result.equal += 1
             else:
+                differences = verdict_differences(verdict, rollout, row)
                 # the replay's time: a verifier that gives up after a time limit (math-verify's 5 s) scores by CPU speed
                 result.mismatches.append(f"row {k}: reward {reward:g}, recorded {float(rollout['reward']):g} "
-                                         f"(replayed in {time.perf_counter() - started:.1f} s)" + (
-                    "" if not diverged else f" ({diverged} {DIVERGED})")
-                    + verdict_differences(verdict, rollout, row))
-                verdicts_differ = verdicts_differ or bool(verdict_differences(verdict, rollout, row))
+                                         f"(replayed in {time.perf_counter() - started:.1f} s)"
+                                         + (f" ({diverged} {DIVERGED})" if diverged else "") + differences)
+                verdicts_differ = verdicts_differ or bool(differences)
     finally:
         client.close()
         env_server.stop()
