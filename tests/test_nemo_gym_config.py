@@ -289,3 +289,39 @@ def test_gymnasium_episodes_are_played_as_gymnasium_agent_plays_them(tmp_path):
                                     for r in rollouts + [served]) + 1
     assert sum(r.reward for r in rollouts + [served]) + verdict.reward == pytest.approx(sum(step_rewards))
     assert verdict.reward in (-1.0, 0.0, 1.0) and [t["role"] for t in turns] == ["assistant"]
+
+
+def test_gymnasium_episodes_run_on_the_real_engine(session, tmp_path):
+    """The same episodes on the shared vLLM engine (the demo's tiny model, 128 tokens): each episode is sampled from its
+    own prompt, the row's and /reset's deal, with the engine's logprobs, and its reward is the sum of the /step replies
+    the real blackjack server gave it. Short rows keep the dealt prompt inside the engine's context."""
+    from gymrl.config import RolloutConfig, SamplingConfig
+    from gymrl.envs.client import EnvClient
+    from gymrl.rollout.runner import RolloutRunner
+
+    data = tmp_path / "deal.jsonl"
+    data.write_text("".join(json.dumps({"responses_create_params": {"input": p}}) + "\n" for p in ("Deal.", "Deal me.")))
+    env = open_environment(EnvConfig(nemo_gym="blackjack", data=str(data), eval_data=str(data)))
+    steps: list = []
+
+    class StepsSeen(EnvClient):
+        def post_for_reply(self, route, payload, cookies=None):
+            reply = super().post_for_reply(route, payload, cookies)
+            if route == "/step":
+                steps.append(reply[0]["reward"])
+            return reply
+
+    with server_process(env, DEFAULT_GYM_PYTHON, tmp_path) as server:
+        env.attach(StepsSeen(env.name, server.url))
+        try:
+            batch = RolloutRunner(session.pool, {env.name: env}, session.tokenizer, RolloutConfig(max_turns=4),
+                                  max_model_len=session.cfg.engine.max_model_len).run(
+                env.tasks("train"), 2, SamplingConfig(max_tokens=12), 0, seed=5)
+        finally:
+            env.close()
+    assert len(batch.rollouts) == 4
+    for r in batch.rollouts:
+        assert "Dealer shows:" in session.tokenizer.decode(r.prompt_ids)
+        model = [lp for lp, m in zip(r.logprobs, r.completion_mask) if m]
+        assert model and all(lp <= 0 for lp in model) and any(lp < 0 for lp in model)
+    assert len(steps) >= 4 and sum(r.reward for r in batch.rollouts) == pytest.approx(sum(steps))
