@@ -127,8 +127,7 @@ class Session:
 
     def close(self) -> None:
         """Stop the environment servers and the engine actors (Ray itself stays up for others)."""
-        for actor in self.pool.actors:
-            ray.kill(actor)
+        self.pool.stop()
         for server in self.servers:
             server.stop()
         for env in self.envs.values():

@@ -5,6 +5,7 @@
                                                             # k=0 also harness vs raw and the weight pushes
     python3 scripts/gpu_bench.py trainer --micro 16,64      # the trainer alone: tokens/s, MFU, a profile
     python3 scripts/gpu_bench.py fsdp [--steps N]            # train.workers=1 under FSDP2 vs the one-process trainer
+    python3 scripts/gpu_bench.py train --trl transformers,vllm [--no-peer-eval]  # the push; gymrl sync/async vs TRL
 
 Each part adds to WORK/results.json (WORK: --work, /tmp/gpubench by default, kept between calls while the
 machine is warm) and writes results.json + results.md into $OUT when set. All engines are gymrl's own
@@ -169,10 +170,19 @@ def _pushes(pool, policy, prompts, repeats: int) -> dict:
     return out
 
 
-def part_train(cfg, work: Path, steps: int, repeats: int, trl: tuple[str, ...]) -> dict:
+def async_speedup(runs: dict) -> dict:
+    """Async over sync steps/s, achieved (sync s/step over async s/step) and ideal: the sync step's decoding and
+    training fully overlapped, (decode + train) / max(decode, train)."""
+    p = runs["gymrl sync"]["phases"]
+    return {"achieved": runs["gymrl sync"]["step_s"]["median"] / runs["gymrl async"]["step_s"]["median"],
+            "ideal": (p["engine_decode_s"] + p["train_s"]) / max(p["engine_decode_s"], p["train_s"])}
+
+
+def part_train(cfg, work: Path, steps: int, repeats: int, trl: tuple[str, ...], evaluate_peer: bool = True) -> dict:
     """The trainer on a GPU of its own (bf16; the engine on GPU 0, the trainer on the last GPU): the weight push by
     NCCL broadcast against a copy between the two GPUs, then gymrl sync and async GRPO, and with ``trl`` TRL's
-    GRPOTrainer (gymrl's vs-trl suite: same model, tasks, reward, batch, lengths, lr and seed)."""
+    GRPOTrainer (gymrl's vs-trl suite: same model, tasks, reward, batch, lengths, lr and seed; ``evaluate_peer``:
+    score TRL's policies, which restarts the engines)."""
     import torch
 
     from gymrl.bench.vs_trl import compare_with_trl
@@ -212,9 +222,10 @@ def part_train(cfg, work: Path, steps: int, repeats: int, trl: tuple[str, ...]) 
             ours = token_logprobs(session.policy, ids.to(trainer.device), attn.to(trainer.device)).cpu()
         out["weight_push"]["max_logprob_gap_engine_vs_trainer"] = max(
             abs(a - float(b)) for e, o, s in zip(engine, ours, seqs) for a, b in zip(e, o[: len(s) - 1]))
-        del trainer
+        del trainer  # the runs build trainers of their own: this one (its reference copy, its buffers) must not stay
         try:
-            out["vs_trl"] = compare_with_trl(session, work / "vs-trl", steps, trl)
+            out["vs_trl"] = compare_with_trl(session, work / "vs-trl", steps, trl, evaluate_peer)
+            out["async_speedup"] = async_speedup(out["vs_trl"]["runs"])
         except Exception as err:  # keep the push figures above; the log has the traceback
             traceback.print_exc()
             out["vs_trl"] = {"error": f"{type(err).__name__}: {err}"}
@@ -570,6 +581,8 @@ def markdown(res: dict) -> str:
 
 def _train_rows(key: str, t: dict) -> list[tuple[str, str]]:
     """The ``train`` part's rows: copy bandwidths, the push, and every runner's step (and trainer) throughput."""
+    from gymrl.bench.vs_trl import reward_text
+
     if "error" in t:
         return [(f"train ({key})", "failed: " + t["error"][:300].replace("|", "/").replace("\n", " "))]
     rows = [(f"[{key}] copy 2 GiB, {name} (GB/s copied)", f"{bw['copied_GBps']:.0f}")
@@ -592,11 +605,23 @@ def _train_rows(key: str, t: dict) -> list[tuple[str, str]]:
                      "held-out reward",
                      f"{r['step_s']['median']:.2f} [{r['step_s']['min']:.2f}-{r['step_s']['max']:.2f}]; "
                      f"{r['tokens_per_s']['median']:,.0f}; {train_s:.2f}, {tokens / train_s:,.0f}; "
-                     f"{r['held_out_reward']:.3f}"))
+                     f"{reward_text(r['held_out_reward'])}"))
     for name, r in v["ratios"].items():
         rows.append((f"[{key}] {name}: steps/s ratio; tok/s ratio", f"x{r['steps_per_s']:.2f}; x{r['tokens_per_s']:.2f}"))
-    if "gymrl sync" in v["runs"] and "gymrl async" in v["runs"]:
-        rows.append((f"[{key}] async / sync steps/s", f"x{v['runs']['gymrl async']['steps_per_s'] / v['runs']['gymrl sync']['steps_per_s']:.2f}"))
+    p = v["runs"]["gymrl sync"]["phases"]
+    rows.append((f"[{key}] gymrl sync step (s): vLLM decoding; trainer; weight push; fixed (all but decoding and "
+                 "trainer, push included)",
+                 f"{p['engine_decode_s']:.2f}; {p['train_s']:.2f}; {p['push_s']:.2f}; {p['fixed_s']:.2f} "
+                 f"({100 * p['fixed_fraction']:.0f}% of {p['step_s']:.2f})"))
+    if "async_speedup" in t:
+        a = t["async_speedup"]
+        rows.append((f"[{key}] async / sync steps/s: achieved / ideal ((decode + train) / max(decode, train) of the "
+                     "sync step)", f"x{a['achieved']:.2f} / x{a['ideal']:.2f}"))
+    if (peer := v.get("peer_start")) and peer["device_free_GB"] is not None:
+        rows.append((f"[{key}] when TRL started (gymrl's engines stopped): GB the bench process held, allocated / "
+                     "reserved; GB free of the GPU's",
+                     f"{peer['driver_allocated_GB']:.2f} / {peer['driver_reserved_GB']:.2f}; "
+                     f"{peer['device_free_GB']:.1f} of {peer['device_total_GB']:.1f}"))
     return rows
 
 
@@ -612,6 +637,8 @@ def main() -> None:
     p.add_argument("--greedy-prompts", type=int, default=64)
     p.add_argument("--steps", type=int, default=6, help="train: GRPO steps of each runner (step 1 warms up)")
     p.add_argument("--trl", default="", help="train: TRL generations to compare with, e.g. transformers,vllm")
+    p.add_argument("--no-peer-eval", action="store_true",
+                   help="train: leave TRL's policies unscored (no engine restart after TRL: 1-2 min of a GPU call)")
     p.add_argument("--micro", default="64", help="trainer: train.micro_batch_size values, e.g. 16,64,128")
     p.add_argument("--buckets", default="64,256,1024", help="push: train.push_bucket_mb values")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (YAML value)")
@@ -644,7 +671,7 @@ def main() -> None:
     elif args.part == "train":
         trl = tuple(g for g in args.trl.split(",") if g)
         res.setdefault("train", {})["trl_" + "_".join(trl) if trl else "gymrl"] = part_train(
-            cfg, work, args.steps, args.repeats, trl)
+            cfg, work, args.steps, args.repeats, trl, not args.no_peer_eval)
     elif args.part == "trainer":
         res["trainer"] = part_trainer(cfg, work, args.steps, [int(m) for m in args.micro.split(",")])
     elif args.part == "fsdp":

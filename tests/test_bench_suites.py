@@ -28,10 +28,35 @@ def test_trl_refuses_what_it_cannot_compare(demo_cfg):
         check_supported(cfg)
 
 
-def test_vs_trl_suite(fresh_session, tmp_path):
+def test_vs_trl_suite(fresh_session, tmp_path, monkeypatch):
+    import ray
+
+    from gymrl.bench import vs_trl
     from gymrl.bench.vs_trl import compare_with_trl, write_vs_trl
 
+    # TRL runs with gymrl's engines stopped (their actors dead) and its policy on the CPU.
+    engines = list(fresh_session.pool.actors)
+    seen = []
+
+    def run_trl(*args, **kwargs):
+        alive = []
+        for actor in engines:
+            try:
+                ray.get(actor.node.remote(), timeout=30)
+                alive.append(True)
+            except ray.exceptions.RayActorError:
+                alive.append(False)
+        seen.append((fresh_session.pool.running, alive, next(fresh_session.policy.parameters()).device.type))
+        return real_run_trl(*args, **kwargs)
+
+    real_run_trl = vs_trl.run_trl
+    monkeypatch.setattr(vs_trl, "run_trl", run_trl)
     size = compare_with_trl(fresh_session, tmp_path / "runs", steps=2)
+    assert seen and all(s == (False, [False] * len(engines), "cpu") for s in seen), seen
+    # Started again once, for TRL's evaluation: new actors, running.
+    assert fresh_session.pool.running and size["engine_restart_s"] > 0
+    assert not set(fresh_session.pool.actors) & set(engines)
+    assert set(size["peer_start"]) == {"driver_allocated_GB", "driver_reserved_GB", "device_free_GB", "device_total_GB"}
     write_vs_trl([size], tmp_path)
     results = json.loads((tmp_path / "vs-trl.json").read_text())
     assert {"trl", "vllm", "torch"} <= set(results["versions"]) and results["machine"]["cpus"] >= 1

@@ -5,10 +5,15 @@ learning rate, loss and seed, N steps each from the same initial weights. TRL ru
 (``gymrl.bench.trl_baseline``), generating with transformers and, where it runs, with its vLLM colocate mode. Every
 run's policy is scored by gymrl's own greedy held-out evaluation (``gymrl.train.loop.evaluate``), TRL's after
 its weights are pushed into gymrl's engine. Step 1 of every run is a warm-up and is left out of the timings.
+
+Each side has the accelerator to itself: gymrl's engines are stopped and its policy put on the CPU before the first
+TRL child starts (at 1.85B parameters TRL ran out of GPU memory beside them), and started again, once, to score
+TRL's policies.
 """
 
-import copy
+import gc
 import statistics
+import time
 from pathlib import Path
 
 from rich.table import Table
@@ -40,9 +45,35 @@ def _phases(rows: list[dict]) -> dict:
             "fixed_s": max(0.0, step - engine - train), "fixed_fraction": max(0.0, step - engine - train) / step}
 
 
-def compare_with_trl(session, out: Path, steps: int, generations: tuple[str, ...] = GENERATIONS) -> dict:
-    """One model size: gymrl sync, gymrl async, and TRL with each of ``generations``; the engines are back on
-    the initial weights afterwards."""
+def release_accelerator(session) -> dict:
+    """Stop the session's engines and put its policy (gradients dropped) on the CPU, so that a peer process gets the
+    accelerator whole; what the driver and the device still held when done (None on CPU)."""
+    import torch
+
+    session.pool.stop()
+    session.policy.zero_grad(set_to_none=True)
+    session.policy.to("cpu")
+    gc.collect()
+    if not torch.cuda.is_available():
+        return {"driver_allocated_GB": None, "driver_reserved_GB": None, "device_free_GB": None, "device_total_GB": None}
+    torch.cuda.empty_cache()
+    free = 0
+    for _ in range(30):  # the engines' processes exit within seconds of their actors' kill
+        time.sleep(1)
+        before, (free, total) = free, torch.cuda.mem_get_info()
+        if free == before:
+            break
+    return {"driver_allocated_GB": torch.cuda.memory_allocated() / 1e9,
+            "driver_reserved_GB": torch.cuda.memory_reserved() / 1e9,
+            "device_free_GB": free / 1e9, "device_total_GB": total / 1e9}
+
+
+def compare_with_trl(session, out: Path, steps: int, generations: tuple[str, ...] = GENERATIONS,
+                     evaluate_peer: bool = True) -> dict:
+    """One model size: gymrl sync, gymrl async, and TRL with each of ``generations``, TRL with the accelerator to
+    itself (:func:`release_accelerator`). ``evaluate_peer``: restart the engines once after the TRL runs and score
+    their policies (the engines end on the initial weights); without it TRL's held-out reward is None and the
+    engines stay stopped (a GPU engine start costs minutes). A TRL run that fails leaves them stopped too."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -52,10 +83,12 @@ def compare_with_trl(session, out: Path, steps: int, generations: tuple[str, ...
 
     cfg = session.cfg
     check_supported(cfg)
-    initial = copy.deepcopy(session.policy.state_dict())
+    # On the CPU: a copy on the accelerator would take the room the runs need (3.7 GB at 1.85B in bf16).
+    initial = {k: v.detach().to("cpu", copy=True) for k, v in session.policy.state_dict().items()}
     threads = torch.get_num_threads()
     runs: dict[str, dict] = {}
     skipped: dict[str, str] = {}
+    peer_start, engine_restart_s = None, None
     try:
         for mode, staleness in GYMRL_MODES.items():
             # Every runner trains with every torch thread, as `gymrl train` does: async with one thread (the async
@@ -65,31 +98,40 @@ def compare_with_trl(session, out: Path, steps: int, generations: tuple[str, ...
                                   summary["final_eval_reward"]) | {"torch_threads": torch.get_num_threads(),
                                                                    "phases": _phases(rows)}
             initial_reward = summary["initial_eval_reward"]
+        if generations:
+            peer_start = release_accelerator(session)
         trl_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})
+        finished = {}
         for generation in generations:
             name = f"TRL ({generation})"
             try:
-                run = run_trl(trl_cfg, session.model_path, generation, out / f"trl_{generation}", threads)
+                finished[name] = run_trl(trl_cfg, session.model_path, generation, out / f"trl_{generation}", threads)
             except TrlRunError as err:
                 if generation == "transformers":
                     raise
                 skipped[name] = str(err)
-                continue
-            policy = AutoModelForCausalLM.from_pretrained(run.policy, dtype=torch.float32)
-            session.pool.push_weights(pack_policy(policy), 0)
-            evaluation, _ = evaluate(session.runner, held_out_tasks(session), cfg.sampling.max_tokens, 0)
+        if evaluate_peer and finished:
+            engine_restart_s = session.pool.start()
+        for name, run in finished.items():
+            held_out = None
+            if evaluate_peer:
+                policy = AutoModelForCausalLM.from_pretrained(run.policy, dtype=torch.float32)
+                session.pool.push_weights(pack_policy(policy), 0)
+                held_out = evaluate(session.runner, held_out_tasks(session), cfg.sampling.max_tokens, 0)[0]["eval_reward"]
             measured = list(zip(run.step_seconds, run.generate_seconds))[1:]  # step 1 warms up
             generate = statistics.median(g for _, g in measured)
-            runs[name] = _figures(run.step_seconds, run.completion_tokens, evaluation["eval_reward"]) | {
+            runs[name] = _figures(run.step_seconds, run.completion_tokens, held_out) | {
                 "torch_threads": run.torch_threads,
                 "phases": {"generate_s": generate, "rest_s": statistics.median(s - g for s, g in measured)}}
     finally:
         torch.set_num_threads(threads)
         session.policy.load_state_dict(initial)
-        session.pool.push_weights(pack_policy(session.policy), 0)
+        if session.pool.running:
+            session.pool.push_weights(pack_policy(session.policy), 0)
     ratios = {f"{g} / {t}": {"steps_per_s": runs[g]["steps_per_s"] / runs[t]["steps_per_s"],
                              "tokens_per_s": runs[g]["tokens_per_s"]["median"] / runs[t]["tokens_per_s"]["median"],
-                             "held_out_reward_difference": runs[g]["held_out_reward"] - runs[t]["held_out_reward"]}
+                             "held_out_reward_difference": None if runs[t]["held_out_reward"] is None
+                             else runs[g]["held_out_reward"] - runs[t]["held_out_reward"]}
               for g in GYMRL_MODES for t in runs if t.startswith("TRL")}
     return {"model": str(session.model_path), "parameters": sum(p.numel() for p in session.policy.parameters()),
             "steps": steps, "measured_steps": max(1, steps - 1), "initial_held_out_reward": initial_reward,
@@ -98,11 +140,18 @@ def compare_with_trl(session, out: Path, steps: int, generations: tuple[str, ...
                        "max_tokens": cfg.sampling.max_tokens, "min_tokens": cfg.sampling.min_tokens,
                        "temperature": cfg.sampling.temperature, "learning_rate": cfg.train.learning_rate,
                        "loss_type": cfg.train.loss_type, "seed": cfg.seed, "torch_threads": threads},
-            "runs": runs, "skipped": skipped, "ratios": ratios}
+            "runs": runs, "skipped": skipped, "ratios": ratios,
+            # the accelerator when the first TRL child started, and the engines' start for TRL's evaluation
+            "peer_start": peer_start, "engine_restart_s": engine_restart_s}
 
 
 def _size(parameters: int) -> str:
     return f"{parameters / 1e6:.1f}M params"
+
+
+def reward_text(value: float | None, spec: str = ".3f") -> str:
+    """A held-out reward (or difference) for a table; "-" where TRL's policies were not scored (evaluate_peer)."""
+    return "-" if value is None else format(value, spec)
 
 
 def write_vs_trl(sizes: list[dict], out: Path) -> Table:
@@ -113,10 +162,10 @@ def write_vs_trl(sizes: list[dict], out: Path) -> Table:
         for name, r in size["runs"].items():
             s = r["step_s"]
             rows.append((label, name, f"{s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]",
-                         f"{r['tokens_per_s']['median']:.0f}", f"{r['held_out_reward']:.3f}"))
+                         f"{r['tokens_per_s']['median']:.0f}", reward_text(r["held_out_reward"])))
         for name, ratio in size["ratios"].items():
             rows.append((label, name, f"steps/s x{ratio['steps_per_s']:.2f}", f"x{ratio['tokens_per_s']:.2f}",
-                         f"{ratio['held_out_reward_difference']:+.3f}"))
+                         reward_text(ratio["held_out_reward_difference"], "+.3f")))
         p = size["runs"]["gymrl sync"]["phases"]
         notes.append(f"- {label}: {c['prompts_per_step']} prompts x {c['group_size']} generations, "
                      f"{c['min_tokens']}-{c['max_tokens']} completion tokens, lr {c['learning_rate']:g}, seed {c['seed']}, "
@@ -135,6 +184,10 @@ def write_vs_trl(sizes: list[dict], out: Path) -> Table:
                              f"step alone (the same forward and backward) took {p['train_s']:.2f} s in sync"
                              + (", more than that." if p["train_s"] > target else "."))
         notes += [f"- {label}: {name} did not run: {why}" for name, why in size["skipped"].items()]
+        if (peer := size.get("peer_start")) and peer["device_free_GB"] is not None:
+            notes.append(f"- {label}: TRL ran with gymrl's engines stopped: when it started the bench process held "
+                         f"{peer['driver_allocated_GB']:.2f} GB of GPU memory ({peer['driver_reserved_GB']:.2f} GB "
+                         f"reserved), {peer['device_free_GB']:.1f} of {peer['device_total_GB']:.1f} GB were free.")
     results = {"versions": versions("trl", "vllm", "torch", "transformers", "ray"), "sizes": sizes}
     _plot(sizes, out / "vs-trl.png")
     return write_results(out, "vs-trl", results, rows,

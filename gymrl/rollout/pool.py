@@ -156,6 +156,25 @@ class EnginePool:
         self._load = [0] * len(actors)  # sequences this pool has in flight on each engine
         self._last: list[EngineStats] | None = None
         self._weights: Callable[[], tuple] | None = None  # load_weights' arguments for a new engine: the newest push
+        self.running = True  # False between stop() and start()
+
+    def stop(self) -> None:
+        """Kill every engine actor (vLLM's processes go with them, and their accelerator memory) and forget the newest
+        weights: a CUDA push's replay holds the trainer's flat buffer. :meth:`start` brings the engines back."""
+        if not self.running:
+            return
+        for actor in self.actors:
+            ray.kill(actor)
+        self.running, self._weights, self._last = False, None, None
+
+    def start(self) -> float:
+        """Start every engine again with ``restart``, on the model folder's weights (not counted as restarts: no
+        engine died); returns the wall seconds."""
+        started = time.perf_counter()
+        if not self.running:
+            self.actors = [self._restart(e) for e in range(len(self.actors))]
+            self.running = True
+        return time.perf_counter() - started
 
     def _replace(self, e: int, dead, why: str):
         """A live actor in place of ``dead`` at engine ``e``: a new one with the newest weights, or the one another
