@@ -344,6 +344,12 @@ class TrainConfig(Section):
         description="Recompute each decoder layer's activations in the backward pass instead of keeping them: about a "
         "third more trainer compute for a fraction of the activation memory (bigger micro-batches or models).",
     )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile each decoder layer (dynamic shapes): fuses the element-wise work between the matrix "
+        "multiplies (norms, rotary embeddings, the MLP's activation). Pays on a GPU at a real size; the first steps "
+        "compile (a minute or more).",
+    )
     lora: LoraConfig | None = Field(
         default=None,
         description="Train LoRA adapters instead of all weights, e.g. {r: 16, alpha: 32} (or --set train.lora.r=16); "

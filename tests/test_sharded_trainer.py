@@ -82,10 +82,12 @@ def hand_made_batch(vocab: int, groups: int = 3, group_size: int = 4) -> Rollout
 @pytest.mark.slow
 @pytest.mark.parametrize("train, workers, groups", [
     ({"loss_type": "dapo", "is_correction": "tis", "beta": 0.0}, 2, 3),
-    # the ranks recompute their activations (train.activation_checkpointing), the one process keeps them
-    ({"loss_type": "grpo", "is_correction": "none", "beta": 0.1, "activation_checkpointing": True}, 2, 3),
+    # the ranks recompute their activations (train.activation_checkpointing), the one process keeps them; both
+    # compile their layers (train.compile: the ranks before FSDP2 shards them)
+    ({"loss_type": "grpo", "is_correction": "none", "beta": 0.1, "activation_checkpointing": True, "compile": True},
+     2, 3),
     ({"loss_type": "bnpo", "is_correction": "tis", "beta": 0.0}, 3, 1),  # 2 sequences: one rank has none
-], ids=["dapo-tis", "grpo-kl-checkpointing", "bnpo-idle-rank"])
+], ids=["dapo-tis", "grpo-kl-checkpointing-compiled", "bnpo-idle-rank"])
 def test_sharded_ranks_take_the_one_process_step(demo_cfg, demo_model, train, workers, groups):
     """The same hand-made batch through workers > 1 (FSDP2, gloo) and workers=1: the same loss, stats, gradient
     norm (clipping active) and updated weights, within 1e-5 in float32."""
@@ -123,9 +125,13 @@ def test_sharded_ranks_take_the_one_process_step(demo_cfg, demo_model, train, wo
         assert abs(expected.is_stats["is_weight_mean"] - 1.0) > 0.1  # the behaviour gap goes through TIS
     if train["is_correction"] == "none":
         assert expected.clip_fraction > 0
+    # AdamW's first step moves each weight by about +-lr whatever its gradient's size: compiled kernels round the tiny
+    # gradients of rarely seen embedding rows otherwise under FSDP2, which flips a few of those moves (loss, stats
+    # and gradient norm above are equal all the same)
+    atol = 2 * base["learning_rate"] if train.get("compile") else 1e-5
     moved = 0.0
     for name, weight in single.policy.state_dict().items():
-        torch.testing.assert_close(after[name], weight, atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(after[name], weight, atol=atol, rtol=0, msg=name)
         moved = max(moved, float((weight - initial[name]).abs().max()))
     assert moved > 1e-4  # the step changed the weights
 

@@ -65,36 +65,45 @@ class Totals:
     sequences: int
 
 
+Figure = float | torch.Tensor  # a 0-d tensor on the trainer's device until the step's figures are read at once
+
+
 @dataclass
 class MicroBatch:
     """What one micro-batch added to its step: the loss weighted by its share of the batch (as its gradient is), clip
     and KL by its share of the batch's tokens, so the step's values are sums over micro-batches (and ranks) that do
-    not depend on how the batch was cut."""
+    not depend on how the batch was cut. :func:`backward_micro_batch` leaves its figures on the device; those of
+    :func:`backward_batch` are floats."""
 
-    loss: float
-    clip: float
-    kl: float
-    gap: float  # |logp - behaviour| summed over its tokens
+    loss: Figure
+    clip: Figure
+    kl: Figure
+    gap: Figure  # |logp - behaviour| summed over its tokens
     tokens: float
-    is_stats: dict[str, float] | None  # with is_correction="tis"
-    mtp: tuple[float, float, float] | None = None  # (KL sum, agreeing positions, positions) when the MTP layer trains
+    is_stats: dict[str, Figure] | None  # with is_correction="tis"
+    mtp: tuple[Figure, Figure, Figure] | None = None  # (KL sum, agreeing positions, positions) when the MTP layer trains
 
 
 def backward_micro_batch(policy, reference, mtp, part: list[Rollout], advantages: torch.Tensor, setup: LossSetup,
                          totals: Totals, counted: bool = True) -> MicroBatch:
     """Forward and backward of one micro-batch, its loss weighted by its share of ``totals``. ``counted=False``
     runs the same passes with a zero loss: a rank with fewer micro-batches than the others still takes part in
-    every collective of the sharded policy's forward and backward."""
+    every collective of the sharded policy's forward and backward. Nothing here waits for the device (the inputs
+    are copied without a stream synchronisation, the figures stay on it), so the host prepares the next micro-batch
+    while the device still runs this one."""
     ids, attn, mask = pad_batch([r.prompt_ids for r in part], [r.completion_ids for r in part], setup.pad_id,
                                 [r.completion_mask for r in part])
+    tokens = float(mask.sum())
     behaviour = torch.zeros_like(mask)
     for i, r in enumerate(part):
         begin = len(r.prompt_ids) - 1
         behaviour[i, begin : begin + len(r.logprobs)] = torch.tensor(r.logprobs)
     temperature = torch.tensor([r.temperature for r in part])  # tool tasks may sample at their own
     banned = stop_banned_mask([len(r.prompt_ids) for r in part], [r.stop_banned for r in part], ids.shape[1])
+    banned = banned if banned.any() else None  # asked here, on the host: no min_tokens spans, nothing to mask
     ids, attn, mask, behaviour, temperature, banned, advantages = (
-        t.to(setup.device, non_blocking=True) for t in (ids, attn, mask, behaviour, temperature, banned, advantages))
+        None if t is None else t.to(setup.device, non_blocking=True)
+        for t in (ids, attn, mask, behaviour, temperature, banned, advantages))
     mtp_sums = None
     if mtp is not None:  # the same forward as the policy's, keeping the hidden states for the MTP layer
         hidden = policy.model(input_ids=ids, attention_mask=attn).last_hidden_state
@@ -115,7 +124,6 @@ def backward_micro_batch(policy, reference, mtp, part: list[Rollout], advantages
     old = logps.detach() if tis else behaviour
     loss, stats = grpo_loss(logps, old, advantages, mask, setup.loss_cfg, ref_logps=ref,
                             behaviour_logps=behaviour if tis else None)
-    tokens = float(mask.sum())
     per_token = setup.loss_cfg.loss_type in ("bnpo", "dapo")
     weight = (tokens / totals.tokens if per_token else len(part) / totals.sequences) if counted else 0.0
     objective = loss * weight
@@ -123,25 +131,40 @@ def backward_micro_batch(policy, reference, mtp, part: list[Rollout], advantages
         objective = objective + setup.mtp_weight * mtp_sums[0] / totals.tokens
     objective.backward()
     share = tokens / totals.tokens if counted else 0.0  # clip and KL are token means over the batch, for every loss
-    return MicroBatch(loss=float(loss.detach()) * weight, clip=stats["clip_fraction"] * share,
-                      kl=stats.get("kl_mean", 0.0) * share, gap=float(((logps.detach() - behaviour).abs() * mask).sum()),
+    return MicroBatch(loss=loss.detach() * weight, clip=stats["clip_fraction"] * share,
+                      kl=stats.get("kl_mean", 0.0) * share, gap=((logps.detach() - behaviour).abs() * mask).sum(),
                       tokens=tokens, is_stats=stats if tis else None,
-                      mtp=None if mtp_sums is None else (float(mtp_sums[0].detach()), *mtp_sums[1:]))
+                      mtp=None if mtp_sums is None else (mtp_sums[0].detach(), *mtp_sums[1:]))
 
 
 def backward_batch(policy, reference, mtp, rollouts: list[Rollout], advantages: torch.Tensor, setup: LossSetup,
                    totals: Totals, micro_batch_size: int) -> list[MicroBatch]:
     """:func:`backward_micro_batch` over all of ``rollouts``, cut into micro-batches after sorting them by length,
     longest first: each pads only to sequences of about its own length, and the largest comes first (an
-    out-of-memory error shows at once). The gradient is a sum over micro-batches, so their makeup does not change it."""
+    out-of-memory error shows at once). The gradient is a sum over micro-batches, so their makeup does not change it.
+    The micro-batches' figures are read from the device once, after the last backward."""
     order = sorted(range(len(rollouts)), key=lambda i: -(len(rollouts[i].prompt_ids) + len(rollouts[i].completion_ids)))
     cuts = [order[start : start + micro_batch_size] for start in range(0, len(order), micro_batch_size)]
-    return [backward_micro_batch(policy, reference, mtp, [rollouts[i] for i in cut], advantages[cut], setup, totals)
-            for cut in cuts]
+    return read_figures([backward_micro_batch(policy, reference, mtp, [rollouts[i] for i in cut], advantages[cut],
+                                              setup, totals) for cut in cuts])
+
+
+def read_figures(parts: list[MicroBatch]) -> list[MicroBatch]:
+    """``parts`` with every figure a float, read from the device in one transfer."""
+    def figures(p: MicroBatch) -> list[Figure]:
+        return [p.loss, p.clip, p.kl, p.gap, *(p.is_stats or {}).values(), *(p.mtp or ())]
+
+    tensors = [f.float() for p in parts for f in figures(p) if isinstance(f, torch.Tensor)]
+    values = iter(torch.stack(tensors).tolist() if tensors else [])
+    read = [[next(values) if isinstance(f, torch.Tensor) else float(f) for f in figures(p)] for p in parts]
+    return [MicroBatch(*r[:4], tokens=p.tokens,
+                       is_stats=None if p.is_stats is None else dict(zip(p.is_stats, r[4 : 4 + len(p.is_stats)])),
+                       mtp=None if p.mtp is None else tuple(r[len(r) - 3 :]))
+            for p, r in zip(parts, read)]
 
 
 def mtp_kl_sums(policy, mtp, ids: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor,
-                mask: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The MTP loss on one micro-batch's rollouts: (sum over positions of KL(policy || draft), positions where the
     draft's top token is the policy's, positions). The draft at t predicts token t+2, which the policy predicts at
     t+1 (``logits[:, t+1]``, its sampling distribution); positions count where that token is the policy's own
@@ -150,8 +173,8 @@ def mtp_kl_sums(policy, mtp, ids: torch.Tensor, hidden: torch.Tensor, logits: to
     target = logits[:, 1:].detach()
     where = F.pad(mask[:, 1:], (0, 1))
     kl = (draft_kl(draft, target) * where).sum()
-    agree = float(((draft.argmax(-1) == target.argmax(-1)).float() * where).sum())
-    return kl, agree, float(where.sum())
+    agree = ((draft.argmax(-1) == target.argmax(-1)).float() * where).sum()
+    return kl, agree, where.sum()
 
 
 def step_result(parts: list[MicroBatch], totals: Totals, started: float, grad_norm: float) -> StepResult:

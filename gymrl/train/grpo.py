@@ -113,11 +113,11 @@ def grpo_loss(
     ref_logps: torch.Tensor | None = None,
     num_items_in_batch: int | None = None,
     behaviour_logps: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """logps (requires grad), old_logps (the policy before this update, detached), ref_logps, behaviour_logps
-    (what the engine sampled with), mask: [B, T] float/bool; advantages: [B]. Returns the scalar loss and stats:
-    {"clip_fraction", "ratio_mean", "kl_mean" (when beta>0), "is_weight_mean/min/max", "is_truncated_fraction"
-    (with is_correction="tis")}.
+    (what the engine sampled with), mask: [B, T] float/bool; advantages: [B]. Returns the scalar loss and stats
+    (0-d tensors on the loss's device): {"clip_fraction", "ratio_mean", "kl_mean" (when beta>0),
+    "is_weight_mean/min/max", "is_truncated_fraction" (with is_correction="tis")}.
 
     With ``is_correction="tis"`` the policy term of every token is multiplied by the truncated importance weight
     ``min(exp(old - behaviour), is_cap)`` (a constant), as TRL does after its clipped surrogate and before the
@@ -179,11 +179,11 @@ def grpo_loss(
     else:  # unreachable: GRPOLossConfig validates loss_type
         raise ValueError(f"unknown loss_type {cfg.loss_type!r}")
 
-    with torch.no_grad():
+    with torch.no_grad():  # stats stay on the device: reading each would make the host wait for the GPU
         n_tokens = mask.sum().clamp(min=1.0)
 
-        def masked_mean(x: torch.Tensor) -> float:
-            return ((x * mask).sum() / n_tokens).item()
+        def masked_mean(x: torch.Tensor) -> torch.Tensor:
+            return (x * mask).sum() / n_tokens
 
         clipped_low = (coef_1 < 1 - cfg.epsilon_low) & (adv < 0)
         clipped_high = (coef_1 > 1 + cfg.epsilon_high) & (adv > 0)
@@ -191,10 +191,11 @@ def grpo_loss(
         stats = {"clip_fraction": masked_mean(clipped.to(mask.dtype)), "ratio_mean": masked_mean(coef_1)}
         if per_token_kl is not None:
             stats["kl_mean"] = masked_mean(per_token_kl)
-        if is_weight is not None:
-            own = mask.bool()
-            weights = is_weight[own] if own.any() else torch.ones(1)
-            stats |= {"is_weight_mean": masked_mean(is_weight), "is_weight_min": weights.min().item(),
-                      "is_weight_max": weights.max().item(),
+        if is_weight is not None:  # min and max over the policy's tokens (1 when there are none)
+            own, one = mask.bool(), torch.ones((), dtype=is_weight.dtype, device=is_weight.device)
+            low = torch.where(own, is_weight, torch.inf).amin()
+            high = torch.where(own, is_weight, -torch.inf).amax()
+            stats |= {"is_weight_mean": masked_mean(is_weight), "is_weight_min": torch.where(own.any(), low, one),
+                      "is_weight_max": torch.where(own.any(), high, one),
                       "is_truncated_fraction": masked_mean((is_weight >= cfg.is_cap).to(mask.dtype))}
     return loss, stats

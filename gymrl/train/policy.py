@@ -66,7 +66,7 @@ def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor,
     scale = torch.ones(batch, device=logits.device, dtype=torch.float32)
     scale = scale / (temperature.to(scale) if isinstance(temperature, torch.Tensor) else temperature)
     banned = is_stop = None
-    if stop_banned is not None and stop_ids and bool(stop_banned.any()):
+    if stop_banned is not None and stop_ids:
         is_stop = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
         is_stop[[i for i in stop_ids if i < vocab]] = True
         banned = F.pad(stop_banned, (0, 1)).reshape(-1)

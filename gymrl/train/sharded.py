@@ -76,7 +76,7 @@ from gymrl.train.checkpoint import (
     read_shards,
     save_checkpoint,
 )
-from gymrl.train.trainer import TrainerBase, checkpoint_activations, checkpoint_mtp_layer, lr_factor
+from gymrl.train.trainer import TrainerBase, checkpoint_activations, checkpoint_mtp_layer, compile_layers, lr_factor
 from gymrl.train.weight_push import RemoteSender, WeightPusher
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,8 @@ class TrainerRank:
             shard_model(self.reference, mesh, mixed)
         if cfg.train.activation_checkpointing:
             checkpoint_activations(policy)
+        if cfg.train.compile:  # before sharding, as FSDP2 expects
+            compile_layers(policy)
         shard_model(policy, mesh, mixed)
         self.policy = policy.train()
         self.optimizer = self.adamw(self.policy)

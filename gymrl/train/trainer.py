@@ -71,6 +71,8 @@ class GRPOTrainer(TrainerBase):
         self.policy.train()
         if cfg.train.activation_checkpointing:
             checkpoint_activations(self.policy)
+        if cfg.train.compile:
+            compile_layers(session.policy)
         # A checkpoint's MTP layer rides along (saved with every checkpoint, so the engines can draft with it); it
         # trains, and goes out with every push, only with train.mtp_loss_weight > 0.
         self.mtp = checkpoint_mtp_layer(session)
@@ -133,6 +135,14 @@ def checkpoint_activations(policy) -> None:
     """``train.activation_checkpointing``: each decoder layer's activations recomputed in the backward pass
     (transformers' non-reentrant checkpointing, which FSDP2's units also take)."""
     policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def compile_layers(policy) -> None:
+    """``train.compile``: each decoder layer through torch.compile, in place (its parameters keep their names, so
+    pushes and checkpoints are unchanged; LoRA's adapters, injected into the layers, compile with them). Shapes are
+    dynamic: every micro-batch pads to a length of its own."""
+    for layer in policy.model.layers:
+        layer.compile(dynamic=True)
 
 
 def checkpoint_mtp_layer(session: Session):
