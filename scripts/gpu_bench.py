@@ -377,11 +377,12 @@ def part_push(cfg, work: Path, buckets_mb: list[int]) -> dict:
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (the H200 has the same)
 
 
-def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int]) -> dict:
+def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int], compiled: list[bool]) -> dict:
     """The one-process trainer alone on the GPU (no engine): s/step, trained tokens/s and model FLOP utilisation on
     synthetic batches of the config's shape (:func:`gymrl.bench.scale.fixed_batch`, completions 40 to
-    sampling.max_tokens long), per train.micro_batch_size, and a profile of one step (the top CUDA
-    kernels). FLOPs per trained token: 6 x the parameters of the matrix multiplies (forward 2N, backward 4N; the
+    sampling.max_tokens long), per train.micro_batch_size and train.compile, and a profile of one step (the top CUDA
+    kernels; the device's busy time, the sum of its kernels' own time, against the step's wall time: the rest is
+    the device waiting for the host). FLOPs per trained token: 6 x the parameters of the matrix multiplies (forward 2N, backward 4N; the
     lm_head counted, the embedding lookup not) plus attention's 6 x 2 x layers x hidden x the mean sequence length
     (QK^T and AV, forward and backward, causal halved). The old logprobs are the same forward's (TIS) or the
     engine's, so no extra scoring pass runs; beta > 0 would add a 2N reference forward."""
@@ -397,8 +398,9 @@ def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int]) -> d
     envs = {e.name: load_environment(e.name, e.args) for e in cfg.envs}
     path = resolve_model_path(cfg.model, list(envs.values()), [e.weight for e in cfg.envs])
     out: dict = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "runs": {}}
-    for mb in micro_batch_sizes:
-        c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": mb})})
+    for mb, compile_layers in ((mb, c) for c in compiled for mb in micro_batch_sizes):
+        c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": mb,
+                                                                         "compile": compile_layers})})
         policy, tokenizer = load_policy(path, c.train.dtype)
         trainer = GRPOTrainer(Session(c, envs, path, policy, tokenizer, pool=None, runner=None))
         config = policy.config
@@ -420,20 +422,25 @@ def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int]) -> d
         mean_len = tokens / len(batches[0].rollouts)
         per_token = 6 * matmul + 6 * 2 * config.num_hidden_layers * config.hidden_size * mean_len / 2
         step_s = statistics.median(times[1:])
-        run = {"micro_batch_size": mb, "step_s": _median(times[1:]), "tokens_per_step": tokens,
+        run = {"micro_batch_size": mb, "compile": compile_layers, "step_s": _median(times[1:]), "tokens_per_step": tokens,
                "tokens_per_s": tokens / step_s, "matmul_parameters": matmul, "flops_per_token": per_token,
                "mfu": tokens * per_token / step_s / H100_BF16_PEAK,
                "peak_gpu_GB": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
         if mb == micro_batch_sizes[0]:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             with profile(activities=activities) as prof:
+                started = time.perf_counter()
                 trainer.step(batches[-1])
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
+                wall = time.perf_counter() - started
+            averages = prof.key_averages()
+            busy = sum(e.self_device_time_total for e in averages) / 1e6
+            run["profiled_step"] = {"wall_s": wall, "device_busy_s": busy, "device_busy_fraction": busy / wall}
             key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-            run["profile"] = prof.key_averages().table(sort_by=key, row_limit=25)
+            run["profile"] = averages.table(sort_by=key, row_limit=25)
             print(run["profile"], flush=True)
-        out["runs"][str(mb)] = run
+        out["runs"][f"{mb}{' compiled' if compile_layers else ''}"] = run
         print(json.dumps({k: v for k, v in run.items() if k != "profile"}, indent=1), flush=True)
         del trainer, policy
         if torch.cuda.is_available():
@@ -567,6 +574,10 @@ def markdown(res: dict) -> str:
         rows.append((f"[trainer, micro_batch_size {mb}] s/step median [min-max]; tokens/s; MFU; peak GPU GB",
                      f"{r['step_s']['median']:.3f} [{r['step_s']['min']:.3f}-{r['step_s']['max']:.3f}]; "
                      f"{r['tokens_per_s']:,.0f}; {r['mfu']:.3f}; {r['peak_gpu_GB']}"))
+        if "profiled_step" in r:
+            ps = r["profiled_step"]
+            rows.append((f"[trainer, micro_batch_size {mb}] profiled step: wall s; device busy s (fraction)",
+                         f"{ps['wall_s']:.3f}; {ps['device_busy_s']:.3f} ({ps['device_busy_fraction']:.2f})"))
     for dtype in ("float32", "bfloat16"):
         f = res.get("fsdp", {}).get(dtype)
         if f:
@@ -640,6 +651,7 @@ def main() -> None:
     p.add_argument("--no-peer-eval", action="store_true",
                    help="train: leave TRL's policies unscored (no engine restart after TRL: 1-2 min of a GPU call)")
     p.add_argument("--micro", default="64", help="trainer: train.micro_batch_size values, e.g. 16,64,128")
+    p.add_argument("--layers", default="eager", help="trainer: eager and/or compiled (train.compile), e.g. eager,compiled")
     p.add_argument("--buckets", default="64,256,1024", help="push: train.push_bucket_mb values")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (YAML value)")
     args = p.parse_args()
@@ -673,7 +685,8 @@ def main() -> None:
         res.setdefault("train", {})["trl_" + "_".join(trl) if trl else "gymrl"] = part_train(
             cfg, work, args.steps, args.repeats, trl, not args.no_peer_eval)
     elif args.part == "trainer":
-        res["trainer"] = part_trainer(cfg, work, args.steps, [int(m) for m in args.micro.split(",")])
+        res["trainer"] = part_trainer(cfg, work, args.steps, [int(m) for m in args.micro.split(",")],
+                                      [{"eager": False, "compiled": True}[v] for v in args.layers.split(",")])
     elif args.part == "fsdp":
         res["fsdp"] = part_fsdp(cfg, work, args.steps)
     elif args.part == "push":
