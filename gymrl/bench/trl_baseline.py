@@ -64,22 +64,26 @@ def check_supported(cfg: RunConfig) -> None:
 
 def grpo_config(cfg: RunConfig, generation: str, out: Path):
     """TRL's GRPOConfig for gymrl's ``cfg``: one generation batch (prompts_per_step x group_size) per optimizer
-    step, as gymrl takes it, on gymrl's trainer device and in its dtype (train.device, train.dtype)."""
+    step, as gymrl takes it, trained in micro-batches of train.micro_batch_size sequences (gradient accumulation,
+    when it divides the batch), on gymrl's trainer device and in its dtype (train.device, train.dtype), with the
+    fused AdamW on a GPU as gymrl's."""
     from trl import GRPOConfig
 
     t, s = cfg.train, cfg.sampling
     batch = t.prompts_per_step * t.group_size
+    micro = t.micro_batch_size if batch % t.micro_batch_size == 0 else batch
     min_tokens = {"transformers": {"min_new_tokens": s.min_tokens}, "vllm": {"min_tokens": s.min_tokens}}[generation]
     return GRPOConfig(
         output_dir=str(out / "trl_output"), use_cpu=t.device == "cpu", bf16=t.dtype == "bfloat16",
         model_init_kwargs={"dtype": t.dtype}, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, seed=cfg.seed, max_steps=t.steps,
-        per_device_train_batch_size=batch, gradient_accumulation_steps=1, num_generations=t.group_size,
+        # TRL generates steps_per_generation (= gradient_accumulation_steps) micro-batches at once: the whole batch
+        per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro, num_generations=t.group_size,
         max_completion_length=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
         generation_kwargs=min_tokens if s.min_tokens else None,
         chat_template_kwargs=cfg.rollout.chat_template_kwargs or None,
         learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_scheduler_type=t.lr_schedule,
-        warmup_steps=t.warmup_steps, max_grad_norm=t.max_grad_norm, optim="adamw_torch",
+        warmup_steps=t.warmup_steps, max_grad_norm=t.max_grad_norm, optim="adamw_torch_fused" if t.device == "cuda" else "adamw_torch",
         loss_type=t.loss_type, epsilon=t.epsilon_low, epsilon_high=t.epsilon_high, beta=t.beta,
         scale_rewards="group" if t.scale_rewards else "none",
         use_vllm=generation == "vllm", vllm_mode="colocate",
