@@ -620,10 +620,11 @@ def _train_rows(key: str, t: dict) -> list[tuple[str, str]]:
     for name, r in v["ratios"].items():
         rows.append((f"[{key}] {name}: steps/s ratio; tok/s ratio", f"x{r['steps_per_s']:.2f}; x{r['tokens_per_s']:.2f}"))
     p = v["runs"]["gymrl sync"]["phases"]
-    rows.append((f"[{key}] gymrl sync step (s): vLLM decoding; trainer; weight push; fixed (all but decoding and "
-                 "trainer, push included)",
+    rows.append((f"[{key}] gymrl sync step (s): vLLM decoding; trainer; weight push; fixed (the rest: waiting for "
+                 "rollouts beyond decoding + outside the wait; /verify summed over the groups)",
                  f"{p['engine_decode_s']:.2f}; {p['train_s']:.2f}; {p['push_s']:.2f}; {p['fixed_s']:.2f} "
-                 f"({100 * p['fixed_fraction']:.0f}% of {p['step_s']:.2f})"))
+                 f"({100 * p['fixed_fraction']:.0f}% of {p['step_s']:.2f}: {p['rollout_overhead_s']:.2f} + "
+                 f"{p['outside_rollouts_s']:.2f}; {p['verify_s']:.2f})"))
     if "async_speedup" in t:
         a = t["async_speedup"]
         rows.append((f"[{key}] async / sync steps/s: achieved / ideal ((decode + train) / max(decode, train) of the "

@@ -36,36 +36,18 @@ def _figures(step_seconds: list[float], tokens: list[float], held_out: float) ->
 
 def _phases(rows: list[dict]) -> dict:
     """Where a gymrl step's wall time goes (medians over the measured steps): vLLM decoding (the engine busy),
-    the trainer's step, the weight push, and the rest (Ray, verify round trips, scheduling, metrics)."""
+    the trainer's step, the weight push, and the fixed cost, the rest, in two parts: inside the wait for the
+    step's rollouts (prefill, scheduling, Ray, /verify round trips) and outside it (traces, metrics, engine stats)."""
     rows = rows[1:] or rows
     med = lambda f: statistics.median(f(r) for r in rows)  # noqa: E731
     engine = med(lambda r: r["completion_tokens"] / r["engine_tokens_per_s/0"] if r["engine_tokens_per_s/0"] else 0.0)
     step, train, push = med(lambda r: r["step_seconds"]), med(lambda r: r["train_seconds"]), med(lambda r: r["push_seconds"])
-    return {"step_s": step, "engine_decode_s": engine, "train_s": train, "push_s": push,
-            "fixed_s": max(0.0, step - engine - train), "fixed_fraction": max(0.0, step - engine - train) / step}
-
-
-def release_accelerator(session) -> dict:
-    """Stop the session's engines and put its policy (gradients dropped) on the CPU, so that a peer process gets the
-    accelerator whole; what the driver and the device still held when done (None on CPU)."""
-    import torch
-
-    session.pool.stop()
-    session.policy.zero_grad(set_to_none=True)
-    session.policy.to("cpu")
-    gc.collect()
-    if not torch.cuda.is_available():
-        return {"driver_allocated_GB": None, "driver_reserved_GB": None, "device_free_GB": None, "device_total_GB": None}
-    torch.cuda.empty_cache()
-    free = 0
-    for _ in range(30):  # the engines' processes exit within seconds of their actors' kill
-        time.sleep(1)
-        before, (free, total) = free, torch.cuda.mem_get_info()
-        if free == before:
-            break
-    return {"driver_allocated_GB": torch.cuda.memory_allocated() / 1e9,
-            "driver_reserved_GB": torch.cuda.memory_reserved() / 1e9,
-            "device_free_GB": free / 1e9, "device_total_GB": total / 1e9}
+    wait = med(lambda r: r["wait_seconds"])
+    fixed = max(0.0, step - engine - train - push)
+    return {"step_s": step, "engine_decode_s": engine, "train_s": train, "push_s": push, "fixed_s": fixed,
+            "fixed_fraction": fixed / step, "rollout_wait_s": wait, "rollout_overhead_s": max(0.0, wait - engine),
+            "verify_s": med(lambda r: r["verify_seconds"]),
+            "outside_rollouts_s": max(0.0, step - wait - train - push)}
 
 
 def compare_with_trl(session, out: Path, steps: int, generations: tuple[str, ...] = GENERATIONS,
@@ -172,8 +154,10 @@ def write_vs_trl(sizes: list[dict], out: Path) -> Table:
                      f"{size['steps']} steps (step 1 left out); held-out reward at the start "
                      f"{size['initial_held_out_reward']:.3f} ({size['held_out_tasks']} tasks).")
         notes.append(f"- {label}: a gymrl sync step takes {p['step_s']:.2f} s: vLLM decoding {p['engine_decode_s']:.2f} s, "
-                     f"trainer {p['train_s']:.2f} s, fixed costs {p['fixed_s']:.2f} s ({100 * p['fixed_fraction']:.0f}%: "
-                     f"weight push {p['push_s']:.2f} s, Ray, /verify round trips, scheduling)"
+                     f"trainer {p['train_s']:.2f} s, weight push {p['push_s']:.2f} s, fixed costs {p['fixed_s']:.2f} s "
+                     f"({100 * p['fixed_fraction']:.0f}%: {p['rollout_overhead_s']:.2f} s waiting for rollouts beyond "
+                     f"decoding - prefill, Ray, /verify round trips, scheduling - and {p['outside_rollouts_s']:.2f} s "
+                     "outside - traces, metrics)"
                      + (" - at this size fixed costs dominate." if p["fixed_fraction"] > 0.5 else "."))
         for name, r in size["runs"].items():
             if name.startswith("TRL"):
