@@ -50,6 +50,29 @@ def _phases(rows: list[dict]) -> dict:
             "outside_rollouts_s": max(0.0, step - wait - train - push)}
 
 
+def release_accelerator(session) -> dict:
+    """Stop the session's engines and put its policy (gradients dropped) on the CPU, so that a peer process gets the
+    accelerator whole; what the driver and the device still held when done (None on CPU)."""
+    import torch
+
+    session.pool.stop()
+    session.policy.zero_grad(set_to_none=True)
+    session.policy.to("cpu")
+    gc.collect()
+    if not torch.cuda.is_available():
+        return {"driver_allocated_GB": None, "driver_reserved_GB": None, "device_free_GB": None, "device_total_GB": None}
+    torch.cuda.empty_cache()
+    free = 0
+    for _ in range(30):  # the engines' processes exit within seconds of their actors' kill
+        time.sleep(1)
+        before, (free, total) = free, torch.cuda.mem_get_info()
+        if free == before:
+            break
+    return {"driver_allocated_GB": torch.cuda.memory_allocated() / 1e9,
+            "driver_reserved_GB": torch.cuda.memory_reserved() / 1e9,
+            "device_free_GB": free / 1e9, "device_total_GB": total / 1e9}
+
+
 def compare_with_trl(session, out: Path, steps: int, generations: tuple[str, ...] = GENERATIONS,
                      evaluate_peer: bool = True) -> dict:
     """One model size: gymrl sync, gymrl async, and TRL with each of ``generations``, TRL with the accelerator to
