@@ -4,8 +4,6 @@ micro-batches of different lengths (dynamic shapes), and keep their parameters' 
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
 from gymrl.bench.scale import fixed_batch
 from gymrl.config import load_config
 from gymrl.envs.registry import load_environment
