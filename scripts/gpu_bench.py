@@ -629,6 +629,8 @@ def _train_rows(key: str, t: dict) -> list[tuple[str, str]]:
         a = t["async_speedup"]
         rows.append((f"[{key}] async / sync steps/s: achieved / ideal ((decode + train) / max(decode, train) of the "
                      "sync step)", f"x{a['achieved']:.2f} / x{a['ideal']:.2f}"))
+    rows.append((f"[{key}] gymrl async: weight push with requests in flight (the engines' pause inside it) (s)",
+                 f"{v['runs']['gymrl async']['phases']['push_s']:.3f}"))
     if (peer := v.get("peer_start")) and peer["device_free_GB"] is not None:
         rows.append((f"[{key}] when TRL started (gymrl's engines stopped): GB the bench process held, allocated / "
                      "reserved; GB free of the GPU's",
