@@ -150,17 +150,20 @@ def backward_batch(policy, reference, mtp, rollouts: list[Rollout], advantages: 
 
 
 def read_figures(parts: list[MicroBatch]) -> list[MicroBatch]:
-    """``parts`` with every figure a float, read from the device in one transfer."""
-    def figures(p: MicroBatch) -> list[Figure]:
-        return [p.loss, p.clip, p.kl, p.gap, *(p.is_stats or {}).values(), *(p.mtp or ())]
-
-    tensors = [f.float() for p in parts for f in figures(p) if isinstance(f, torch.Tensor)]
+    """``parts`` with every figure a float, read from the device in one transfer (in the order the fields are
+    rebuilt below)."""
+    tensors = [f.float() for p in parts
+               for f in (p.loss, p.clip, p.kl, p.gap, *(p.is_stats or {}).values(), *(p.mtp or ()))
+               if isinstance(f, torch.Tensor)]
     values = iter(torch.stack(tensors).tolist() if tensors else [])
-    read = [[next(values) if isinstance(f, torch.Tensor) else float(f) for f in figures(p)] for p in parts]
-    return [MicroBatch(*r[:4], tokens=p.tokens,
-                       is_stats=None if p.is_stats is None else dict(zip(p.is_stats, r[4 : 4 + len(p.is_stats)])),
-                       mtp=None if p.mtp is None else tuple(r[len(r) - 3 :]))
-            for p, r in zip(parts, read)]
+
+    def read(f: Figure) -> float:
+        return next(values) if isinstance(f, torch.Tensor) else float(f)
+
+    return [MicroBatch(loss=read(p.loss), clip=read(p.clip), kl=read(p.kl), gap=read(p.gap), tokens=p.tokens,
+                       is_stats=None if p.is_stats is None else {k: read(v) for k, v in p.is_stats.items()},
+                       mtp=None if p.mtp is None else tuple(read(v) for v in p.mtp))
+            for p in parts]
 
 
 def mtp_kl_sums(policy, mtp, ids: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor,

@@ -193,9 +193,9 @@ def grpo_loss(
             stats["kl_mean"] = masked_mean(per_token_kl)
         if is_weight is not None:  # min and max over the policy's tokens (1 when there are none)
             own, one = mask.bool(), torch.ones((), dtype=is_weight.dtype, device=is_weight.device)
-            low = torch.where(own, is_weight, torch.inf).amin()
-            high = torch.where(own, is_weight, -torch.inf).amax()
-            stats |= {"is_weight_mean": masked_mean(is_weight), "is_weight_min": torch.where(own.any(), low, one),
-                      "is_weight_max": torch.where(own.any(), high, one),
+            some = own.any()
+            low = torch.where(some, torch.where(own, is_weight, torch.inf).amin(), one)
+            high = torch.where(some, torch.where(own, is_weight, -torch.inf).amax(), one)
+            stats |= {"is_weight_mean": masked_mean(is_weight), "is_weight_min": low, "is_weight_max": high,
                       "is_truncated_fraction": masked_mean((is_weight >= cfg.is_cap).to(mask.dtype))}
     return loss, stats
