@@ -172,6 +172,8 @@ class EnginePool:
         engine died); returns the wall seconds."""
         started = time.perf_counter()
         if not self.running:
+            if self._restart is None:
+                raise EngineError("this engine pool was made without a way to start engines (no restart callback)")
             self.actors = [self._restart(e) for e in range(len(self.actors))]
             self.running = True
         return time.perf_counter() - started
