@@ -377,7 +377,7 @@ def part_push(cfg, work: Path, buckets_mb: list[int]) -> dict:
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (the H200 has the same)
 
 
-def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int], compiled: list[bool]) -> dict:
+def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int], compile_modes: list[bool]) -> dict:
     """The one-process trainer alone on the GPU (no engine): s/step, trained tokens/s and model FLOP utilisation on
     synthetic batches of the config's shape (:func:`gymrl.bench.scale.fixed_batch`, completions 40 to
     sampling.max_tokens long), per train.micro_batch_size and train.compile, and a profile of one step (the top CUDA
@@ -398,9 +398,9 @@ def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int], comp
     envs = {e.name: load_environment(e.name, e.args) for e in cfg.envs}
     path = resolve_model_path(cfg.model, list(envs.values()), [e.weight for e in cfg.envs])
     out: dict = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "runs": {}}
-    for mb, compile_layers in ((mb, c) for c in compiled for mb in micro_batch_sizes):
+    for mb, compiled in ((mb, c) for c in compile_modes for mb in micro_batch_sizes):
         c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": mb,
-                                                                         "compile": compile_layers})})
+                                                                         "compile": compiled})})
         policy, tokenizer = load_policy(path, c.train.dtype)
         trainer = GRPOTrainer(Session(c, envs, path, policy, tokenizer, pool=None, runner=None))
         config = policy.config
@@ -422,7 +422,7 @@ def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int], comp
         mean_len = tokens / len(batches[0].rollouts)
         per_token = 6 * matmul + 6 * 2 * config.num_hidden_layers * config.hidden_size * mean_len / 2
         step_s = statistics.median(times[1:])
-        run = {"micro_batch_size": mb, "compile": compile_layers, "step_s": _median(times[1:]), "tokens_per_step": tokens,
+        run = {"micro_batch_size": mb, "compile": compiled, "step_s": _median(times[1:]), "tokens_per_step": tokens,
                "tokens_per_s": tokens / step_s, "matmul_parameters": matmul, "flops_per_token": per_token,
                "mfu": tokens * per_token / step_s / H100_BF16_PEAK,
                "peak_gpu_GB": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
@@ -440,7 +440,7 @@ def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int], comp
             key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
             run["profile"] = averages.table(sort_by=key, row_limit=25)
             print(run["profile"], flush=True)
-        out["runs"][f"{mb}{' compiled' if compile_layers else ''}"] = run
+        out["runs"][f"{mb}{' compiled' if compiled else ''}"] = run
         print(json.dumps({k: v for k, v in run.items() if k != "profile"}, indent=1), flush=True)
         del trainer, policy
         if torch.cuda.is_available():
