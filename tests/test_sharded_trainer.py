@@ -125,16 +125,19 @@ def test_sharded_ranks_take_the_one_process_step(demo_cfg, demo_model, train, wo
         assert abs(expected.is_stats["is_weight_mean"] - 1.0) > 0.1  # the behaviour gap goes through TIS
     if train["is_correction"] == "none":
         assert expected.clip_fraction > 0
-    # AdamW's first step moves each weight by about +-lr whatever its gradient's size: compiled kernels round the tiny
-    # gradients of rarely seen embedding rows otherwise under FSDP2, which flips a few of those moves (loss, stats
-    # and gradient norm above are equal all the same)
-    atol = 2 * base["learning_rate"] if train.get("compile") else 1e-5
+    # AdamW's first step moves each weight by about +-lr whatever its gradient's size, so a gradient element near 0 that
+    # compiled kernels under FSDP2 round otherwise flips that weight's move (up to 2 lr): with train.compile, at least
+    # 95% of every tensor's elements (a wrong gradient would flip about half) and all within 2 lr; else all within 1e-5
+    compiled = bool(train.get("compile"))
     moved = 0.0
     for name, weight in single.policy.state_dict().items():
-        torch.testing.assert_close(after[name], weight, atol=atol, rtol=0, msg=name)
+        if compiled:
+            agree = float(((after[name] - weight).abs() <= 1e-5).float().mean())
+            assert agree >= 0.95, (name, agree)
+        torch.testing.assert_close(after[name], weight, atol=2 * base["learning_rate"] if compiled else 1e-5, rtol=0,
+                                   msg=name)
         moved = max(moved, float((weight - initial[name]).abs().max()))
     assert moved > 1e-4  # the step changed the weights
-
 
 
 @pytest.mark.parametrize("way", ["bytes", "broadcast"])
