@@ -13,6 +13,7 @@ machine is warm) and writes results.json + results.md into $OUT when set. All en
 """
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -382,8 +383,8 @@ def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int], comp
     synthetic batches of the config's shape (:func:`gymrl.bench.scale.fixed_batch`, completions 40 to
     sampling.max_tokens long), per train.micro_batch_size and train.compile, and a profile of one step (the top CUDA
     kernels; the device's busy time, the sum of its kernels' own time, against the step's wall time: the rest is
-    the device waiting for the host). FLOPs per trained token: 6 x the parameters of the matrix multiplies (forward 2N, backward 4N; the
-    lm_head counted, the embedding lookup not) plus attention's 6 x 2 x layers x hidden x the mean sequence length
+    the device waiting for the host). FLOPs per trained token: 6 x the parameters of the matrix multiplies (forward
+    2N, backward 4N; the lm_head counted, the embedding lookup not) plus attention's 6 x 2 x layers x hidden x the mean sequence length
     (QK^T and AV, forward and backward, causal halved). The old logprobs are the same forward's (TIS) or the
     engine's, so no extra scoring pass runs; beta > 0 would add a 2N reference forward."""
     import torch
@@ -398,7 +399,7 @@ def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int], comp
     envs = {e.name: load_environment(e.name, e.args) for e in cfg.envs}
     path = resolve_model_path(cfg.model, list(envs.values()), [e.weight for e in cfg.envs])
     out: dict = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "runs": {}}
-    for mb, compiled in ((mb, c) for c in compile_modes for mb in micro_batch_sizes):
+    for compiled, mb in itertools.product(compile_modes, micro_batch_sizes):
         c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": mb,
                                                                          "compile": compiled})})
         policy, tokenizer = load_policy(path, c.train.dtype)
