@@ -436,8 +436,9 @@ def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int], comp
                     torch.cuda.synchronize()
                 wall = time.perf_counter() - started
             averages = prof.key_averages()
-            busy = sum(e.self_device_time_total for e in averages) / 1e6
-            run["profiled_step"] = {"wall_s": wall, "device_busy_s": busy, "device_busy_fraction": busy / wall}
+            busy = sum(e.self_device_time_total for e in averages) / 1e6 if torch.cuda.is_available() else None
+            run["profiled_step"] = {"wall_s": wall, "device_busy_s": busy,
+                                    "device_busy_fraction": None if busy is None else busy / wall}
             key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
             run["profile"] = averages.table(sort_by=key, row_limit=25)
             print(run["profile"], flush=True)
@@ -578,7 +579,8 @@ def markdown(res: dict) -> str:
         if "profiled_step" in r:
             ps = r["profiled_step"]
             rows.append((f"[trainer, micro_batch_size {mb}] profiled step: wall s; device busy s (fraction)",
-                         f"{ps['wall_s']:.3f}; {ps['device_busy_s']:.3f} ({ps['device_busy_fraction']:.2f})"))
+                         f"{ps['wall_s']:.3f}; " + ("- (no GPU)" if ps["device_busy_s"] is None else
+                                                    f"{ps['device_busy_s']:.3f} ({ps['device_busy_fraction']:.2f})")))
     for dtype in ("float32", "bfloat16"):
         f = res.get("fsdp", {}).get(dtype)
         if f:
