@@ -378,13 +378,37 @@ def part_push(cfg, work: Path, buckets_mb: list[int]) -> dict:
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (the H200 has the same)
 
 
+def active_matmul_parameters(policy) -> int:
+    """The parameters one token multiplies by: all but the embedding lookup (a tied lm_head counted), and of a
+    mixture of experts' stacked expert weights ([n_routed_experts, ...]) only the num_experts_per_tok it is routed to."""
+    config = policy.config
+    experts, per_token = getattr(config, "n_routed_experts", None), getattr(config, "num_experts_per_tok", None)
+    total = 0
+    for name, p in policy.named_parameters():
+        if "embed_tokens" in name:
+            continue
+        stacked = experts and per_token and ".experts." in name and p.ndim == 3 and p.shape[0] == experts
+        total += p.numel() * per_token // experts if stacked else p.numel()
+    if getattr(config, "tie_word_embeddings", False):
+        total += policy.get_input_embeddings().weight.numel()  # the tied lm_head multiplies too
+    return total
+
+
+def attention_layers(config) -> int:
+    """Layers with softmax attention: all of a transformer's, the '*' of a hybrid's pattern (Nemotron-H: "attention"
+    or "full_attention" by transformers version; its Mamba layers are "mamba" or "linear_attention")."""
+    kinds = getattr(config, "layers_block_type", None)
+    return sum(k in ("attention", "full_attention") for k in kinds) if kinds else config.num_hidden_layers
+
+
 def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int], compile_modes: list[bool]) -> dict:
     """The one-process trainer alone on the GPU (no engine): s/step, trained tokens/s and model FLOP utilisation on
     synthetic batches of the config's shape (:func:`gymrl.bench.scale.fixed_batch`, completions 40 to
     sampling.max_tokens long), per train.micro_batch_size and train.compile, and a profile of one step (the top CUDA
     kernels; the device's busy time, the sum of its kernels' own time, against the step's wall time: the rest is
     the device waiting for the host). FLOPs per trained token: 6 x the parameters of the matrix multiplies (forward
-    2N, backward 4N; the lm_head counted, the embedding lookup not) plus attention's 6 x 2 x layers x hidden x the mean sequence length
+    2N, backward 4N; :func:`active_matmul_parameters`: the lm_head counted, the embedding lookup not, a routed
+    expert's only for the tokens routed to it) plus attention's 6 x 2 x attention layers x hidden x the mean sequence length
     (QK^T and AV, forward and backward, causal halved). The old logprobs are the same forward's (TIS) or the
     engine's, so no extra scoring pass runs; beta > 0 would add a 2N reference forward."""
     import torch
@@ -405,9 +429,7 @@ def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int], comp
         policy, tokenizer = load_policy(path, c.train.dtype)
         trainer = GRPOTrainer(Session(c, envs, path, policy, tokenizer, pool=None, runner=None))
         config = policy.config
-        matmul = sum(p.numel() for n, p in policy.named_parameters() if "embed_tokens" not in n)
-        if getattr(config, "tie_word_embeddings", False):
-            matmul += policy.get_input_embeddings().weight.numel()  # the tied lm_head multiplies too
+        matmul = active_matmul_parameters(policy)
         batches = [fixed_batch(c, tokenizer, config.vocab_size, seed, min(40, c.sampling.max_tokens))
                    for seed in range(steps)]
         times = []
@@ -421,7 +443,7 @@ def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int], comp
             times.append(time.perf_counter() - started)
         tokens = statistics.mean(sum(len(r.prompt_ids) + len(r.completion_ids) for r in b.rollouts) for b in batches)
         mean_len = tokens / len(batches[0].rollouts)
-        per_token = 6 * matmul + 6 * 2 * config.num_hidden_layers * config.hidden_size * mean_len / 2
+        per_token = 6 * matmul + 6 * 2 * attention_layers(config) * config.hidden_size * mean_len / 2
         step_s = statistics.median(times[1:])
         run = {"micro_batch_size": mb, "compile": compiled, "step_s": _median(times[1:]), "tokens_per_step": tokens,
                "tokens_per_s": tokens / step_s, "matmul_parameters": matmul, "flops_per_token": per_token,

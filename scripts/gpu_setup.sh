@@ -11,11 +11,16 @@
 #   there: scripts/gpu_setup.sh install         reassemble; install into /tmp/site (vLLM, Ray, TRL) and /tmp/gymsite
 #                                               (NeMo Gym, run by /tmp/gym-python); check the imports
 #   there: scripts/gpu_setup.sh check           a generation with a tiny random model (one engine start)
+#   here:  scripts/gpu_setup.sh prepare-mamba [DIR]   the sources of the Mamba-2 training kernels (mamba-ssm,
+#                                               causal-conv1d; no wheel for torch 2.11 + CUDA 13 exists) -> DIR/mamba,
+#                                               patched to build for the H100/H200's sm_90 only (minutes, not an hour)
+#   there: scripts/gpu_setup.sh build-mamba DIR build their wheels (nvcc), install them into /tmp/site, check that
+#                                               transformers' Nemotron-H takes them; wheels to $OUT/mamba-wheels
 # Then, in the same warm machine: export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0, and give runs
 # --set env_servers.gym_python=/tmp/gym-python (the machine's python3 is a venv: no venv can be made on top of it,
 # so the servers' Python is that python3 with NeMo Gym's own pins, e.g. openai, ahead of /tmp/site).
 set -euo pipefail
-cmd=${1:?prepare, receive, install or check}
+cmd=${1:?prepare, receive, install, check, prepare-mamba or build-mamba}
 case $cmd in
 prepare)
   dir=${2:-.gpu}
@@ -67,6 +72,57 @@ llm = LLM(str(path), enforce_eager=True, gpu_memory_utilization=0.2, max_model_l
 t = time.perf_counter()
 outs = llm.generate([[1, 2, 3]] * 64, SamplingParams(max_tokens=64, ignore_eos=True))
 print("generated", sum(len(o.outputs[0].token_ids) for o in outs), "tokens in", round(time.perf_counter() - t, 2), "s")
+PY
+  ;;
+prepare-mamba)
+  dir=${2:-.gpu}/mamba
+  rm -rf "$dir" && mkdir -p "$dir"
+  python3 - "$dir" <<'PY'
+import io, json, re, sys, tarfile, urllib.request
+PINS = {"mamba-ssm": "2.3.2.post1", "causal-conv1d": "1.7.0"}
+for name, version in PINS.items():
+    meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/{name}/json"))
+    url = next(u["url"] for u in meta["releases"][version] if u["packagetype"] == "sdist")
+    tarfile.open(fileobj=io.BytesIO(urllib.request.urlopen(url).read())).extractall(sys.argv[1], filter="data")
+    setup = next(p for p in __import__("pathlib").Path(sys.argv[1]).glob(f"{name.replace('-', '_')}-{version}/setup.py"))
+    text = setup.read_text()
+    # Every -gencode pair but sm_90's goes: the machine's GPUs are Hopper, and ten architectures take ten times as long.
+    text = re.sub(r'[ \t]*cc_flag\.append\("-gencode"\)\n[ \t]*cc_flag\.append\("arch=compute_(\d+)a?,code=sm_\1a?"\)\n',
+                  lambda m: m.group(0) if m.group(1) == "90" else "", text)
+    text = re.sub(r'^([ \t]*)(if bare_metal_version >= Version\("[\d.]+"\):)\n(?!\1[ \t])',
+                  lambda m: f"{m.group(1)}{m.group(2)}\n{m.group(1)}    pass\n", text, flags=re.M)
+    compile(text, str(setup), "exec")
+    assert re.findall(r"arch=compute_\d+", text) == ["arch=compute_90"], f"{setup}: the architecture patch no longer fits"
+    setup.write_text(text)
+    print("prepared", setup.parent)
+PY
+  ;;
+build-mamba)
+  src=${2:?the folder prepare-mamba filled}
+  wheels=/tmp/mamba-wheels && mkdir -p $wheels
+  for pkg in "$src"/causal_conv1d-* "$src"/mamba_ssm-*; do
+    (cd "$pkg" && CAUSAL_CONV1D_FORCE_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE MAX_JOBS=${MAX_JOBS:-16} \
+      python3 -m pip wheel -q --no-build-isolation --no-deps -w $wheels .)
+  done
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site $wheels/*.whl
+  if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/mamba-wheels" && cp $wheels/*.whl "$OUT/mamba-wheels/"; fi
+  PYTHONPATH=/tmp/site python3 - <<'PY'
+import causal_conv1d, mamba_ssm
+from transformers.models.nemotron_h import modeling_nemotron_h as m
+
+def kernel_of(f, depth=0):
+    """The module of the kernel a transformers wrapper calls: mamba_ssm/causal_conv1d, or transformers' torch path."""
+    for cell in getattr(f, "__closure__", None) or ():
+        v = cell.cell_contents
+        if callable(v) and getattr(v, "__module__", "").split(".")[0] in ("mamba_ssm", "causal_conv1d"):
+            return v.__module__
+        if callable(v) and depth < 3 and (found := kernel_of(v, depth + 1)):
+            return found
+    return None
+
+print("causal_conv1d", causal_conv1d.__version__, "mamba_ssm", mamba_ssm.__version__)
+for name in ("causal_conv1d_fn", "mamba2_chunk_scan", "mamba2_split_conv1d_scan_combined"):
+    print(name, "->", kernel_of(getattr(m, name)) or "transformers' PyTorch path")
 PY
   ;;
 *) echo "unknown command $cmd" >&2; exit 2 ;;
