@@ -145,7 +145,7 @@ class SpeculativeConfig(BaseModel):
 # vLLM engine arguments that have their own engine.* field (or that gymrl sets); extra_args may not set them a second time.
 ENGINE_FIELD_ARGS = ("dtype", "max_model_len", "gpu_memory_utilization", "enforce_eager", "seed",
                      "speculative_config", "tensor_parallel_size", "worker_extension_cls", "logprobs_mode",
-                     "disable_log_stats", "per_request_spec_decode_metrics")
+                     "disable_log_stats", "per_request_spec_decode_metrics", "enable_sleep_mode")
 
 
 # Ray's own resource names: each has a key of its own (cpus_per_engine, tensor_parallel_size, ...), not ray_resources.
@@ -199,6 +199,13 @@ class EngineConfig(Section):
         default=False,
         description="On a weight update with requests in flight, drop the cached KV so running requests recompute "
         "their context with the new weights (slower); false keeps the KV computed before the update.",
+    )
+    sleep_while_training: bool = Field(
+        default=False,
+        description="vLLM sleep mode for one GPU shared by engines and trainer, in synchronous runs (train."
+        "max_staleness 0): while the trainer steps, each engine frees its KV cache and moves its weights to CPU "
+        "memory (level 1), and it wakes before the push. The trainer gets the engine's memory for larger micro-"
+        "batches; each step pays the offload and the reload. cuda only.",
     )
     max_restarts: int = Field(
         default=2, ge=0,
@@ -545,6 +552,10 @@ class RunConfig(Section):
         if sync == "broadcast" and device != self.engine.device:
             raise ValueError(f"train.weight_sync: broadcast needs trainer and engines on one kind of device (train."
                              f"device is {device}, engine.device {self.engine.device}): NCCL joins GPUs, gloo CPUs")
+        if self.engine.sleep_while_training and (self.engine.device != "cuda" or self.train.max_staleness > 0):
+            raise ValueError("engine.sleep_while_training needs engine.device cuda (vLLM has no sleep mode on CPU) "
+                             "and train.max_staleness 0: an async run keeps the engines generating while the trainer "
+                             f"steps (they are {self.engine.device} and {self.train.max_staleness})")
         if self.train.dtype == "bfloat16" and device == "cpu":
             raise ValueError("train.dtype: bfloat16 training is for train.device cuda; on CPU keep float32")
         if self.sampling.max_tokens >= self.engine.max_model_len:

@@ -617,7 +617,7 @@ def markdown(res: dict) -> str:
 
 def _train_rows(key: str, t: dict) -> list[tuple[str, str]]:
     """The ``train`` part's rows: copy bandwidths, the push, and every runner's step (and trainer) throughput."""
-    from gymrl.bench.vs_trl import reward_text
+    from gymrl.bench.vs_trl import SLEEP_RUN, reward_text
 
     if "error" in t:
         return [(f"train ({key})", "failed: " + t["error"][:300].replace("|", "/").replace("\n", " "))]
@@ -650,6 +650,10 @@ def _train_rows(key: str, t: dict) -> list[tuple[str, str]]:
                  f"{p['engine_decode_s']:.2f}; {p['train_s']:.2f}; {p['push_s']:.2f}; {p['fixed_s']:.2f} "
                  f"({100 * p['fixed_fraction']:.0f}% of {p['step_s']:.2f}: {p['rollout_overhead_s']:.2f} + "
                  f"{p['outside_rollouts_s']:.2f}; {p['verify_s']:.2f})"))
+    if (asleep := v["runs"].get(SLEEP_RUN)) is not None:
+        q = asleep["phases"]
+        rows.append((f"[{key}] {SLEEP_RUN} (engine.sleep_while_training): engines to sleep and awake again; trainer (s)",
+                     f"{q['sleep_s']:.2f}; {q['train_s']:.2f}"))
     if "async_speedup" in t:
         a = t["async_speedup"]
         rows.append((f"[{key}] async / sync steps/s: achieved / ideal ((decode + train) / max(decode, train) of the "

@@ -117,3 +117,12 @@ def test_cli_unknown_tool_call_parser_gives_one_line_error():
 def test_help_config_lists_keys():
     proc = _gymrl("train", "--help-config")
     assert proc.returncode == 0 and "train.group_size" in proc.stdout
+
+
+def test_sleep_while_training_needs_a_cuda_engine_and_a_sync_run():
+    cuda = {"engine.device": "cuda", "train.device": "cuda", "engine.sleep_while_training": True}
+    assert load_config(DEMO, cuda).engine.sleep_while_training
+    with pytest.raises(ConfigError, match=r"engine.sleep_while_training needs engine.device cuda.*cpu and 0"):
+        load_config(DEMO, {"engine.sleep_while_training": True})
+    with pytest.raises(ConfigError, match=r"engine.sleep_while_training .* train.max_staleness 0.*cuda and 1"):
+        load_config(DEMO, cuda | {"train.max_staleness": 1})

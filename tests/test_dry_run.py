@@ -244,6 +244,8 @@ def test_engine_arguments_keep_the_cpu_defaults_and_add_the_gpu_ones():
     assert actor_resources(cpu) == {"num_cpus": 1.0, "num_gpus": 0}
     kwargs = engine_kwargs("/m", cpu, seed=3, engine_id=1)
     assert "speculative_config" not in kwargs and kwargs["tensor_parallel_size"] == 1 and kwargs["seed"] == 4
+    assert "enable_sleep_mode" not in kwargs
+    assert engine_kwargs("/m", EngineConfig(device="cuda", sleep_while_training=True), seed=0)["enable_sleep_mode"]
     gpu = EngineConfig(device="cuda", tensor_parallel_size=4, cpus_per_engine=8,
                        speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4})
     assert actor_resources(gpu) == {"num_cpus": 8.0, "num_gpus": 4}

@@ -120,3 +120,38 @@ def test_group_seeds_depend_on_the_run_seed_and_index_only():
     assert group_seed(0, 5) == group_seed(0, 5)
     assert len({group_seed(s, i) for s in range(3) for i in range(100)}) == 300
     assert all(group_seed(0, i) % 256 == 0 for i in range(10))  # room for the G samples' seed + i
+
+
+class Recorder:
+    """Stands in for the trainer and the engine pool (vLLM has no sleep mode on CPU; gpu_bench.py measures the real one)."""
+
+    def __init__(self, fail: bool = False):
+        self.calls, self.fail = [], fail
+
+    def sleep(self) -> float:
+        self.calls.append("sleep")
+        return 0.25
+
+    def wake_up(self) -> float:
+        self.calls.append("wake_up")
+        return 0.5
+
+    def step(self, batch):
+        self.calls.append("step")
+        if self.fail:
+            raise RuntimeError("out of memory")
+        return "result"
+
+
+def test_engines_sleep_through_the_trainer_step_and_wake_even_when_it_fails():
+    from gymrl.train.loop import train_step
+
+    plain = Recorder()
+    assert train_step(plain, None, None) == ("result", 0.0) and plain.calls == ["step"]
+    both = Recorder()
+    assert train_step(both, None, both) == ("result", 0.75)
+    assert both.calls == ["sleep", "step", "wake_up"]
+    failing = Recorder(fail=True)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_step(failing, None, failing)
+    assert failing.calls == ["sleep", "step", "wake_up"]

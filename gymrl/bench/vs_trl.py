@@ -1,4 +1,6 @@
 """``gymrl bench --suite vs-trl``: gymrl (sync and async GRPO) against TRL's ``GRPOTrainer`` on one machine.
+With engine.sleep_while_training set (a CUDA engine), sync also runs a second time with the engines asleep through
+each trainer step.
 
 Same model folder, task data, reward function, batch (prompts x generations), completion lengths, sampling,
 learning rate, loss and seed, N steps each from the same initial weights. TRL runs in child processes
@@ -24,7 +26,8 @@ from gymrl.bench.trl_baseline import GENERATIONS, TrlRunError, check_supported, 
 from gymrl.bench.workload import train_from
 from gymrl.config import load_config
 
-GYMRL_MODES = {"gymrl sync": 0, "gymrl async": 1}  # name: max_staleness
+GYMRL_MODES = {"gymrl sync": (0, False), "gymrl async": (1, False)}  # name: max_staleness, engines asleep in a step
+SLEEP_RUN = "gymrl sync, engines asleep"  # sync with engine.sleep_while_training: run when the engines can sleep (cuda)
 
 
 def _figures(step_seconds: list[float], tokens: list[float], held_out: float) -> dict:
@@ -36,18 +39,19 @@ def _figures(step_seconds: list[float], tokens: list[float], held_out: float) ->
 
 def _phases(rows: list[dict]) -> dict:
     """Where a gymrl step's wall time goes (medians over the measured steps): vLLM decoding (the engine busy),
-    the trainer's step, the weight push, and the fixed cost, the rest, in two parts: inside the wait for the
+    the trainer's step, the weight push, the engines' sleep and wake-up (engine.sleep_while_training), and the fixed
+    cost, the rest, in two parts: inside the wait for the
     step's rollouts (prefill, scheduling, Ray, /verify round trips) and outside it (traces, metrics, engine stats)."""
     rows = rows[1:] or rows
     med = lambda f: statistics.median(f(r) for r in rows)  # noqa: E731
     engine = med(lambda r: r["completion_tokens"] / r["engine_tokens_per_s/0"] if r["engine_tokens_per_s/0"] else 0.0)
     step, train, push = med(lambda r: r["step_seconds"]), med(lambda r: r["train_seconds"]), med(lambda r: r["push_seconds"])
-    wait = med(lambda r: r["wait_seconds"])
-    fixed = max(0.0, step - engine - train - push)
-    return {"step_s": step, "engine_decode_s": engine, "train_s": train, "push_s": push, "fixed_s": fixed,
-            "fixed_fraction": fixed / step, "rollout_wait_s": wait, "rollout_overhead_s": max(0.0, wait - engine),
-            "verify_s": med(lambda r: r["verify_seconds"]),
-            "outside_rollouts_s": max(0.0, step - wait - train - push)}
+    wait, sleep = med(lambda r: r["wait_seconds"]), med(lambda r: r.get("engine_sleep_seconds", 0.0))
+    fixed = max(0.0, step - engine - train - push - sleep)
+    return {"step_s": step, "engine_decode_s": engine, "train_s": train, "push_s": push, "sleep_s": sleep,
+            "fixed_s": fixed, "fixed_fraction": fixed / step, "rollout_wait_s": wait,
+            "rollout_overhead_s": max(0.0, wait - engine), "verify_s": med(lambda r: r["verify_seconds"]),
+            "outside_rollouts_s": max(0.0, step - wait - train - push - sleep)}
 
 
 def release_accelerator(session) -> dict:
@@ -95,10 +99,12 @@ def compare_with_trl(session, out: Path, steps: int, generations: tuple[str, ...
     skipped: dict[str, str] = {}
     peer_start, engine_restart_s = None, None
     try:
-        for mode, staleness in GYMRL_MODES.items():
+        modes = GYMRL_MODES | ({SLEEP_RUN: (0, True)} if cfg.engine.sleep_while_training else {})
+        for mode, (staleness, sleep) in modes.items():
             # Every runner trains with every torch thread, as `gymrl train` does: async with one thread (the async
             # suite's setting, which leaves a core to the engine) measured 9.6 s a step at 17.2M against 6.4 s.
-            summary, rows = train_from(session, initial, cfg, out / mode.replace(" ", "_"), steps, staleness)
+            summary, rows = train_from(session, initial, cfg, out / mode.replace(" ", "_").replace(",", ""), steps,
+                                       staleness, sleep)
             runs[mode] = _figures([r["step_seconds"] for r in rows], [r["completion_tokens"] for r in rows],
                                   summary["final_eval_reward"]) | {"torch_threads": torch.get_num_threads(),
                                                                    "phases": _phases(rows)}
@@ -137,7 +143,7 @@ def compare_with_trl(session, out: Path, steps: int, generations: tuple[str, ...
                              "tokens_per_s": runs[g]["tokens_per_s"]["median"] / runs[t]["tokens_per_s"]["median"],
                              "held_out_reward_difference": None if runs[t]["held_out_reward"] is None
                              else runs[g]["held_out_reward"] - runs[t]["held_out_reward"]}
-              for g in GYMRL_MODES for t in runs if t.startswith("TRL")}
+              for g in runs if g.startswith("gymrl") for t in runs if t.startswith("TRL")}
     return {"model": str(session.model_path), "parameters": sum(p.numel() for p in session.policy.parameters()),
             "steps": steps, "measured_steps": max(1, steps - 1), "initial_held_out_reward": initial_reward,
             "held_out_tasks": len(held_out_tasks(session)),
@@ -190,6 +196,11 @@ def write_vs_trl(sizes: list[dict], out: Path) -> Table:
                              f"{r['phases']['rest_s']:.2f} s. 2.5x its steps/s is {target:.2f} s a step; gymrl's trainer "
                              f"step alone (the same forward and backward) took {p['train_s']:.2f} s in sync"
                              + (", more than that." if p["train_s"] > target else "."))
+        if (asleep := size["runs"].get(SLEEP_RUN)) is not None:
+            q = asleep["phases"]
+            notes.append(f"- {label}: with the engines asleep through each trainer step (engine.sleep_while_training) "
+                         f"a sync step takes {q['step_s']:.2f} s, of which {q['sleep_s']:.2f} s put them to sleep and "
+                         f"woke them, and the trainer's step {q['train_s']:.2f} s (awake: {p['train_s']:.2f} s).")
         notes += [f"- {label}: {name} did not run: {why}" for name, why in size["skipped"].items()]
         if (peer := size.get("peer_start")) and peer["device_free_GB"] is not None:
             notes.append(f"- {label}: TRL ran with gymrl's engines stopped: when it started the bench process held "
@@ -212,7 +223,7 @@ def _plot(sizes: list[dict], path: Path) -> None:
         med = [size["runs"][n]["step_s"]["median"] for n in names]
         err = [[m - size["runs"][n]["step_s"]["min"] for n, m in zip(names, med)],
                [size["runs"][n]["step_s"]["max"] - m for n, m in zip(names, med)]]
-        ax.bar(names, med, yerr=err, capsize=4, color=["C0", "C1", "C2", "C3"][: len(names)])
+        ax.bar(names, med, yerr=err, capsize=4, color=[f"C{i}" for i in range(len(names))])
         ax.set_title(_size(size["parameters"]))
         ax.set_ylabel("seconds per step (median, min-max)")
         ax.tick_params(axis="x", labelsize=8)

@@ -19,9 +19,11 @@ def model_and_prompts(cfg) -> tuple[Path, object, list[list[int]]]:
     return path, policy, [encode_prompt(tokenizer, t, cfg.rollout.chat_template_kwargs) for t in tasks]
 
 
-def train_from(session, initial: dict, cfg, run_dir: Path, steps: int, max_staleness: int) -> tuple[dict, list[dict]]:
+def train_from(session, initial: dict, cfg, run_dir: Path, steps: int, max_staleness: int,
+               sleep: bool = False) -> tuple[dict, list[dict]]:
     """Train ``steps`` steps of ``cfg`` from the weights ``initial`` (trainer and engines reset to them, version
-    0), evaluating after the last; the run's summary and its step metrics."""
+    0), evaluating after the last; the run's summary and its step metrics. ``sleep``: the engines sleep through
+    each trainer step (engine.sleep_while_training; they must have started with it)."""
     from gymrl.rollout.weight_sync import pack_policy
     from gymrl.train.loop import train
     from gymrl.train.metrics import read_metrics
@@ -32,6 +34,7 @@ def train_from(session, initial: dict, cfg, run_dir: Path, steps: int, max_stale
         "run_dir": run_dir,
         "train": cfg.train.model_copy(update={"steps": steps, "max_staleness": max_staleness, "tensorboard": False,
                                               "checkpoint_every": 0}),
+        "engine": cfg.engine.model_copy(update={"sleep_while_training": sleep}),
         "eval": cfg.eval.model_copy(update={"every": steps})})
     try:
         summary = train(session)

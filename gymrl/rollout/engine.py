@@ -157,6 +157,8 @@ def engine_kwargs(model_path: str, cfg: EngineConfig, seed: int, engine_id: int 
         disable_log_stats=True,
         **cfg.extra_args,
     )
+    if cfg.sleep_while_training:
+        kwargs["enable_sleep_mode"] = True
     if cfg.speculative_config is not None:
         kwargs["speculative_config"] = cfg.speculative_config.model_dump()
         if _has_engine_arg("per_request_spec_decode_metrics"):
@@ -397,6 +399,19 @@ class RolloutEngine:
             await self.llm.resume_generation()
         return WeightUpdate(self.engine_id, version, time.perf_counter() - update["started"], update["load_s"],
                             update["in_flight"], update["recompute_kv"])
+
+    async def sleep(self) -> float:
+        """vLLM's level-1 sleep (engine.sleep_while_training): the KV cache freed, the weights in CPU memory; nothing
+        may be in flight. Returns the seconds it took."""
+        started = time.perf_counter()
+        await self.llm.sleep(level=1)
+        return time.perf_counter() - started
+
+    async def wake_up(self) -> float:
+        """Weights and KV cache back on the GPU; returns the seconds it took."""
+        started = time.perf_counter()
+        await self.llm.wake_up()
+        return time.perf_counter() - started
 
     async def worker_call(self, method: str, payload: bytes | None = None) -> list:
         """Call a :class:`~gymrl.rollout.weight_sync.WeightSyncExtension` method in every worker of this engine

@@ -320,6 +320,19 @@ class EnginePool:
                           None, method, meanwhile=meanwhile)
         return [done[e] for e in range(len(self.actors))]
 
+    def sleep(self) -> float:
+        """Put every engine to sleep (:meth:`RolloutEngine.sleep`); returns the wall seconds."""
+        return self._all("sleep")
+
+    def wake_up(self) -> float:
+        """Wake every engine (:meth:`RolloutEngine.wake_up`); returns the wall seconds."""
+        return self._all("wake_up")
+
+    def _all(self, method: str) -> float:
+        started = time.perf_counter()
+        self._call({e: (lambda a: getattr(a, method).remote()) for e in range(len(self.actors))}, None, method)
+        return time.perf_counter() - started
+
     def score(self, sequences: list[list[int]]) -> list[list[float]]:
         return self._call({0: lambda a: a.score.remote(sequences)}, None, "scoring")[0]
 

@@ -21,6 +21,7 @@ import torch
 from gymrl.envs.base import Task
 from gymrl.models.checkpoint import save_policy
 from gymrl.resources import ray_node
+from gymrl.rollout.pool import EnginePool
 from gymrl.rollout.runner import RolloutBatch
 from gymrl.session import Session
 from gymrl.traces.store import TRACE_FILE, TraceWriter, run_metadata
@@ -115,6 +116,7 @@ class StepCounts:
     prompts_per_step: int
     failed: int  # groups that failed while this step's batch was made
     push_seconds: float  # 0 when the step pushed no weights
+    sleep_seconds: float  # putting the engines to sleep and waking them (engine.sleep_while_training), else 0
     step_seconds: float  # collect to push, the engines' stats included; the evaluation is not part of the step
 
 
@@ -142,6 +144,7 @@ def step_record(counts: StepCounts, batch: RolloutBatch, result: StepResult, sta
         "grad_norm": result.grad_norm,
         "train_seconds": result.train_seconds,
         "push_seconds": counts.push_seconds,
+        "engine_sleep_seconds": counts.sleep_seconds,
         "wait_seconds": counts.wait_seconds,
         "queue_depth": counts.queue_depth,
         "dropped_groups": counts.dropped,
@@ -155,6 +158,21 @@ def step_record(counts: StepCounts, batch: RolloutBatch, result: StepResult, sta
     record["step_seconds"] = counts.step_seconds
     record["samples_per_second"] = len(rewards) / counts.step_seconds
     return record
+
+
+def train_step(trainer: GRPOTrainer | ShardedTrainer, batch: RolloutBatch, sleeping: EnginePool | None) -> tuple[StepResult, float]:
+    """The trainer's step on ``batch``; with a ``sleeping`` pool (engine.sleep_while_training), the engines sleep
+    through it and the trainer's cached GPU memory goes back before they wake. Also the seconds that cost."""
+    if sleeping is None:
+        return trainer.step(batch), 0.0
+    seconds = sleeping.sleep()
+    try:
+        result = trainer.step(batch)
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the caching allocator would keep what the engines need back
+        seconds += sleeping.wake_up()
+    return result, seconds
 
 
 def train(session: Session, progress=None, resume: Path | None = None) -> dict:
@@ -213,7 +231,7 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
                 staleness = staleness_metrics(groups, trainer.version)
                 failed = log_failures(producer.take_failures(), step, failures_log)
                 learning_rate = trainer.learning_rate()  # what this step uses
-                result = trainer.step(batch)
+                result, sleep_seconds = train_step(trainer, batch, session.pool if cfg.engine.sleep_while_training else None)
                 evaluating = step % cfg.eval.every == 0 or step == cfg.train.steps
                 if step == cfg.train.steps or stop.requested:
                     producer.stop(wait=False)  # the last push must not start groups that no step will use
@@ -225,6 +243,7 @@ def train(session: Session, progress=None, resume: Path | None = None) -> dict:
                 counts = StepCounts(step=step, policy_version=trainer.version, learning_rate=learning_rate,
                                     queue_depth=queue_depth, wait_seconds=wait_seconds, dropped=dropped,
                                     prompts_per_step=per_step, failed=failed, push_seconds=push_seconds,
+                                    sleep_seconds=sleep_seconds,
                                     step_seconds=time.perf_counter() - step_started)
                 record = step_record(counts, batch, result, staleness, engines)
                 if evaluating:
