@@ -14,8 +14,10 @@
 #   here:  scripts/gpu_setup.sh prepare-mamba [DIR]   the sources of the Mamba-2 training kernels (mamba-ssm,
 #                                               causal-conv1d; no wheel for torch 2.11 + CUDA 13 exists) -> DIR/mamba,
 #                                               patched to build for the H100/H200's sm_90 only (minutes, not an hour)
-#   there: scripts/gpu_setup.sh build-mamba DIR build their wheels (nvcc), install them into /tmp/site, check that
-#                                               transformers' Nemotron-H takes them; wheels to $OUT/mamba-wheels
+#   there: scripts/gpu_setup.sh build-mamba DIR build their wheels (nvcc; /tmp/mamba-wheels), install them into
+#                                               /tmp/mambasite (PYTHONPATH=/tmp/mambasite:... turns them on, so a run
+#                                               with and one without compare), check that transformers' Nemotron-H
+#                                               takes them; /tmp/mamba-build.done when finished
 # Then, in the same warm machine: export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0, and give runs
 # --set env_servers.gym_python=/tmp/gym-python (the machine's python3 is a venv: no venv can be made on top of it,
 # so the servers' Python is that python3 with NeMo Gym's own pins, e.g. openai, ahead of /tmp/site).
@@ -104,9 +106,8 @@ build-mamba)
     (cd "$pkg" && CAUSAL_CONV1D_FORCE_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE MAX_JOBS=${MAX_JOBS:-16} \
       python3 -m pip wheel -q --no-build-isolation --no-deps -w $wheels .)
   done
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site $wheels/*.whl
-  if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/mamba-wheels" && cp $wheels/*.whl "$OUT/mamba-wheels/"; fi
-  PYTHONPATH=/tmp/site python3 - <<'PY'
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/mambasite $wheels/*.whl
+  PYTHONPATH=/tmp/mambasite:/tmp/site python3 - <<'PY'
 import causal_conv1d, mamba_ssm
 from transformers.models.nemotron_h import modeling_nemotron_h as m
 
@@ -124,6 +125,7 @@ print("causal_conv1d", causal_conv1d.__version__, "mamba_ssm", mamba_ssm.__versi
 for name in ("causal_conv1d_fn", "mamba2_chunk_scan", "mamba2_split_conv1d_scan_combined"):
     print(name, "->", kernel_of(getattr(m, name)) or "transformers' PyTorch path")
 PY
+  touch /tmp/mamba-build.done
   ;;
 *) echo "unknown command $cmd" >&2; exit 2 ;;
 esac
