@@ -15,6 +15,7 @@ machine is warm) and writes results.json + results.md into $OUT when set. All en
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -644,7 +645,8 @@ def _train_rows(key: str, t: dict) -> list[tuple[str, str]]:
                      f"{reward_text(r['held_out_reward'])}"))
     for name, r in v["ratios"].items():
         rows.append((f"[{key}] {name}: steps/s ratio; tok/s ratio", f"x{r['steps_per_s']:.2f}; x{r['tokens_per_s']:.2f}"))
-    p = v["runs"]["gymrl sync"]["phases"]
+    # Results written before the fixed cost was split have no parts: nan there.
+    p = {"rollout_overhead_s": math.nan, "outside_rollouts_s": math.nan, "verify_s": math.nan} | v["runs"]["gymrl sync"]["phases"]
     rows.append((f"[{key}] gymrl sync step (s): vLLM decoding; trainer; weight push; fixed (the rest: waiting for "
                  "rollouts beyond decoding + outside the wait; /verify summed over the groups)",
                  f"{p['engine_decode_s']:.2f}; {p['train_s']:.2f}; {p['push_s']:.2f}; {p['fixed_s']:.2f} "
