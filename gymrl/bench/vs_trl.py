@@ -37,6 +37,12 @@ def _figures(step_seconds: list[float], tokens: list[float], held_out: float) ->
             "tokens_per_s": summarise([t / s for t, s in zip(tokens, step_seconds)]), "held_out_reward": held_out}
 
 
+def _gap(per_step: list[float]) -> dict | None:
+    """TRL's vLLM-vs-trainer logprob gap at step 1 (the weights the engine started with) and the largest after (each
+    step's new weights synced into its engine); None for a run that has no engine (transformers generation)."""
+    return {"step1": per_step[0], "later_max": max(per_step[1:], default=per_step[0])} if per_step else None
+
+
 def _phases(rows: list[dict]) -> dict:
     """Where a gymrl step's wall time goes (medians over the measured steps): vLLM decoding (the engine busy),
     the trainer's step, the weight push, the engines' sleep and wake-up (engine.sleep_while_training), and the fixed
@@ -132,7 +138,7 @@ def compare_with_trl(session, out: Path, steps: int, generations: tuple[str, ...
             measured = list(zip(run.step_seconds, run.generate_seconds))[1:]  # step 1 warms up
             generate = statistics.median(g for _, g in measured)
             runs[name] = _figures(run.step_seconds, run.completion_tokens, held_out) | {
-                "torch_threads": run.torch_threads, "engine_logprob_gap_max": max(run.engine_logprob_gap_max, default=None),
+                "torch_threads": run.torch_threads, "engine_logprob_gap": _gap(run.engine_logprob_gap_max),
                 "phases": {"generate_s": generate, "rest_s": statistics.median(s - g for s, g in measured)}}
     finally:
         torch.set_num_threads(threads)
@@ -196,9 +202,13 @@ def write_vs_trl(sizes: list[dict], out: Path) -> Table:
                              f"{r['phases']['rest_s']:.2f} s. 2.5x its steps/s is {target:.2f} s a step; gymrl's trainer "
                              f"step alone (the same forward and backward) took {p['train_s']:.2f} s in sync"
                              + (", more than that." if p["train_s"] > target else "."))
-                if r.get("engine_logprob_gap_max") is not None:
-                    notes.append(f"- {label}: {name}'s engine sampled with the weights it trained: the largest gap between "
-                                 f"its vLLM and trainer logprobs was {r['engine_logprob_gap_max']:.3f} nats.")
+                if (gap := r.get("engine_logprob_gap")) is not None:
+                    notes.append(f"- {label}: {name}: the largest gap between its vLLM and its trainer's logprob of a "
+                                 f"sampled token was {gap['step1']:.3f} nats at step 1 (same weights) and at most "
+                                 f"{gap['later_max']:.3f} after (its engine samples with the weights it trains)"
+                                 + (": with min_tokens TRL's trainer does not ban the stop tokens that vLLM bans, so the two"
+                                    " differ wherever the model would stop (gymrl's trainer bans them, as its engine does)."
+                                    if c["min_tokens"] and gap["step1"] > 1 else "."))
         if (asleep := size["runs"].get(SLEEP_RUN)) is not None:
             q = asleep["phases"]
             notes.append(f"- {label}: with the engines asleep through each trainer step (engine.sleep_while_training) "
