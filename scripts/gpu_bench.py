@@ -413,6 +413,7 @@ def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int], comp
     (QK^T and AV, forward and backward, causal halved). The old logprobs are the same forward's (TIS) or the
     engine's, so no extra scoring pass runs; beta > 0 would add a 2N reference forward."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from gymrl.bench.scale import fixed_batch
@@ -459,7 +460,9 @@ def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int], comp
                     torch.cuda.synchronize()
                 wall = time.perf_counter() - started
             averages = prof.key_averages()
-            busy = sum(e.self_device_time_total for e in averages) / 1e6 if torch.cuda.is_available() else None
+            # Only the kernels' own rows: an operator's row repeats the time of the kernels it launched.
+            busy = (sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1e6
+                    if torch.cuda.is_available() else None)
             run["profiled_step"] = {"wall_s": wall, "device_busy_s": busy,
                                     "device_busy_fraction": None if busy is None else busy / wall}
             key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
