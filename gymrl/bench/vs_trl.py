@@ -46,18 +46,21 @@ def _gap(per_step: list[float]) -> dict | None:
 def _phases(rows: list[dict]) -> dict:
     """Where a gymrl step's wall time goes (medians over the measured steps): vLLM decoding (the engine busy),
     the trainer's step, the weight push, the engines' sleep and wake-up (engine.sleep_while_training), and the fixed
-    cost, the rest, in two parts: inside the wait for the
-    step's rollouts (prefill, scheduling, Ray, /verify round trips) and outside it (traces, metrics, engine stats)."""
+    cost, the rest, in two parts: inside the wait for the step's rollouts (prefill, scheduling, Ray, /verify round
+    trips) and outside it (traces, metrics, engine stats). The rest is taken step by step, then its median: medians
+    of the parts need not add up to the median step."""
     rows = rows[1:] or rows
     med = lambda f: statistics.median(f(r) for r in rows)  # noqa: E731
-    engine = med(lambda r: r["completion_tokens"] / r["engine_tokens_per_s/0"] if r["engine_tokens_per_s/0"] else 0.0)
-    step, train, push = med(lambda r: r["step_seconds"]), med(lambda r: r["train_seconds"]), med(lambda r: r["push_seconds"])
-    wait, sleep = med(lambda r: r["wait_seconds"]), med(lambda r: r.get("engine_sleep_seconds", 0.0))
-    fixed = max(0.0, step - engine - train - push - sleep)
-    return {"step_s": step, "engine_decode_s": engine, "train_s": train, "push_s": push, "sleep_s": sleep,
-            "fixed_s": fixed, "fixed_fraction": fixed / step, "rollout_wait_s": wait,
-            "rollout_overhead_s": max(0.0, wait - engine), "verify_s": med(lambda r: r["verify_seconds"]),
-            "outside_rollouts_s": max(0.0, step - wait - train - push - sleep)}
+    decode = lambda r: r["completion_tokens"] / r["engine_tokens_per_s/0"] if r["engine_tokens_per_s/0"] else 0.0  # noqa: E731
+    busy = lambda r: r["train_seconds"] + r["push_seconds"] + r.get("engine_sleep_seconds", 0.0)  # noqa: E731
+    step = med(lambda r: r["step_seconds"])
+    fixed = med(lambda r: max(0.0, r["step_seconds"] - decode(r) - busy(r)))
+    return {"step_s": step, "engine_decode_s": med(decode), "train_s": med(lambda r: r["train_seconds"]),
+            "push_s": med(lambda r: r["push_seconds"]), "sleep_s": med(lambda r: r.get("engine_sleep_seconds", 0.0)),
+            "fixed_s": fixed, "fixed_fraction": fixed / step, "rollout_wait_s": med(lambda r: r["wait_seconds"]),
+            "rollout_overhead_s": med(lambda r: max(0.0, r["wait_seconds"] - decode(r))),
+            "verify_s": med(lambda r: r["verify_seconds"]),
+            "outside_rollouts_s": med(lambda r: max(0.0, r["step_seconds"] - r["wait_seconds"] - busy(r)))}
 
 
 def release_accelerator(session) -> dict:
