@@ -28,6 +28,29 @@ def test_trl_refuses_what_it_cannot_compare(demo_cfg):
         check_supported(cfg)
 
 
+def test_a_sync_steps_fixed_cost_is_taken_step_by_step():
+    """The fixed cost is each step's rest (step - decoding - trainer - push - sleep), then its median: on an H100 the
+    parts' medians summed to more than the median step and the old difference of medians read 0."""
+    from gymrl.bench.vs_trl import _phases
+
+    def row(step, tokens_per_s, train, push, wait, sleep=0.0):
+        return {"step_seconds": step, "completion_tokens": 1000, "engine_tokens_per_s/0": tokens_per_s,
+                "train_seconds": train, "push_seconds": push, "engine_sleep_seconds": sleep, "wait_seconds": wait,
+                "verify_seconds": 0.5}
+
+    warm_up = row(9.0, 100.0, 8.0, 0.1, 1.0)
+    rows = [warm_up, row(4.0, 1000 / 0.97, 2.8, 0.13, 1.05), row(2.13, 1000 / 0.82, 1.0, 0.11, 1.01),
+            row(2.10, 1000 / 0.69, 1.2, 0.13, 0.75)]
+    p = _phases(rows)
+    fixed = sorted(s - d - t - u for s, d, t, u in ((4.0, 0.97, 2.8, 0.13), (2.13, 0.82, 1.0, 0.11), (2.10, 0.69, 1.2, 0.13)))
+    assert p["step_s"] == 2.13 and p["engine_decode_s"] == pytest.approx(0.82) and p["train_s"] == 1.2
+    assert p["engine_decode_s"] + p["train_s"] + p["push_s"] > p["step_s"]  # the old difference of medians: below 0
+    assert p["fixed_s"] == pytest.approx(fixed[1]) and p["fixed_fraction"] == pytest.approx(fixed[1] / 2.13)
+    assert p["rollout_overhead_s"] == pytest.approx(0.08) and p["outside_rollouts_s"] == pytest.approx(0.02)
+    # async overlaps decoding with training: a step shorter than its parts has no fixed cost, not a negative one
+    assert _phases([warm_up, row(1.8, 1000 / 1.28, 1.66, 0.11, 0.0)])["fixed_s"] == 0.0
+
+
 def test_vs_trl_suite(fresh_session, tmp_path, monkeypatch):
     import ray
 
