@@ -52,11 +52,12 @@ def _phases(rows: list[dict]) -> dict:
     rows = rows[1:] or rows
     med = lambda f: statistics.median(f(r) for r in rows)  # noqa: E731
     decode = lambda r: r["completion_tokens"] / r["engine_tokens_per_s/0"] if r["engine_tokens_per_s/0"] else 0.0  # noqa: E731
-    busy = lambda r: r["train_seconds"] + r["push_seconds"] + r.get("engine_sleep_seconds", 0.0)  # noqa: E731
+    sleep = lambda r: r.get("engine_sleep_seconds", 0.0)  # noqa: E731
+    busy = lambda r: r["train_seconds"] + r["push_seconds"] + sleep(r)  # noqa: E731
     step = med(lambda r: r["step_seconds"])
     fixed = med(lambda r: max(0.0, r["step_seconds"] - decode(r) - busy(r)))
     return {"step_s": step, "engine_decode_s": med(decode), "train_s": med(lambda r: r["train_seconds"]),
-            "push_s": med(lambda r: r["push_seconds"]), "sleep_s": med(lambda r: r.get("engine_sleep_seconds", 0.0)),
+            "push_s": med(lambda r: r["push_seconds"]), "sleep_s": med(sleep),
             "fixed_s": fixed, "fixed_fraction": fixed / step, "rollout_wait_s": med(lambda r: r["wait_seconds"]),
             "rollout_overhead_s": med(lambda r: max(0.0, r["wait_seconds"] - decode(r))),
             "verify_s": med(lambda r: r["verify_seconds"]),
