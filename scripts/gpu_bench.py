@@ -2,7 +2,10 @@
 
     python3 scripts/gpu_bench.py build [--config C]          # copy bandwidth; build the model on the GPU
     python3 scripts/gpu_bench.py engines --spec 0,1 [...]    # one engine per k: decode tok/s, acceptance;
-                                                            # k=0 also harness vs raw and the weight pushes
+                                                            # k=0 also harness vs raw and the weight pushes;
+                                                            # --sampled-prompts 1,4,64: sampled at other batches
+    python3 scripts/gpu_bench.py drafts --spec 1 [--label L] # one engine, one sequence at a time: each draft's
+                                                            # fate and inputs against the trainer's own drafts
     python3 scripts/gpu_bench.py trainer --micro 16,64      # the trainer alone: tokens/s, MFU, a profile
     python3 scripts/gpu_bench.py fsdp [--steps N]            # train.workers=1 under FSDP2 vs the one-process trainer
     python3 scripts/gpu_bench.py train --trl transformers,vllm [--no-peer-eval]  # the push; gymrl sync/async vs TRL
@@ -98,7 +101,8 @@ def _rate(actor, prompts, n, sampling, repeats: int) -> dict:
         tokens.append(t)
         stats.append(spec)
     total = SpecStats.total(stats)
-    return {"tokens_per_s": _median(rates), "tokens_per_call": _median(tokens), "spec": None if total is None else {
+    return {"tokens_per_s": _median(rates), "tokens_per_call": _median(tokens), "sequences": len(prompts) * n,
+            "mean_completion_tokens": statistics.median(tokens) / (len(prompts) * n), "spec": None if total is None else {
         "drafts": total.drafts, "draft_tokens": total.draft_tokens, "accepted_tokens": total.accepted_tokens,
         "acceptance": total.acceptance, "mean_acceptance_length": total.mean_accepted_length}}
 
@@ -477,13 +481,26 @@ def part_trainer(cfg, work: Path, steps: int, micro_batch_sizes: list[int], comp
     return out
 
 
-def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: int, results: dict, save) -> None:
-    """One engine per k into ``results``, saved after each (a call cut at its time limit keeps the ks it did)."""
+def _spec_engine(cfg, k: int, **engine_keys):
+    """The config's engine with MTP k (0: none; the config's other speculative keys kept), one of it."""
+    from gymrl.config import SpeculativeConfig
+
+    base = cfg.engine.speculative_config
+    if base is None or base.method != "mtp":
+        base = SpeculativeConfig(method="mtp", num_speculative_tokens=1)
+    spec = base.model_copy(update={"num_speculative_tokens": k}) if k else None
+    return cfg.engine.model_copy(update={"speculative_config": spec, "num_engines": 1, **engine_keys})
+
+
+def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: int, sampled_prompts: list[int],
+                 results: dict, save) -> None:
+    """One engine per k into ``results``, saved after each (a call cut at its time limit keeps the ks it did).
+    ``sampled_prompts``: further batch sizes (prompts, each sampled group_size times) of the sampled rate."""
     import ray
     import torch
     import vllm
 
-    from gymrl.config import SamplingConfig, SpeculativeConfig
+    from gymrl.config import SamplingConfig
     from gymrl.models.checkpoint import load_policy
     from gymrl.rollout.pool import EnginePool, start_engines
     from gymrl.session import init_ray
@@ -495,14 +512,11 @@ def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: i
     greedy = (_prompts(cfg, tokenizer, greedy_prompts), 1,
               SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=cfg.sampling.max_tokens))
     sampled = (_prompts(cfg, tokenizer, cfg.train.prompts_per_step), cfg.train.group_size, cfg.sampling)
+    batches = {p: (_prompts(cfg, tokenizer, p), cfg.train.group_size, cfg.sampling) for p in sampled_prompts}
     init_ray(cfg)
     results["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__, "ray": ray.__version__}
     for k in ks:
-        base = cfg.engine.speculative_config
-        if base is None or base.method != "mtp":
-            base = SpeculativeConfig(method="mtp", num_speculative_tokens=1)
-        spec = base.model_copy(update={"num_speculative_tokens": k}) if k else None  # the config's other keys kept
-        engine_cfg = cfg.engine.model_copy(update={"speculative_config": spec, "num_engines": 1})
+        engine_cfg = _spec_engine(cfg, k)
         key = f"mtp_{k}"
         started = time.perf_counter()
         try:
@@ -516,7 +530,8 @@ def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: i
             info = ray.get(actor.ready.remote())
             r = {"engine_start_s": time.perf_counter() - started, "load_seconds": info["load_seconds"],
                  "speculative": info["speculative"], "spec_fallback": info["spec_fallback"],
-                 "greedy": _rate(actor, *greedy, repeats), "sampled": _rate(actor, *sampled, repeats)}
+                 "greedy": _rate(actor, *greedy, repeats), "sampled": _rate(actor, *sampled, repeats),
+                 "sampled_by_prompts": {str(p): _rate(actor, *b, repeats) for p, b in batches.items()}}
             try:
                 r["greedy_vs_trainer"] = _greedy_match(pool, policy, greedy[0], greedy[2])
             except Exception as err:  # noqa: BLE001 - keep the throughput figures
@@ -544,6 +559,50 @@ def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: i
             time.sleep(5)  # the engine's processes gone and its GPU memory free before the next one
         print(key, json.dumps(results[key])[:600], flush=True)
         save()
+
+
+def part_drafts(cfg, work: Path, k: int, prompts: int) -> dict:
+    """One MTP engine serving one sequence at a time (``max_num_seqs: 1``, greedy): each step's first draft
+    traced in the workers (``gymrl.rollout.draft_trace``), its fate split by the previous draft's, and its draft,
+    input tokens and hidden state set against the float32 trainer's own on the finished text."""
+    import ray
+    import torch
+
+    from gymrl.config import SamplingConfig
+    from gymrl.models.checkpoint import load_policy
+    from gymrl.models.mtp import load_mtp_layer
+    from gymrl.rollout import draft_trace
+    from gymrl.rollout.engine import SpecStats
+    from gymrl.rollout.pool import EnginePool, start_engines
+    from gymrl.session import init_ray
+
+    model = json.loads((work / "results.json").read_text())["build"]["model"]["path"]
+    policy, tokenizer = load_policy(model)
+    policy = policy.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    layer = load_mtp_layer(policy, Path(model)).eval()
+    greedy = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=cfg.sampling.max_tokens)
+    engine_cfg = _spec_engine(cfg, k, extra_args={**cfg.engine.extra_args, "max_num_seqs": 1})
+    init_ray(cfg)
+    pool = EnginePool(start_engines(model, engine_cfg, cfg.seed))
+    actor = pool.actors[0]
+    try:
+        ray.get(actor.ready.remote())
+        rows, spec = [], []
+        for prompt in _prompts(cfg, tokenizer, prompts):
+            if not all(ray.get(actor.worker_call.remote("gymrl_trace_drafts"))):
+                raise RuntimeError("this engine has no drafter that takes hidden states to trace")
+            gen = pool.generate([prompt], 1, greedy)
+            records = ray.get(actor.worker_call.remote("gymrl_traced_drafts"))[0]
+            text = prompt + gen.groups[0][0].token_ids
+            rows += draft_trace.compare(draft_trace.draft_fates(records, text), text,
+                                        *draft_trace.trainer_drafts(policy, layer, text))
+            spec.append(gen.spec)
+        total = SpecStats.total(spec)
+        return {"engine_args": engine_cfg.extra_args, "speculative_tokens": k, "prompts": prompts,
+                "engine_acceptance": None if total is None else total.acceptance,
+                "steps": draft_trace.split_by_previous(rows)}
+    finally:
+        ray.kill(actor)
 
 
 def markdown(res: dict) -> str:
@@ -575,6 +634,14 @@ def markdown(res: dict) -> str:
             if x["spec"]:
                 cell += f", acceptance {x['spec']['acceptance']:.3f}, mean acceptance length {x['spec']['mean_acceptance_length']:.2f}"
             rows.append((f"{w}: decode, {'no speculative decoding' if k == 0 else f'MTP k={k}'}", cell))
+        for prompts, x in r.get("sampled_by_prompts", {}).items():
+            tps, b = x["tokens_per_s"]["median"], eng.get("mtp_0", {}).get("sampled_by_prompts", {}).get(prompts)
+            cell = f"{tps:,.0f} tok/s, {x['mean_completion_tokens']:.0f} tokens a sequence"
+            if k and b:
+                cell += f" ({tps / b['tokens_per_s']['median']:.2f}x)"
+            if x["spec"]:
+                cell += f", acceptance {x['spec']['acceptance']:.3f}"
+            rows.append((f"sampled, {x['sequences']} sequences: decode, k={k}", cell))
         if "greedy_vs_trainer" in r:
             g = r["greedy_vs_trainer"]
             rows.append((f"greedy text, k={k}: tokens / whole sequences that are the trainer's greedy choice",
@@ -596,6 +663,14 @@ def markdown(res: dict) -> str:
             rows.append(("max logprob change: same weights bytes / ipc; changed via ipc; restored",
                          f"{wp['bytes']['logprob_gap_after_same_weights']:.3g} / {wp['ipc']['logprob_gap_after_same_weights']:.3g}; "
                          f"{wp['ipc_changed_weights_logprob_gap']:.3g}; {wp['restored_logprob_gap']:.3g}"))
+    for key, d in res.get("drafts", {}).items():
+        for split, m in d["steps"].items():
+            if m["steps"]:
+                rows.append((f"[drafts {key}] {split}: "
+                             "steps; accepted; draft is the trainer's; trainer's draft accepted; inputs are the text's; "
+                             "hidden-state cosine", f"{m['steps']}; {m['accepted']:.3f}; {m['draft_is_trainers']:.3f}; "
+                             f"{m['trainers_draft_accepted']:.3f}; {m['inputs_match_text']:.3f}; "
+                             f"{m['hidden_cosine']:.4f}"))
     for key, t in res.get("train", {}).items():
         rows += _train_rows(key, t)
     for mb, r in res.get("trainer", {}).get("runs", {}).items():
@@ -677,12 +752,14 @@ def main() -> None:
     from gymrl.config import load_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", choices=("build", "engines", "train", "fsdp", "trainer", "push", "report"))
+    p.add_argument("part", choices=("build", "engines", "drafts", "train", "fsdp", "trainer", "push", "report"))
     p.add_argument("--config", default=str(ROOT / "configs" / "gpu_bench.yaml"))
     p.add_argument("--work", default="/tmp/gpubench")
     p.add_argument("--spec", default="0,1,2,3", help="num_speculative_tokens values (0 = off), one engine each")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--greedy-prompts", type=int, default=64)
+    p.add_argument("--greedy-prompts", type=int, default=64, help="engines: greedy prompts; drafts: prompts traced")
+    p.add_argument("--sampled-prompts", default="", help="engines: further sampled batches in prompts, e.g. 1,4,64")
+    p.add_argument("--label", default="", help="drafts: a name for this run's engine keys (e.g. no-async)")
     p.add_argument("--steps", type=int, default=6, help="train: GRPO steps of each runner (step 1 warms up)")
     p.add_argument("--trl", default="", help="train: TRL generations to compare with, e.g. transformers,vllm")
     p.add_argument("--no-peer-eval", action="store_true",
@@ -716,7 +793,13 @@ def main() -> None:
         res["build"] = part_build(cfg, work)
     elif args.part == "engines":
         ks = [int(k) for k in args.spec.split(",")]
-        part_engines(cfg, work, ks, args.repeats, args.greedy_prompts, res.setdefault("engines", {}), save)
+        part_engines(cfg, work, ks, args.repeats, args.greedy_prompts,
+                     [int(x) for x in args.sampled_prompts.split(",") if x], res.setdefault("engines", {}), save)
+    elif args.part == "drafts":
+        for k in (int(k) for k in args.spec.split(",")):
+            res.setdefault("drafts", {})[f"mtp_{k}" + (f"_{args.label}" if args.label else "")] = part_drafts(
+                cfg, work, k, args.greedy_prompts)
+            save()
     elif args.part == "train":
         trl = tuple(g for g in args.trl.split(",") if g)
         res.setdefault("train", {})["trl_" + "_".join(trl) if trl else "gymrl"] = part_train(

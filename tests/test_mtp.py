@@ -21,6 +21,7 @@ from gymrl.envs.registry import load_environment
 from gymrl.models.checkpoint import load_policy
 from gymrl.models.checkpoint_files import inspect_checkpoint
 from gymrl.models.mtp import load_mtp_layer, new_mtp_layer
+from gymrl.rollout import draft_trace
 from gymrl.rollout.pool import EnginePool, start_engines
 from gymrl.rollout.runner import encode_prompt
 from gymrl.rollout.vllm_checks import check_cpu_mla
@@ -77,6 +78,19 @@ def moved_policy(policy, tokenizer, prompt: list[int]):
     return moved, prompt + completion, before, after
 
 
+def traced_drafts(pool, policy, path, prompts) -> list[dict]:
+    """Each greedy step's first draft, traced in the engine's worker one prompt at a time, against the trainer's."""
+    (actor,) = pool.actors
+    rows = []
+    for prompt in prompts:
+        assert ray.get(actor.worker_call.remote("gymrl_trace_drafts")) == [True]
+        text = prompt + pool.generate([prompt], 1, GREEDY).groups[0][0].token_ids
+        records = ray.get(actor.worker_call.remote("gymrl_traced_drafts"))[0]
+        rows += draft_trace.compare(draft_trace.draft_fates(records, text), text,
+                                    *draft_trace.trainer_drafts(policy, load_mtp_layer(policy, path), text))
+    return rows
+
+
 @pytest.fixture(scope="module")
 def replies(mtp_cfg, model):
     """{"mtp": {...}, "off": {...}}: what each engine answered, and how the MTP engine took two weight pushes."""
@@ -98,6 +112,7 @@ def replies(mtp_cfg, model):
         out["mtp"]["random_draft"] = pool.generate(prompts, 1, GREEDY)
         pool.push_weights(pack_policy(policy, load_mtp_layer(policy, path)), 1)
         out["mtp"]["trained_draft"] = pool.generate(prompts, 1, GREEDY)
+        out["mtp"]["traced"] = traced_drafts(pool, policy, path, prompts[:8])
         moved, sequence, trainer_before, trainer_after = moved_policy(policy, tokenizer, prompts[0])
         pool.push_weights(pack_policy(moved), 2)
         engine_after = torch.tensor(pool.score([sequence])[0])[len(prompts[0]) - 1 :]
@@ -142,6 +157,18 @@ def test_mtp_drafts_are_accepted(replies):
           f"({spec.accepted_tokens}/{spec.draft_tokens}), mean accepted length {spec.mean_accepted_length:.2f}")
     assert spec.acceptance >= MIN_ACCEPTANCE
     assert spec.mean_accepted_length >= MIN_MEAN_ACCEPTED_LENGTH
+
+
+def test_traced_drafts_are_the_trainers_from_the_texts_inputs(replies):
+    """The draft trace lines each step up with the text (its inputs are the text's tokens), and on this float32
+    engine the drafter proposes what the trainer's own MTP layer does, from the trainer's hidden states."""
+    rows = replies["mtp"]["traced"]
+    split = draft_trace.split_by_previous(rows)["all"]
+    assert split["steps"] >= 8  # at least one drafted step per completion
+    assert split["inputs_match_text"] == 1.0
+    assert split["hidden_cosine"] > 0.999
+    assert split["draft_is_trainers"] > 0.95
+    assert split["accepted"] >= MIN_ACCEPTANCE
 
 
 def test_a_push_with_an_mtp_layer_reloads_the_drafter(replies):

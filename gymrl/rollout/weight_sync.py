@@ -286,6 +286,18 @@ class WeightSyncExtension:
 
         return process_memory(reset_peak=bool(reset_peak))
 
+    def gymrl_trace_drafts(self) -> bool:
+        """Start recording the drafter's steps (``gymrl.rollout.draft_trace``), clearing earlier ones."""
+        from gymrl.rollout import draft_trace
+
+        return draft_trace.start(self.model_runner)
+
+    def gymrl_traced_drafts(self) -> list[dict]:
+        """The drafter's steps recorded since ``gymrl_trace_drafts``, cleared."""
+        from gymrl.rollout import draft_trace
+
+        return draft_trace.take()
+
     @staticmethod
     def _map_ipc(payload: bytes) -> dict[str, torch.Tensor]:
         (rebuild, args), layout = pickle.loads(payload)  # our own trainer's payload, sent over the engine's RPC
