@@ -493,9 +493,10 @@ def _spec_engine(cfg, k: int, **engine_keys):
 
 
 def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: int, sampled_prompts: list[int],
-                 results: dict, save) -> None:
+                 decode_only: bool, results: dict, save) -> None:
     """One engine per k into ``results``, saved after each (a call cut at its time limit keeps the ks it did).
-    ``sampled_prompts``: further batch sizes (prompts, each sampled group_size times) of the sampled rate."""
+    ``sampled_prompts``: further batch sizes (prompts, each sampled group_size times) of the sampled rate.
+    ``decode_only``: leave out k=0's harness-vs-raw rates and weight pushes (about a minute at 1.1B)."""
     import ray
     import torch
     import vllm
@@ -536,7 +537,7 @@ def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: i
                 r["greedy_vs_trainer"] = _greedy_match(pool, policy, greedy[0], greedy[2])
             except Exception as err:  # noqa: BLE001 - keep the throughput figures
                 r["greedy_vs_trainer_error"] = f"{type(err).__name__}: {err}"[-2000:]
-            if k == 0:
+            if k == 0 and not decode_only:
                 prompts, n, sampling = sampled
                 raw, harness = [], []
                 for _ in range(repeats):
@@ -759,6 +760,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--greedy-prompts", type=int, default=64, help="engines: greedy prompts; drafts: prompts traced")
     p.add_argument("--sampled-prompts", default="", help="engines: further sampled batches in prompts, e.g. 1,4,64")
+    p.add_argument("--decode-only", action="store_true", help="engines: no harness-vs-raw rates or pushes at k=0")
     p.add_argument("--label", default="", help="drafts: a name for this run's engine keys (e.g. no-async)")
     p.add_argument("--steps", type=int, default=6, help="train: GRPO steps of each runner (step 1 warms up)")
     p.add_argument("--trl", default="", help="train: TRL generations to compare with, e.g. transformers,vllm")
@@ -794,7 +796,8 @@ def main() -> None:
     elif args.part == "engines":
         ks = [int(k) for k in args.spec.split(",")]
         part_engines(cfg, work, ks, args.repeats, args.greedy_prompts,
-                     [int(x) for x in args.sampled_prompts.split(",") if x], res.setdefault("engines", {}), save)
+                     [int(x) for x in args.sampled_prompts.split(",") if x], args.decode_only,
+                     res.setdefault("engines", {}), save)
     elif args.part == "drafts":
         for k in (int(k) for k in args.spec.split(",")):
             res.setdefault("drafts", {})[f"mtp_{k}" + (f"_{args.label}" if args.label else "")] = part_drafts(
