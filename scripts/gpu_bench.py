@@ -496,7 +496,7 @@ def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: i
                  decode_only: bool, results: dict, save) -> None:
     """One engine per k into ``results``, saved after each (a call cut at its time limit keeps the ks it did).
     ``sampled_prompts``: further batch sizes (prompts, each sampled group_size times) of the sampled rate.
-    ``decode_only``: leave out k=0's harness-vs-raw rates and weight pushes (about a minute at 1.1B)."""
+    ``decode_only``: leave out k=0's harness-vs-raw rates and weight pushes (about a minute at 1.25B)."""
     import ray
     import torch
     import vllm
