@@ -588,16 +588,7 @@ def part_drafts(cfg, work: Path, k: int, prompts: int) -> dict:
     actor = pool.actors[0]
     try:
         ray.get(actor.ready.remote())
-        rows, spec = [], []
-        for prompt in _prompts(cfg, tokenizer, prompts):
-            if not all(ray.get(actor.worker_call.remote("gymrl_trace_drafts"))):
-                raise RuntimeError("this engine has no drafter that takes hidden states to trace")
-            gen = pool.generate([prompt], 1, greedy)
-            records = ray.get(actor.worker_call.remote("gymrl_traced_drafts"))[0]
-            text = prompt + gen.groups[0][0].token_ids
-            rows += draft_trace.compare(draft_trace.draft_fates(records, text), text,
-                                        *draft_trace.trainer_drafts(policy, layer, text))
-            spec.append(gen.spec)
+        rows, spec = draft_trace.trace_greedy(pool, policy, layer, _prompts(cfg, tokenizer, prompts), greedy)
         total = SpecStats.total(spec)
         return {"engine_args": engine_cfg.extra_args, "speculative_tokens": k, "prompts": prompts,
                 "engine_acceptance": None if total is None else total.acceptance,

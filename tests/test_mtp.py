@@ -78,19 +78,6 @@ def moved_policy(policy, tokenizer, prompt: list[int]):
     return moved, prompt + completion, before, after
 
 
-def traced_drafts(pool, policy, path, prompts) -> list[dict]:
-    """Each greedy step's first draft, traced in the engine's worker one prompt at a time, against the trainer's."""
-    (actor,) = pool.actors
-    rows = []
-    for prompt in prompts:
-        assert ray.get(actor.worker_call.remote("gymrl_trace_drafts")) == [True]
-        text = prompt + pool.generate([prompt], 1, GREEDY).groups[0][0].token_ids
-        records = ray.get(actor.worker_call.remote("gymrl_traced_drafts"))[0]
-        rows += draft_trace.compare(draft_trace.draft_fates(records, text), text,
-                                    *draft_trace.trainer_drafts(policy, load_mtp_layer(policy, path), text))
-    return rows
-
-
 @pytest.fixture(scope="module")
 def replies(mtp_cfg, model):
     """{"mtp": {...}, "off": {...}}: what each engine answered, and how the MTP engine took two weight pushes."""
@@ -112,7 +99,7 @@ def replies(mtp_cfg, model):
         out["mtp"]["random_draft"] = pool.generate(prompts, 1, GREEDY)
         pool.push_weights(pack_policy(policy, load_mtp_layer(policy, path)), 1)
         out["mtp"]["trained_draft"] = pool.generate(prompts, 1, GREEDY)
-        out["mtp"]["traced"] = traced_drafts(pool, policy, path, prompts[:8])
+        out["mtp"]["traced"], _ = draft_trace.trace_greedy(pool, policy, load_mtp_layer(policy, path), prompts[:8], GREEDY)
         moved, sequence, trainer_before, trainer_after = moved_policy(policy, tokenizer, prompts[0])
         pool.push_weights(pack_policy(moved), 2)
         engine_after = torch.tensor(pool.score([sequence])[0])[len(prompts[0]) - 1 :]

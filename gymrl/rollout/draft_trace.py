@@ -111,3 +111,21 @@ def split_by_previous(rows: list[dict]) -> dict:
     measures = ("accepted", "draft_is_trainers", "trainers_draft_accepted", "inputs_match_text", "hidden_cosine")
     return {name: {"steps": len(g), **{m: (sum(float(r[m]) for r in g) / len(g) if g else None) for m in measures}}
             for name, g in groups.items()}
+
+
+def trace_greedy(pool, model, layer, prompts: list[list[int]], sampling) -> tuple[list[dict], list]:
+    """Each prompt's greedy completion from ``pool``'s one engine, one request at a time, traced: (:func:`compare`'s
+    rows over all prompts, each generation's spec stats)."""
+    import ray
+
+    (actor,) = pool.actors
+    rows, spec = [], []
+    for prompt in prompts:
+        if not all(ray.get(actor.worker_call.remote("gymrl_trace_drafts"))):
+            raise RuntimeError("this engine has no drafter that takes hidden states to trace")
+        gen = pool.generate([prompt], 1, sampling)
+        records = ray.get(actor.worker_call.remote("gymrl_traced_drafts"))[0]
+        text = prompt + gen.groups[0][0].token_ids
+        rows += compare(draft_fates(records, text), text, *trainer_drafts(model, layer, text))
+        spec.append(gen.spec)
+    return rows, spec
