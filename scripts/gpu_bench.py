@@ -107,6 +107,47 @@ def _rate(actor, prompts, n, sampling, repeats: int) -> dict:
         "acceptance": total.acceptance, "mean_acceptance_length": total.mean_accepted_length}}
 
 
+def trace_summary(path: Path) -> dict:
+    """What a torch profiler trace (Chrome JSON, gzipped or not) says of the device: the union of its kernels' and
+    copies' intervals, and how the host launched them (one cudaGraphLaunch replays a whole CUDA graph; every other
+    kernel is a launch of its own)."""
+    import gzip
+
+    text = (gzip.open if path.suffix == ".gz" else open)(path, "rt").read()
+    events = [e for e in json.loads(text)["traceEvents"] if e.get("ph") == "X"]
+    device = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    busy, end = 0.0, -math.inf
+    for start, stop in device:  # the union: overlapping kernels (several streams) count once
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    calls = {}
+    for e in events:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver"):
+            calls[e["name"]] = calls.get(e["name"], 0) + 1
+    return {"device_busy_s": busy / 1e6, "device_ops": len(device), "graph_launches": calls.get("cudaGraphLaunch", 0),
+            "kernel_launches": sum(n for name, n in calls.items() if "LaunchKernel" in name)}
+
+
+def _profiled_rate(actor, prompts, n, sampling, trace_dir: Path) -> dict:
+    """One generate call under vLLM's profiler, summarised per engine step: the device's busy time against the
+    call's wall time, and the host's launches. Steps: a sequence's tokens without drafts, its drafts with them."""
+    import ray
+
+    ray.get(actor.profile.remote(True))
+    tokens, seconds, spec = ray.get(actor.timed_generate.remote(prompts, n, sampling))
+    ray.get(actor.profile.remote(False))
+    traces = sorted(trace_dir.rglob("*.json*"), key=lambda f: f.stat().st_mtime)
+    if not traces:
+        raise RuntimeError(f"vLLM's profiler wrote no trace into {trace_dir}")
+    sequences = len(prompts) * n
+    steps = (spec.drafts if spec is not None and spec.drafts else tokens) / sequences
+    out = {"trace": str(traces[-1]), "sequences": sequences, "tokens": tokens, "wall_s": seconds, "steps": steps,
+           **trace_summary(traces[-1])}
+    out["per_step_ms"] = {key: out[key] * 1e3 / steps for key in ("wall_s", "device_busy_s")}
+    out["per_step_launches"] = {key: out[key] / steps for key in ("graph_launches", "kernel_launches")}
+    return out
+
+
 def _greedy_match(pool, policy, prompts, sampling) -> dict:
     """How much of the engine's greedy text is the trainer's own greedy choice, teacher-forced on that text: drafts
     must not change what a greedy engine writes, so an MTP engine should score as the plain one does (both bf16, so
@@ -493,10 +534,12 @@ def _spec_engine(cfg, k: int, **engine_keys):
 
 
 def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: int, sampled_prompts: list[int],
-                 decode_only: bool, results: dict, save) -> None:
+                 decode_only: bool, results: dict, save, profile_prompts: int = 0) -> None:
     """One engine per k into ``results``, saved after each (a call cut at its time limit keeps the ks it did).
     ``sampled_prompts``: further batch sizes (prompts, each sampled group_size times) of the sampled rate.
-    ``decode_only``: leave out k=0's harness-vs-raw rates and weight pushes (about a minute at 1.25B)."""
+    ``decode_only``: leave out k=0's harness-vs-raw rates and weight pushes (about a minute at 1.25B).
+    ``profile_prompts``: also profile one sampled call of that many prompts (:func:`_profiled_rate`), its trace
+    under WORK/profile/mtp_K and vLLM's operator table copied into $OUT."""
     import ray
     import torch
     import vllm
@@ -517,8 +560,12 @@ def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: i
     init_ray(cfg)
     results["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__, "ray": ray.__version__}
     for k in ks:
-        engine_cfg = _spec_engine(cfg, k)
         key = f"mtp_{k}"
+        trace_dir = work / "profile" / key
+        engine_cfg = _spec_engine(cfg, k, **({"extra_args": {**cfg.engine.extra_args, "profiler_config": {
+            "profiler": "torch", "torch_profiler_dir": str(trace_dir), "torch_profiler_with_stack": False,
+            "ignore_frontend": True}}}
+            if profile_prompts else {}))
         started = time.perf_counter()
         try:
             pool = EnginePool(start_engines(model, engine_cfg, cfg.seed))
@@ -533,6 +580,14 @@ def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: i
                  "speculative": info["speculative"], "spec_fallback": info["spec_fallback"],
                  "greedy": _rate(actor, *greedy, repeats), "sampled": _rate(actor, *sampled, repeats),
                  "sampled_by_prompts": {str(p): _rate(actor, *b, repeats) for p, b in batches.items()}}
+            if profile_prompts:
+                try:
+                    r["profile"] = _profiled_rate(actor, _prompts(cfg, tokenizer, profile_prompts), cfg.train.group_size,
+                                                  cfg.sampling, trace_dir)
+                    for table in trace_dir.glob("*profiler_out*.txt") if os.environ.get("OUT") else ():
+                        (Path(os.environ["OUT"]) / f"profile_{key}.txt").write_text(table.read_text())
+                except Exception as err:  # noqa: BLE001 - keep the throughput figures
+                    r["profile_error"] = f"{type(err).__name__}: {err}"[-2000:]
             try:
                 r["greedy_vs_trainer"] = _greedy_match(pool, policy, greedy[0], greedy[2])
             except Exception as err:  # noqa: BLE001 - keep the throughput figures
@@ -638,6 +693,12 @@ def markdown(res: dict) -> str:
             g = r["greedy_vs_trainer"]
             rows.append((f"greedy text, k={k}: tokens / whole sequences that are the trainer's greedy choice",
                          f"{g['tokens_matching_trainer']:.3f} / {g['sequences_matching_trainer']:.3f}"))
+        if pr := r.get("profile"):
+            rows.append((f"profiled, {pr['sequences']} sequences, k={k}: per engine step, wall / device busy (ms); "
+                         "CUDA graph / kernel launches",
+                         f"{pr['per_step_ms']['wall_s']:.2f} / {pr['per_step_ms']['device_busy_s']:.2f}; "
+                         f"{pr['per_step_launches']['graph_launches']:.1f} / "
+                         f"{pr['per_step_launches']['kernel_launches']:.1f}"))
         rows.append((f"engine start, k={k} (s)", f"{r['engine_start_s']:.0f}"))
     r0 = eng.get("mtp_0", {})
     if "pool_over_raw" in r0:
@@ -752,6 +813,8 @@ def main() -> None:
     p.add_argument("--greedy-prompts", type=int, default=64, help="engines: greedy prompts; drafts: prompts traced")
     p.add_argument("--sampled-prompts", default="", help="engines: further sampled batches in prompts, e.g. 1,4,64")
     p.add_argument("--decode-only", action="store_true", help="engines: no harness-vs-raw rates or pushes at k=0")
+    p.add_argument("--profile-prompts", type=int, default=0,
+                   help="engines: profile one sampled call of this many prompts (device busy and launches per step)")
     p.add_argument("--label", default="", help="drafts: a name for this run's engine keys (e.g. no-async)")
     p.add_argument("--steps", type=int, default=6, help="train: GRPO steps of each runner (step 1 warms up)")
     p.add_argument("--trl", default="", help="train: TRL generations to compare with, e.g. transformers,vllm")
@@ -788,7 +851,7 @@ def main() -> None:
         ks = [int(k) for k in args.spec.split(",")]
         part_engines(cfg, work, ks, args.repeats, args.greedy_prompts,
                      [int(x) for x in args.sampled_prompts.split(",") if x], args.decode_only,
-                     res.setdefault("engines", {}), save)
+                     res.setdefault("engines", {}), save, args.profile_prompts)
     elif args.part == "drafts":
         for k in (int(k) for k in args.spec.split(",")):
             res.setdefault("drafts", {})[f"mtp_{k}" + (f"_{args.label}" if args.label else "")] = part_drafts(

@@ -413,6 +413,11 @@ class RolloutEngine:
         await self.llm.wake_up()
         return time.perf_counter() - started
 
+    async def profile(self, start: bool) -> None:
+        """Start or stop vLLM's profiler in the engine's workers, around the requests between the two calls (the
+        engine must be built with one: ``engine.extra_args.profiler_config``; each stop writes a trace there)."""
+        await (self.llm.start_profile() if start else self.llm.stop_profile())
+
     async def worker_call(self, method: str, payload: bytes | None = None) -> list:
         """Call a :class:`~gymrl.rollout.weight_sync.WeightSyncExtension` method in every worker of this engine
         (one result per tensor-parallel rank), without pausing its requests."""
