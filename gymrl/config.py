@@ -207,6 +207,12 @@ class EngineConfig(Section):
         "memory (level 1), and it wakes before the push. The trainer gets the engine's memory for larger micro-"
         "batches; each step pays the offload and the reload. cuda only.",
     )
+    log_stats: bool = Field(
+        default=False,
+        description="vLLM's stat loggers in each engine: its Prometheus metrics and a throughput line in the engine's "
+        "log every few seconds, at some host work per step. On by itself for speculative decoding on a vLLM without "
+        "per-request draft counts (0.22), through which gymrl then counts the drafts.",
+    )
     max_restarts: int = Field(
         default=2, ge=0,
         description="Restarts of engine actors that died (over the pool and the run); a restarted engine gets the "
@@ -223,7 +229,8 @@ class EngineConfig(Section):
     def _no_shadowed_args(cls, args: dict[str, Any]) -> dict[str, Any]:
         for key in args:
             if key in ENGINE_FIELD_ARGS:
-                owner = f"engine.{key}" if key in cls.model_fields else "gymrl itself"
+                owner = ("engine.log_stats" if key == "disable_log_stats"
+                         else f"engine.{key}" if key in cls.model_fields else "gymrl itself")
                 raise ValueError(f"'{key}' is set by {owner}, not extra_args")
         return args
 

@@ -539,7 +539,9 @@ def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: i
     ``sampled_prompts``: further batch sizes (prompts, each sampled group_size times) of the sampled rate.
     ``decode_only``: leave out k=0's harness-vs-raw rates and weight pushes (about a minute at 1.25B).
     ``profile_prompts``: also profile one sampled call of that many prompts (:func:`_profiled_rate`), its trace
-    under WORK/profile/mtp_K and vLLM's operator table copied into $OUT."""
+    under WORK/profile/mtp_K and vLLM's operator table copied into $OUT.
+    Every engine runs vLLM's stat loggers (``engine.log_stats``): an MTP engine on vLLM 0.22 must, its drafts are
+    counted through them, so k=0 does too, for like-for-like steps."""
     import ray
     import torch
     import vllm
@@ -562,7 +564,7 @@ def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: i
     for k in ks:
         key = f"mtp_{k}"
         trace_dir = work / "profile" / key
-        engine_cfg = _spec_engine(cfg, k, **({"extra_args": {**cfg.engine.extra_args, "profiler_config": {
+        engine_cfg = _spec_engine(cfg, k, log_stats=True, **({"extra_args": {**cfg.engine.extra_args, "profiler_config": {
             "profiler": "torch", "torch_profiler_dir": str(trace_dir), "torch_profiler_with_stack": False,
             "ignore_frontend": True}}}
             if profile_prompts else {}))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 import gymrl.plan
@@ -252,6 +253,13 @@ def test_engine_arguments_keep_the_cpu_defaults_and_add_the_gpu_ones():
     kwargs = engine_kwargs("/m", gpu, seed=0)
     assert kwargs["tensor_parallel_size"] == 4
     assert kwargs["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}
+
+
+def test_vllm_stat_loggers_are_off_unless_asked_for_and_extra_args_cannot_switch_them():
+    assert engine_kwargs("/m", EngineConfig(), seed=0)["disable_log_stats"] is True
+    assert engine_kwargs("/m", EngineConfig(log_stats=True), seed=0)["disable_log_stats"] is False
+    with pytest.raises(ValidationError, match="'disable_log_stats' is set by engine.log_stats"):
+        EngineConfig(extra_args={"disable_log_stats": False})
 
 
 # --- the memory plan (gymrl.memory): parameter counts from config.json alone, the bytes of a trainer rank and an

@@ -154,7 +154,7 @@ def engine_kwargs(model_path: str, cfg: EngineConfig, seed: int, engine_id: int 
         worker_extension_cls=WORKER_EXTENSION,
         # Behaviour logprobs after temperature, to match the trainer's log_softmax(logits / T).
         logprobs_mode="processed_logprobs",
-        disable_log_stats=True,
+        disable_log_stats=not cfg.log_stats,
         **cfg.extra_args,
     )
     if cfg.sleep_while_training:
