@@ -113,8 +113,8 @@ def trace_summary(path: Path) -> dict:
     kernel is a launch of its own)."""
     import gzip
 
-    text = (gzip.open if path.suffix == ".gz" else open)(path, "rt").read()
-    events = [e for e in json.loads(text)["traceEvents"] if e.get("ph") == "X"]
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt") as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
     device = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
     busy, end = 0.0, -math.inf
     for start, stop in device:  # the union: overlapping kernels (several streams) count once
@@ -134,8 +134,10 @@ def _profiled_rate(actor, prompts, n, sampling, trace_dir: Path) -> dict:
     import ray
 
     ray.get(actor.profile.remote(True))
-    tokens, seconds, spec = ray.get(actor.timed_generate.remote(prompts, n, sampling))
-    ray.get(actor.profile.remote(False))
+    try:
+        tokens, seconds, spec = ray.get(actor.timed_generate.remote(prompts, n, sampling))
+    finally:
+        ray.get(actor.profile.remote(False))
     traces = sorted(trace_dir.rglob("*.json*"), key=lambda f: f.stat().st_mtime)
     if not traces:
         raise RuntimeError(f"vLLM's profiler wrote no trace into {trace_dir}")
@@ -564,10 +566,11 @@ def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: i
     for k in ks:
         key = f"mtp_{k}"
         trace_dir = work / "profile" / key
-        engine_cfg = _spec_engine(cfg, k, log_stats=True, **({"extra_args": {**cfg.engine.extra_args, "profiler_config": {
-            "profiler": "torch", "torch_profiler_dir": str(trace_dir), "torch_profiler_with_stack": False,
-            "ignore_frontend": True}}}
-            if profile_prompts else {}))
+        extra_args = cfg.engine.extra_args
+        if profile_prompts:  # the workers' trace only (no frontend's), without Python stacks: less host overhead
+            extra_args = {**extra_args, "profiler_config": {"profiler": "torch", "torch_profiler_dir": str(trace_dir),
+                                                            "torch_profiler_with_stack": False, "ignore_frontend": True}}
+        engine_cfg = _spec_engine(cfg, k, log_stats=True, extra_args=extra_args)
         started = time.perf_counter()
         try:
             pool = EnginePool(start_engines(model, engine_cfg, cfg.seed))
