@@ -142,10 +142,15 @@ class SpeculativeConfig(BaseModel):
     num_speculative_tokens: int = Field(ge=1, description="Tokens proposed per step (Nemotron-3 serves with 3).")
 
 
-# vLLM engine arguments that have their own engine.* field (or that gymrl sets); extra_args may not set them a second time.
-ENGINE_FIELD_ARGS = ("dtype", "max_model_len", "gpu_memory_utilization", "enforce_eager", "seed",
-                     "speculative_config", "tensor_parallel_size", "worker_extension_cls", "logprobs_mode",
-                     "disable_log_stats", "per_request_spec_decode_metrics", "enable_sleep_mode")
+# vLLM engine arguments that a config key (or gymrl itself) sets, and who sets each; extra_args may not set them again.
+ENGINE_FIELD_ARGS = {
+    "dtype": "engine.dtype", "max_model_len": "engine.max_model_len",
+    "gpu_memory_utilization": "engine.gpu_memory_utilization", "enforce_eager": "engine.enforce_eager",
+    "speculative_config": "engine.speculative_config", "tensor_parallel_size": "engine.tensor_parallel_size",
+    "disable_log_stats": "engine.log_stats", "enable_sleep_mode": "engine.sleep_while_training",
+    "seed": "the run's seed", "worker_extension_cls": "gymrl itself", "logprobs_mode": "gymrl itself",
+    "per_request_spec_decode_metrics": "gymrl itself",
+}
 
 
 # Ray's own resource names: each has a key of its own (cpus_per_engine, tensor_parallel_size, ...), not ray_resources.
@@ -229,9 +234,7 @@ class EngineConfig(Section):
     def _no_shadowed_args(cls, args: dict[str, Any]) -> dict[str, Any]:
         for key in args:
             if key in ENGINE_FIELD_ARGS:
-                owner = ("engine.log_stats" if key == "disable_log_stats"
-                         else f"engine.{key}" if key in cls.model_fields else "gymrl itself")
-                raise ValueError(f"'{key}' is set by {owner}, not extra_args")
+                raise ValueError(f"'{key}' is set by {ENGINE_FIELD_ARGS[key]}, not extra_args")
         return args
 
     @field_validator("ray_resources")

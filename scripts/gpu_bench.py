@@ -589,8 +589,9 @@ def part_engines(cfg, work: Path, ks: list[int], repeats: int, greedy_prompts: i
                 try:
                     r["profile"] = _profiled_rate(actor, _prompts(cfg, tokenizer, profile_prompts), cfg.train.group_size,
                                                   cfg.sampling, trace_dir)
-                    for table in trace_dir.glob("*profiler_out*.txt") if os.environ.get("OUT") else ():
-                        (Path(os.environ["OUT"]) / f"profile_{key}.txt").write_text(table.read_text())
+                    if out := os.environ.get("OUT"):
+                        for table in trace_dir.glob("*profiler_out*.txt"):  # one per worker: rank 0 alone here
+                            (Path(out) / f"profile_{key}.txt").write_text(table.read_text())
                 except Exception as err:  # noqa: BLE001 - keep the throughput figures
                     r["profile_error"] = f"{type(err).__name__}: {err}"[-2000:]
             try:

@@ -260,6 +260,8 @@ def test_vllm_stat_loggers_are_off_unless_asked_for_and_extra_args_cannot_switch
     assert engine_kwargs("/m", EngineConfig(log_stats=True), seed=0)["disable_log_stats"] is False
     with pytest.raises(ValidationError, match="'disable_log_stats' is set by engine.log_stats"):
         EngineConfig(extra_args={"disable_log_stats": False})
+    with pytest.raises(ValidationError, match="'enable_sleep_mode' is set by engine.sleep_while_training"):
+        EngineConfig(extra_args={"enable_sleep_mode": True})
 
 
 # --- the memory plan (gymrl.memory): parameter counts from config.json alone, the bytes of a trainer rank and an
